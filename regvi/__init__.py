@@ -1,0 +1,11 @@
+"""regvi — regularised Bayesian scVI for large single-cell atlases."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from regvi.io import load
+from regvi.model import RegVI
+from regvi.simulate import simulate
+
+__all__ = ["RegVI", "__version__", "load", "simulate"]

@@ -1,0 +1,162 @@
+"""Fast minibatches from a (sparse) count matrix.
+
+The matrix stays sparse in memory; a whole minibatch of CSR rows is sliced at once and densified
+per batch. One ``__getitem__`` call returns a full batch (the sampler yields index arrays), so
+there is no per-cell tensor construction and no collate step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class CountBatches(Dataset):
+    """Batched view of counts plus encoded covariates.
+
+    Parameters
+    ----------
+    X
+        Counts, CSR or dense, cells × features.
+    covariates
+        Purpose → array with one row per cell (codes or continuous values), from
+        :meth:`regvi.data.CovariateRegistry.encode`.
+    """
+
+    def __init__(self, X: np.ndarray | sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
+        self.X = X
+        self.sparse = sp.issparse(X)
+        self.covariates = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()}
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def __getitem__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Return the batch of rows ``idx`` (an integer array), counts densified as float32."""
+        idx = np.asarray(idx)
+        if self.sparse:
+            x = self.X[idx].toarray().astype(np.float32, copy=False)
+        else:
+            x = np.asarray(self.X[idx], dtype=np.float32)
+        tidx = torch.from_numpy(idx)
+        batch = {"x": torch.from_numpy(x), "index": tidx}
+        for k, v in self.covariates.items():
+            batch[k] = v[tidx]
+        return batch
+
+
+class BatchIndexSampler(Sampler[np.ndarray]):
+    """Yields index arrays of one minibatch each; seeded shuffle that changes every epoch.
+
+    Parameters
+    ----------
+    indices
+        Cell indices to iterate over.
+    batch_size
+        Cells per minibatch.
+    shuffle
+        Shuffle every epoch with ``seed + epoch``.
+    seed
+        Base seed.
+    num_replicas, rank
+        Shard for data-parallel training: every replica sees the same number of batches.
+    """
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected a positive integer")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used to derive this epoch's shuffle."""
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        idx = self.indices
+        if self.shuffle:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            idx = idx[rng.permutation(len(idx))]
+        if self.num_replicas > 1:
+            per = int(np.ceil(len(idx) / self.num_replicas))
+            pad = per * self.num_replicas - len(idx)
+            if pad:
+                idx = np.concatenate([idx, idx[:pad]])
+            idx = idx[self.rank :: self.num_replicas]
+        return idx
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size]
+        self.epoch += 1 if self.shuffle else 0
+
+    def __len__(self) -> int:
+        n = int(np.ceil(len(self.indices) / self.num_replicas))
+        return int(np.ceil(n / self.batch_size))
+
+
+def make_loader(
+    data: CountBatches,
+    indices: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> DataLoader:
+    """A DataLoader whose every item is a full minibatch (``batch_size=None``)."""
+    sampler = BatchIndexSampler(indices, batch_size, shuffle, seed, num_replicas, rank)
+    return DataLoader(data, sampler=sampler, batch_size=None, num_workers=0)
+
+
+def train_validation_split(
+    n_cells: int,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    strata: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split, optionally stratified (e.g. by label × library).
+
+    Within each stratum ``round(fraction × size)`` cells go to validation, keeping at least one
+    training cell per stratum. Returns sorted index arrays.
+    """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction={validation_fraction}; expected 0 <= f < 1")
+    rng = np.random.default_rng(seed)
+    if validation_fraction == 0.0:
+        return np.arange(n_cells), np.zeros(0, dtype=np.int64)
+    if strata is None:
+        perm = rng.permutation(n_cells)
+        n_val = int(round(validation_fraction * n_cells))
+        n_val = min(max(n_val, 1), n_cells - 1)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    strata = np.asarray(strata)
+    _, inverse = np.unique(strata, return_inverse=True)
+    val_parts = []
+    for s in range(inverse.max() + 1):
+        members = np.flatnonzero(inverse == s)
+        members = members[rng.permutation(len(members))]
+        n_val = min(int(round(validation_fraction * len(members))), len(members) - 1)
+        val_parts.append(members[:n_val])
+    val = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, dtype=np.int64)
+    train_mask = np.ones(n_cells, dtype=bool)
+    train_mask[val] = False
+    return np.flatnonzero(train_mask), val

@@ -1,0 +1,155 @@
+"""Model persistence: weights in safetensors, everything else in JSON/CSV. Never pickle.
+
+A model directory holds::
+
+    model.safetensors   parameters and buffers (state dict)
+    config.json         model class, ModuleConfig, CovariateRegistry, setup/train settings
+    history.csv         per-epoch training history (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from anndata import AnnData
+from safetensors.torch import load_file, save_file
+
+from regvi.data import CovariateRegistry, get_counts
+from regvi.data.registry import MODEL_PURPOSES
+from regvi.module import ModuleConfig, RegVIModule
+
+if TYPE_CHECKING:
+    from regvi.model import RegVI
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+HISTORY = "history.csv"
+FORMAT_VERSION = 1
+
+
+def save_model(model: RegVI, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` to directory ``path`` atomically (temp dir, then rename)."""
+    from regvi import __version__
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.module.state_dict().items()}
+        save_file(state, tmp / WEIGHTS, metadata={"format": "regvi", "version": str(FORMAT_VERSION)})
+        meta = {
+            "format": "regvi",
+            "format_version": FORMAT_VERSION,
+            "regvi_version": __version__,
+            "model_class": type(model).__name__,
+            "module_config": model.config.to_dict(),
+            "registry": model.registry.to_dict(),
+            "setup_kwargs": model.setup_kwargs,
+            "is_trained": model.is_trained,
+        }
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+        if len(model.history):
+            model.history.to_csv(tmp / HISTORY, index=False)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist (or is not a directory)")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a regvi model directory: {name} is missing "
+                f"(found: {sorted(p.name for p in path.iterdir())[:10]})"
+            )
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / CONFIG} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "regvi":
+        raise ValueError(f"{path / CONFIG} is not a regvi model config (no format='regvi')")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer regvi (format {meta['format_version']}); upgrade regvi"
+        )
+    return meta
+
+
+def load(path: str | os.PathLike, adata: AnnData | None = None) -> RegVI:
+    """Load a model saved with :meth:`regvi.RegVI.save`.
+
+    Parameters
+    ----------
+    path
+        Model directory.
+    adata
+        Optional data to attach; its genes and categories are checked against the model.
+
+    Returns
+    -------
+    RegVI
+        The model in eval mode.
+    """
+    from regvi.model import RegVI
+
+    path = Path(path)
+    meta = _read_meta(path)
+    if meta.get("model_class") != "RegVI":
+        raise ValueError(f"{path} holds a {meta.get('model_class')!r} model; expected 'RegVI'")
+    config = ModuleConfig(**meta["module_config"])
+    registry = CovariateRegistry.from_dict(meta["registry"])
+    module = RegVIModule(config)
+    try:
+        state = load_file(path / WEIGHTS)
+    except Exception as err:  # safetensors raises its own error types on corrupt files
+        raise ValueError(f"{path / WEIGHTS} is not a readable safetensors file: {err}") from None
+    expected = set(module.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(
+            f"{path / WEIGHTS} does not match the model config: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    model = RegVI.__new__(RegVI)
+    model.registry = registry
+    model.config = config
+    model.module = module
+    model.setup_kwargs = meta.get("setup_kwargs", {})
+    model.is_trained = bool(meta.get("is_trained", False))
+    model.history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
+    model.train_indices = model.validation_indices = None
+    model.count_summary = {}
+    model.adata = None
+    model._X = None
+    model._covariates = None
+    if adata is not None:
+        attach_data(model, adata)
+    return model
+
+
+def attach_data(model: RegVI, adata: AnnData) -> None:
+    """Attach ``adata`` to a loaded model after checking genes and categories."""
+    from regvi.data import validate_counts
+
+    model.registry.check_var_names(adata)
+    X = get_counts(adata, model.registry.layer)
+    validate_counts(X, "adata", model.setup_kwargs.get("allow_non_integer", False))
+    model._covariates = model.registry.encode(adata.obs, MODEL_PURPOSES)
+    model._X = X
+    model.adata = adata

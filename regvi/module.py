@@ -1,0 +1,416 @@
+"""The single-modal regvi generative model: ``inference`` → ``generative`` → ``loss`` (pure torch).
+
+Read top to bottom, this file is spec §2–§4:
+
+* latent          z_n ~ Normal(0, I)
+* library         l_n ~ Normal(m_p, sqrt(w · v_p)), m_p centred across groups (+ log s)
+* decoder         rho_n = softplus(Linear(FC(z_n ⊕ continuous, onehot(c_n))))   (batch-free)
+* ambient         s_{e,g} = exp(beta_{e,g}), summed over the cell's ambient categories
+* scaling         y_{t,g} = softplus(gamma_{t,g}) / 0.7 ~ Gamma(200, 200), multiplied over keys
+* expected count  mu_ng = exp(l_n) · (rho_ng + s_{e_n,g}) · y_{t_n,g}
+* likelihood      x_ng ~ GammaPoisson(theta_{g,d}, theta_{g,d} / mu_ng)
+* dispersion      q(log theta_{g,d}) = Normal(mu_theta, sigma_theta);
+                  1/sqrt(theta) ~ Exponential(lambda_d), lambda_d ~ Gamma(alpha, alpha · m)
+
+and the plate rule: local terms are meaned over the minibatch, global priors divided by
+``n_obs`` = N_train.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from regvi.nn import (
+    CategoricalInjector,
+    Decoder,
+    Encoder,
+    LibraryEncoder,
+    gamma_log_prob,
+    gamma_poisson_log_prob,
+    normal_kl,
+)
+from regvi.nn.distributions import exponential_log_prob, normal_entropy
+
+FEATURE_SCALING_DIVISOR = 0.7  # y = softplus(gamma) / 0.7  (spec §2)
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    """softplus⁻¹(x) = log(exp(x) − 1), stable for large x."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+@dataclass
+class ModuleConfig:
+    """Everything needed to rebuild a :class:`RegVIModule` (saved as JSON with the weights).
+
+    Group counts (``n_*``) come from the covariate registry; the rest are model settings with the
+    defaults of spec §2–§4.
+    """
+
+    n_genes: int
+    n_latent: int = 10
+    n_hidden: int = 128
+    n_layers: int = 1
+    dropout_rate: float = 0.1
+    use_layer_norm: bool = True
+    activation: str = "relu"
+    var_activation: str = "exp"
+    n_continuous: int = 0
+    n_cats_decoder: list[int] = field(default_factory=list)
+    n_cats_encoder: list[int] = field(default_factory=list)
+    n_ambient_per_key: list[int] = field(default_factory=lambda: [1])
+    n_dispersion_groups: int = 1
+    n_library_groups: int = 1
+    n_scaling_per_key: list[int] = field(default_factory=list)
+    # ambient RNA
+    use_ambient: bool = True
+    regularise_background: bool = False
+    ambient_prior_alpha: float = 1.0
+    ambient_prior_beta: float = 100.0
+    # multiplicative feature scaling
+    use_feature_scaling: bool = True
+    feature_scaling_prior_alpha: float = 200.0
+    # dispersion
+    dispersion: str = "gene-batch"
+    dispersion_prior_mean: float = 1.0 / 3.0
+    dispersion_prior_alpha: float = 9.0
+    # library size
+    library_variance_weight: float = 0.5
+    library_centring_sensitivity: float = 1.0
+    library_residual: bool = False
+    # decoder regularisation
+    decoder_l2: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable representation."""
+        return asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.dispersion not in ("gene-batch", "gene"):
+            raise ValueError(f"dispersion={self.dispersion!r}; expected 'gene-batch' or 'gene'")
+        for name in ("n_latent", "n_hidden", "n_layers", "n_genes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected a positive integer")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={self.dropout_rate}; expected 0 <= p < 1")
+        for name in ("dispersion_prior_mean", "dispersion_prior_alpha", "library_variance_weight",
+                     "library_centring_sensitivity"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive number")
+
+
+class RegVIModule(nn.Module):
+    """Generative model and variational posterior of single-modal regvi (spec §2–§4)."""
+
+    def __init__(self, config: ModuleConfig):
+        super().__init__()
+        self.config = c = config
+        G = c.n_genes
+        self.decoder_cats = CategoricalInjector(c.n_cats_decoder)
+        self.encoder_cats = CategoricalInjector(c.n_cats_encoder)
+        n_enc_in = G + c.n_continuous
+        self.z_encoder = Encoder(
+            n_enc_in, c.n_latent, c.n_hidden, c.n_layers, self.encoder_cats.n_out,
+            c.dropout_rate, c.use_layer_norm, c.activation, c.var_activation,
+        )
+        self.l_encoder = LibraryEncoder(
+            n_enc_in, self.encoder_cats.n_out, dropout_rate=c.dropout_rate,
+            use_layer_norm=c.use_layer_norm, activation=c.activation,
+            var_activation=c.var_activation,
+        )
+        self.decoder = Decoder(
+            c.n_latent + c.n_continuous, G, c.n_hidden, c.n_layers, self.decoder_cats.n_out,
+            c.use_layer_norm, c.activation,
+        )
+        # Ambient RNA: beta_{e,g}, one table per ambient key; init at the prior mean log 0.01.
+        self.ambient_log = nn.ParameterList(
+            [nn.Parameter(torch.full((n, G), math.log(0.01))) for n in c.n_ambient_per_key]
+            if c.use_ambient else []
+        )
+        # Feature scaling: gamma_{t,g} with softplus(gamma)/0.7 = 1 at init (prior mean).
+        scaling_rows = c.n_scaling_per_key or [1]
+        gamma0 = float(inverse_softplus(torch.tensor(FEATURE_SCALING_DIVISOR)))
+        self.feature_scaling_raw = nn.ParameterList(
+            [nn.Parameter(torch.full((n, G), gamma0)) for n in scaling_rows]
+            if c.use_feature_scaling else []
+        )
+        # Dispersion: q(log theta) = Normal(mu_theta, sigma_theta), mu at log 9, sigma at 0.1.
+        n_disp = c.n_dispersion_groups if c.dispersion == "gene-batch" else 1
+        self.log_theta_mean = nn.Parameter(torch.full((n_disp, G), math.log(9.0)))
+        self.log_theta_scale_raw = nn.Parameter(
+            torch.full((n_disp, G), float(inverse_softplus(torch.tensor(0.1))))
+        )
+        # lambda_d of the containment prior, softplus-parameterised, init at its prior mean 1/m.
+        lam0 = float(inverse_softplus(torch.tensor(1.0 / c.dispersion_prior_mean)))
+        self.dispersion_rate_raw = nn.Parameter(torch.full((n_disp,), lam0))
+        # Library prior statistics m_p (centred) and v_p, set from training data.
+        self.register_buffer("library_prior_mean", torch.zeros(c.n_library_groups))
+        self.register_buffer("library_prior_var", torch.ones(c.n_library_groups))
+        self.register_buffer("library_log_offset", torch.zeros(()))
+        if c.library_residual:
+            # w_obs ~ LogNormal(q_mean, q_scale) posterior, Exponential(1) prior.
+            self.library_w_mean = nn.Parameter(torch.zeros(()))
+            self.library_w_scale_raw = nn.Parameter(inverse_softplus(torch.tensor(0.1)))
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def set_library_prior(self, group_mean: torch.Tensor, group_var: torch.Tensor) -> None:
+        """Set m_p (centred: m_p − mean_p m_p + log s) and v_p from per-group log-library stats."""
+        s = self.config.library_centring_sensitivity
+        offset = group_mean.mean() - math.log(s)
+        self.library_log_offset.copy_(offset)
+        self.library_prior_mean.copy_(group_mean - offset)
+        self.library_prior_var.copy_(group_var.clamp_min(1e-4))
+
+    @torch.no_grad()
+    def data_init(
+        self,
+        mean_expression: torch.Tensor,
+        ambient_group_means: list[torch.Tensor] | None = None,
+        dispersion_init: torch.Tensor | None = None,
+    ) -> None:
+        """Data-dependent initialisation (spec §3).
+
+        Parameters
+        ----------
+        mean_expression
+            Mean depth-normalised expression per gene, ``(G,)``: decoder output bias =
+            softplus⁻¹(max(mean, 0.01)).
+        ambient_group_means
+            Per ambient key, ``(n_categories, G)`` group means: ambient = 0.2 × mean.
+        dispersion_init
+            Optional ``(n_disp, G)`` method-of-moments theta (``dispersion_init="data"``).
+        """
+        self.decoder.out.bias.copy_(inverse_softplus(mean_expression.clamp_min(0.01)))
+        if ambient_group_means is not None and self.config.use_ambient:
+            n_keys = len(self.ambient_log)
+            for param, means in zip(self.ambient_log, ambient_group_means, strict=True):
+                # several ambient keys add up: split the 0.2 × mean evenly between them
+                param.copy_(torch.log((0.2 * means / n_keys).clamp_min(1e-6)))
+        if dispersion_init is not None:
+            self.log_theta_mean.copy_(
+                torch.log(dispersion_init.clamp(0.01, 20.0)).expand_as(self.log_theta_mean)
+            )
+
+    # ------------------------------------------------------------------ parameters
+    def dispersion_rate(self) -> torch.Tensor:
+        """lambda_d, the rate of the Exponential prior on 1/sqrt(theta), ``(n_disp,)``."""
+        return F.softplus(self.dispersion_rate_raw)
+
+    def log_theta_scale(self) -> torch.Tensor:
+        """sigma_theta of q(log theta)."""
+        return F.softplus(self.log_theta_scale_raw)
+
+    def ambient_rate(self, ambient_codes: torch.Tensor) -> torch.Tensor | None:
+        """s_n = sum over the cell's ambient categories of exp(beta_{e,g}), ``(B, G)``."""
+        if not self.config.use_ambient or len(self.ambient_log) == 0:
+            return None
+        total = None
+        for k, param in enumerate(self.ambient_log):
+            s = torch.exp(param)[ambient_codes[:, k]]
+            total = s if total is None else total + s
+        return total
+
+    def feature_scaling(self, scaling_codes: torch.Tensor) -> torch.Tensor | None:
+        """y_n = product over scaling keys of softplus(gamma_{t,g}) / 0.7, ``(B, G)`` or ``(1, G)``."""
+        if not self.config.use_feature_scaling:
+            return None
+        if not self.config.n_scaling_per_key:
+            return F.softplus(self.feature_scaling_raw[0]) / FEATURE_SCALING_DIVISOR
+        total = None
+        for k, param in enumerate(self.feature_scaling_raw):
+            y = (F.softplus(param) / FEATURE_SCALING_DIVISOR)[scaling_codes[:, k]]
+            total = y if total is None else total * y  # regvi: keys MULTIPLY (spec §2)
+        return total
+
+    # ------------------------------------------------------------------ three steps
+    def _encoder_input(self, x: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
+        h = torch.log1p(x)
+        return torch.cat([h, continuous], dim=-1) if continuous.shape[-1] else h
+
+    def inference(self, batch: dict[str, torch.Tensor], sample: bool = True) -> dict[str, Any]:
+        """x → q(z), q(l); returns posterior parameters and (sampled or mean) z, l."""
+        x, continuous = batch["x"], batch["continuous"]
+        h = self._encoder_input(x, continuous)
+        enc_cats = self.encoder_cats(batch.get("encoder"), h.dtype)
+        qz_mean, qz_var = self.z_encoder(h, enc_cats)
+        ql_mean, ql_var = self.l_encoder(h, enc_cats)
+        out: dict[str, Any] = {}
+        if self.config.library_residual:
+            # residual form: q(l) mean = encoder + w_obs · observed centred log library
+            l_obs = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0)) - self.library_log_offset
+            w_scale = F.softplus(self.library_w_scale_raw)
+            log_w = self.library_w_mean + (w_scale * torch.randn_like(w_scale) if sample else 0.0)
+            ql_mean = ql_mean + torch.exp(log_w) * l_obs
+            out["library_log_w"] = log_w
+        z = qz_mean + qz_var.sqrt() * torch.randn_like(qz_mean) if sample else qz_mean
+        library = ql_mean + ql_var.sqrt() * torch.randn_like(ql_mean) if sample else ql_mean
+        out.update(qz_mean=qz_mean, qz_var=qz_var, ql_mean=ql_mean, ql_var=ql_var, z=z, library=library)
+        return out
+
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        sample_theta: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """z, l → rho, mu and theta of the GammaPoisson likelihood."""
+        continuous = batch["continuous"]
+        dec_in = torch.cat([z, continuous], dim=-1) if continuous.shape[-1] else z
+        rho = self.decoder(dec_in, self.decoder_cats(batch.get("nn_conditioning"), z.dtype))
+        ambient = self.ambient_rate(batch.get("ambient"))
+        scaling = self.feature_scaling(batch.get("feature_scaling"))
+        rate = rho if ambient is None else rho + ambient
+        if scaling is not None:
+            rate = rate * scaling
+        mu = torch.exp(library) * rate  # mu_ng = exp(l_n) · (rho_ng + s_{e_n,g}) · y_{t_n,g}
+        log_theta_mean = self.log_theta_mean
+        if sample_theta:
+            eps = torch.randn_like(log_theta_mean)
+            log_theta = log_theta_mean + self.log_theta_scale() * eps
+        else:
+            log_theta = log_theta_mean
+        if log_theta.shape[0] > 1:
+            theta = torch.exp(log_theta)[batch["dispersion"][:, 0]]
+        else:
+            theta = torch.exp(log_theta)
+        return {"rho": rho, "mu": mu, "theta": theta, "log_theta": log_theta}
+
+    # ------------------------------------------------------------------ global priors
+    def dispersion_kl(self, log_theta: torch.Tensor) -> torch.Tensor:
+        """−entropy(q) − log p(1/sqrt(theta) | lambda) − log p(lambda), summed over genes × groups.
+
+        The Exponential prior is on u = 1/sqrt(theta); q is over log theta, so the density is
+        transformed with |du / dlog theta| = u / 2. That Jacobian puts the prior's mode at
+        theta = lambda² (≈ 9 at the default prior mean m = 1/3 of 1/sqrt(theta)).
+        Convention: lambda_d ~ Gamma(alpha, rate = alpha · m), so E[lambda] = 1/m and
+        E[1/sqrt(theta) | lambda] = 1/lambda.
+        """
+        c = self.config
+        lam = self.dispersion_rate()
+        u = torch.exp(-0.5 * log_theta)
+        neg_entropy = -normal_entropy(self.log_theta_scale()).sum()
+        log_p_u = (exponential_log_prob(u, lam[:, None]) + torch.log(0.5 * u)).sum()
+        log_p_lam = gamma_log_prob(
+            lam, c.dispersion_prior_alpha, c.dispersion_prior_alpha * c.dispersion_prior_mean
+        ).sum()
+        return neg_entropy - log_p_u - log_p_lam
+
+    def global_penalties(self, log_theta: torch.Tensor, inference: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Global (gene/group plate) negative log-priors, before division by ``n_obs``."""
+        c = self.config
+        zero = log_theta.new_zeros(())
+        terms = {"dispersion_kl": self.dispersion_kl(log_theta)}
+        if c.use_ambient and c.regularise_background and len(self.ambient_log):
+            # exp(beta) ~ Gamma(alpha, beta) (default Gamma(1, 100), mean 0.01)
+            terms["ambient_prior"] = -sum(
+                gamma_log_prob(torch.exp(p), c.ambient_prior_alpha, c.ambient_prior_beta).sum()
+                for p in self.ambient_log
+            )
+        else:
+            terms["ambient_prior"] = zero
+        if c.use_feature_scaling:
+            a = c.feature_scaling_prior_alpha
+            terms["feature_scaling_prior"] = -sum(
+                gamma_log_prob(F.softplus(p) / FEATURE_SCALING_DIVISOR, a, a).sum()
+                for p in self.feature_scaling_raw
+            )
+        else:
+            terms["feature_scaling_prior"] = zero
+        terms["decoder_l2"] = c.decoder_l2 * sum((w**2).sum() for w in self.decoder.weights())
+        if c.library_residual:
+            # KL(q(w) || Exponential(1)) by one-sample Monte Carlo on log w
+            log_w = inference["library_log_w"]
+            w_scale = F.softplus(self.library_w_scale_raw)
+            log_q = -normal_entropy(w_scale)  # E_q[log q(log w)]
+            log_p = exponential_log_prob(torch.exp(log_w), torch.ones(())) + log_w
+            terms["library_w_kl"] = log_q - log_p
+        else:
+            terms["library_w_kl"] = zero
+        return terms
+
+    # ------------------------------------------------------------------ loss
+    def loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        n_obs: int,
+        kl_weight: float = 1.0,
+        sample: bool = True,
+        skip_n_obs_check: bool = False,
+        return_per_gene: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Negative ELBO with the plate rule of spec §4.
+
+        Parameters
+        ----------
+        batch
+            Minibatch from :class:`regvi.data.CountBatches`.
+        n_obs
+            Number of TRAINING cells (N_train), used to scale global priors — for training and
+            validation alike. Refused when smaller than the batch unless ``skip_n_obs_check``.
+        kl_weight
+            KL warmup weight applied to KL(q(z) || p(z)).
+        sample
+            Sample z, l and theta (training); ``False`` uses posterior means.
+        return_per_gene
+            Also return the per-gene reconstruction loss (summed over the batch / B).
+
+        Returns
+        -------
+        dict
+            ``loss``, ``elbo``, ``reconstruction``, ``kl_z``, ``kl_library``, each global term,
+            ``global``, ``kl_z_per_dim`` and ``theta_mean`` (detached-safe tensors).
+        """
+        x = batch["x"]
+        n_batch = x.shape[0]
+        if n_obs is None:
+            raise ValueError("loss() needs n_obs = number of training cells (got None)")
+        if not skip_n_obs_check and n_obs < n_batch:
+            raise ValueError(
+                f"n_obs={n_obs} is smaller than the minibatch ({n_batch} cells): n_obs must be the "
+                "number of TRAINING cells (N_train), not the batch size. Pass "
+                "skip_n_obs_check=True if this is intended."
+            )
+        inf = self.inference(batch, sample=sample)
+        gen = self.generative(inf["z"], inf["library"], batch, sample_theta=sample)
+        # local (cell plate) terms: summed over non-batch dims, MEANED over the minibatch
+        nll = -gamma_poisson_log_prob(x, gen["mu"], gen["theta"])
+        reconstruction = nll.sum(-1).mean()
+        kl_z_per_dim = normal_kl(
+            inf["qz_mean"], inf["qz_var"], torch.zeros_like(inf["qz_mean"]), torch.ones_like(inf["qz_var"])
+        )
+        kl_z = kl_z_per_dim.sum(-1).mean()
+        lib_group = batch["library_size"][:, 0]
+        kl_library = normal_kl(
+            inf["ql_mean"][:, 0],
+            inf["ql_var"][:, 0],
+            self.library_prior_mean[lib_group],
+            self.config.library_variance_weight * self.library_prior_var[lib_group],
+        ).mean()
+        # global (gene / group plate) terms: divided by n_obs = N_train, never the batch size
+        penalties = self.global_penalties(gen["log_theta"], inf)
+        global_total = sum(penalties.values())
+        elbo = reconstruction + kl_z + kl_library
+        loss = reconstruction + kl_weight * kl_z + kl_library + global_total / n_obs
+        out = {
+            "loss": loss,
+            "elbo": elbo,
+            "reconstruction": reconstruction,
+            "kl_z": kl_z,
+            "kl_library": kl_library,
+            "global": global_total / n_obs,
+            **{k: v / n_obs for k, v in penalties.items()},
+            "kl_z_per_dim": kl_z_per_dim.mean(0),
+            "theta_mean": torch.exp(gen["log_theta"]).mean(),
+        }
+        if return_per_gene:
+            out["reconstruction_per_gene"] = nll.mean(0)
+        return out

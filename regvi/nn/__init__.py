@@ -1,0 +1,15 @@
+"""Neural-network building blocks and distributions shared by every regvi model."""
+
+from regvi.nn.distributions import gamma_log_prob, gamma_poisson_log_prob, normal_kl
+from regvi.nn.layers import CategoricalInjector, Decoder, Encoder, FCBlock, LibraryEncoder
+
+__all__ = [
+    "CategoricalInjector",
+    "Decoder",
+    "Encoder",
+    "FCBlock",
+    "LibraryEncoder",
+    "gamma_log_prob",
+    "gamma_poisson_log_prob",
+    "normal_kl",
+]

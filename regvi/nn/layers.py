@@ -1,0 +1,164 @@
+"""Fully-connected blocks, encoders and the batch-free decoder (spec §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"activation={name!r}; expected one of {sorted(_ACTIVATIONS)}") from None
+
+
+class CategoricalInjector(nn.Module):
+    """One-hot encodes categorical covariates for concatenation to a layer input.
+
+    Parameters
+    ----------
+    n_cats_per_key
+        Number of categories of each key; keys with one level are ignored (spec §1).
+    """
+
+    def __init__(self, n_cats_per_key: Sequence[int]):
+        super().__init__()
+        self.n_cats = [int(n) for n in n_cats_per_key]
+        self.keep = [i for i, n in enumerate(self.n_cats) if n > 1]
+        self.n_out = sum(self.n_cats[i] for i in self.keep)
+
+    def forward(self, cat_codes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Return ``(n_cells, sum n_cats)`` one-hot features or ``None`` when there are none."""
+        if self.n_out == 0 or cat_codes is None:
+            return None
+        parts = [F.one_hot(cat_codes[:, i], self.n_cats[i]).to(dtype) for i in self.keep]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+class FCBlock(nn.Module):
+    """[Dropout on input] → Linear → LayerNorm (no affine) → activation → Dropout.
+
+    Categorical one-hot features are concatenated to the input of every layer
+    ("injection at every layer").
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int,
+        n_layers: int,
+        n_cat_features: int = 0,
+        dropout_rate: float = 0.1,
+        input_dropout_rate: float = 0.0,
+        use_layer_norm: bool = True,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        self.input_dropout = nn.Dropout(input_dropout_rate) if input_dropout_rate > 0 else None
+        self.linears = nn.ModuleList()
+        self.post = nn.ModuleList()
+        dims = [n_in] + [n_hidden] * n_layers
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            self.linears.append(nn.Linear(d_in + n_cat_features, d_out))
+            layers: list[nn.Module] = []
+            if use_layer_norm:
+                layers.append(nn.LayerNorm(d_out, elementwise_affine=False))
+            layers.append(_activation(activation))
+            if dropout_rate > 0:
+                layers.append(nn.Dropout(dropout_rate))
+            self.post.append(nn.Sequential(*layers))
+
+    def forward(self, x: torch.Tensor, cat_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block; ``cat_features`` is concatenated before every Linear."""
+        if self.input_dropout is not None:
+            x = self.input_dropout(x)
+        for linear, post in zip(self.linears, self.post, strict=True):
+            if cat_features is not None:
+                x = torch.cat([x, cat_features], dim=-1)
+            x = post(linear(x))
+        return x
+
+
+class Encoder(nn.Module):
+    """Gaussian encoder q(z | x): FC block then mean and variance heads.
+
+    ``var = exp(raw) + var_eps`` (default) or ``softplus(raw) + var_eps``.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_hidden: int,
+        n_layers: int,
+        n_cat_features: int = 0,
+        dropout_rate: float = 0.1,
+        use_layer_norm: bool = True,
+        activation: str = "relu",
+        var_activation: str = "exp",
+        var_eps: float = 1e-4,
+    ):
+        super().__init__()
+        self.body = FCBlock(
+            n_in, n_hidden, n_layers, n_cat_features, dropout_rate, 0.0, use_layer_norm, activation
+        )
+        self.mean = nn.Linear(n_hidden, n_out)
+        self.var = nn.Linear(n_hidden, n_out)
+        if var_activation not in ("exp", "softplus"):
+            raise ValueError(f"var_activation={var_activation!r}; expected 'exp' or 'softplus'")
+        self.var_activation = var_activation
+        self.var_eps = var_eps
+
+    def forward(
+        self, x: torch.Tensor, cat_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return posterior mean and variance."""
+        h = self.body(x, cat_features)
+        raw = self.var(h)
+        var = (torch.exp(raw) if self.var_activation == "exp" else F.softplus(raw)) + self.var_eps
+        return self.mean(h), var
+
+
+class LibraryEncoder(Encoder):
+    """q(l | x): a one-layer encoder with 16 hidden units and a scalar output (spec §2)."""
+
+    def __init__(self, n_in: int, n_cat_features: int = 0, n_hidden: int = 16, **kwargs):
+        super().__init__(n_in, 1, n_hidden, 1, n_cat_features, **kwargs)
+
+
+class Decoder(nn.Module):
+    """Batch-free decoder rho = softplus(Linear(FC(z ⊕ continuous, onehot(c)))) (spec §2).
+
+    The output is non-negative and not on the simplex.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_hidden: int,
+        n_layers: int,
+        n_cat_features: int = 0,
+        use_layer_norm: bool = True,
+        activation: str = "relu",
+        dropout_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.body = FCBlock(
+            n_in, n_hidden, n_layers, n_cat_features, dropout_rate, 0.0, use_layer_norm, activation
+        )
+        self.out = nn.Linear(n_hidden, n_out)
+
+    def forward(self, z: torch.Tensor, cat_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the non-negative rate ``rho`` of shape ``(n_cells, n_out)``."""
+        return F.softplus(self.out(self.body(z, cat_features)))
+
+    def weights(self) -> list[torch.Tensor]:
+        """Weight matrices (not biases), the target of the decoder L2 penalty."""
+        return [lin.weight for lin in self.body.linears] + [self.out.weight]

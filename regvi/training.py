@@ -1,0 +1,236 @@
+"""Lightning training plan: Adam, KL warmup, per-epoch metric accumulation, early stopping.
+
+Per-step metrics are accumulated as detached tensors and turned into Python numbers once per
+epoch (no per-step host syncs), then written to :attr:`TrainingPlan.history`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from regvi.module import RegVIModule
+
+#: Terms of ``RegVIModule.loss`` that are logged per epoch (plus derived ones).
+LOGGED_TERMS = (
+    "loss",
+    "elbo",
+    "reconstruction",
+    "kl_z",
+    "kl_library",
+    "global",
+    "dispersion_kl",
+    "ambient_prior",
+    "feature_scaling_prior",
+    "decoder_l2",
+    "library_w_kl",
+    "theta_mean",
+)
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings (spec §5 defaults)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    n_epochs_kl_warmup: int | None = 50
+    scale_lr_with_batch_size: bool = False
+    batch_size: int = 128
+
+    def effective_lr(self) -> float:
+        """lr, or lr · B / 128 when scaling with batch size."""
+        return self.lr * self.batch_size / 128 if self.scale_lr_with_batch_size else self.lr
+
+
+class _EpochAccumulator:
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, out: dict[str, torch.Tensor], n: int) -> None:
+        for k in (*LOGGED_TERMS, "kl_z_per_dim"):
+            v = out[k].detach() * n
+            self.sums[k] = v if k not in self.sums else self.sums[k] + v
+        self.n += n
+
+    def result(self, prefix: str) -> dict[str, float]:
+        if self.n == 0:
+            return {}
+        means = {k: v / self.n for k, v in self.sums.items()}
+        per_dim = means.pop("kl_z_per_dim")
+        stacked = torch.stack([means[k] for k in LOGGED_TERMS]).cpu().numpy()
+        res = {f"{prefix}_{k}": float(v) for k, v in zip(LOGGED_TERMS, stacked, strict=True)}
+        res[f"{prefix}_n_active_dims"] = float((per_dim > 0.01).sum().item())
+        return res
+
+
+class TrainingPlan(pl.LightningModule):
+    """Optimises a :class:`RegVIModule` with the plate-rule loss.
+
+    Parameters
+    ----------
+    module
+        The generative model.
+    n_obs_train
+        N_train, used to scale global priors in training AND validation.
+    settings
+        Optimiser and warmup settings.
+    """
+
+    def __init__(self, module: RegVIModule, n_obs_train: int, settings: TrainSettings):
+        super().__init__()
+        self.module = module
+        self.n_obs_train = int(n_obs_train)
+        self.settings = settings
+        self.history: list[dict[str, float]] = []
+        self._train_acc = _EpochAccumulator()
+        self._val_acc = _EpochAccumulator()
+        self._epoch_start = 0.0
+        self.epoch_offset = 0
+
+    @property
+    def kl_weight(self) -> float:
+        """Linear KL warmup over ``n_epochs_kl_warmup`` epochs (1 when disabled)."""
+        n = self.settings.n_epochs_kl_warmup
+        if not n:
+            return 1.0
+        return min(1.0, (self.current_epoch + self.epoch_offset) / n)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        s = self.settings
+        return torch.optim.Adam(
+            self.module.parameters(), lr=s.effective_lr(), weight_decay=s.weight_decay, eps=s.eps
+        )
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._train_acc = _EpochAccumulator()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.module.loss(batch, self.n_obs_train, kl_weight=self.kl_weight)
+        self._train_acc.add(out, batch["x"].shape[0])
+        return out["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_acc = _EpochAccumulator()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # z and l are sampled (an ELBO estimate); theta at its posterior mean (spec §2)
+        out = self.module.loss(
+            batch, self.n_obs_train, kl_weight=self.kl_weight, skip_n_obs_check=True
+        )
+        self._val_acc.add(out, batch["x"].shape[0])
+
+    def on_train_epoch_end(self) -> None:
+        row: dict[str, float] = {
+            "epoch": float(self.current_epoch + self.epoch_offset),
+            "kl_weight": self.kl_weight,
+        }
+        row.update(self._train_acc.result("train"))
+        row.update(self._val_acc.result("validation"))
+        row["epoch_time_s"] = time.perf_counter() - self._epoch_start
+        bad = [k for k in ("train_loss", "validation_loss") if k in row and not math.isfinite(row[k])]
+        self.history.append(row)
+        if bad:
+            raise FloatingPointError(
+                f"training diverged at epoch {int(row['epoch'])}: {', '.join(bad)} is not finite "
+                "(try a lower lr, a longer KL warmup or a smaller model)"
+            )
+        self.log_dict({k: v for k, v in row.items() if k != "epoch"}, prog_bar=False)
+
+
+class EarlyStopping(pl.Callback):
+    """Stop when validation ELBO has not improved by ``min_delta`` for ``patience`` epochs.
+
+    ``min_delta = n_features × min_delta_per_feature`` (spec §5). Epochs inside the KL warmup
+    never count against patience unless ``stop_during_warmup``. With ``restore_best`` the
+    weights of the best epoch are restored when training ends.
+    """
+
+    def __init__(
+        self,
+        min_delta: float,
+        patience: int = 45,
+        monitor: str = "validation_elbo",
+        stop_during_warmup: bool = False,
+        restore_best: bool = False,
+    ):
+        self.min_delta = min_delta
+        self.patience = patience
+        self.monitor = monitor
+        self.stop_during_warmup = stop_during_warmup
+        self.restore_best = restore_best
+        self.best = math.inf
+        self.best_epoch = -1
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
+        if not plan.history or self.monitor not in plan.history[-1]:
+            return
+        value = plan.history[-1][self.monitor]
+        epoch = int(plan.history[-1]["epoch"])
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best:
+                self._best_state = copy.deepcopy(plan.module.state_dict())
+            return
+        in_warmup = plan.kl_weight < 1.0
+        if in_warmup and not self.stop_during_warmup:
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
+        if self.restore_best and self._best_state is not None:
+            plan.module.load_state_dict(self._best_state)
+
+
+class EpochProgressBar(pl.Callback):
+    """One tqdm bar over epochs with the latest train loss and validation ELBO."""
+
+    def __init__(self, max_epochs: int, enabled: bool = True):
+        self.max_epochs = max_epochs
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
+        self.bar = tqdm(total=self.max_epochs, desc="regvi training", unit="epoch", disable=not self.enabled)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
+        if plan.history and self.bar is not None:
+            row = plan.history[-1]
+            post = {"loss": f"{row.get('train_loss', np.nan):.4g}"}
+            if "validation_elbo" in row:
+                post["val_elbo"] = f"{row['validation_elbo']:.4g}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def on_train_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class EpochCallback(pl.Callback):
+    """Calls ``fn(row)`` with each epoch's metrics (used by the sweep to report to Tune)."""
+
+    def __init__(self, fn: Callable[[dict[str, float]], None]):
+        self.fn = fn
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
+        if plan.history:
+            self.fn(dict(plan.history[-1]))
