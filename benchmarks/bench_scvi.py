@@ -233,7 +233,7 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
 
     _set_threads()
     torch.manual_seed(SEED)
-    np.random.seed(SEED)
+    np.random.seed(SEED)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
     adata = ad.read_h5ad(prep)
     rec: dict[str, Any] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
@@ -426,7 +426,7 @@ def run_scib(prep: Path, latents: dict[str, Path], n_jobs: int) -> dict[str, dic
     sc.pp.log1p(adata)
     # Same call Benchmarker.prepare() makes when no pre-integrated key is given; stored
     # under "Unintegrated" as well so that the PCA reference gets its own row.
-    sc.tl.pca(adata, svd_solver="arpack", use_highly_variable=False)
+    sc.tl.pca(adata, svd_solver="arpack", mask_var=None)
     adata.obsm["Unintegrated"] = adata.obsm["X_pca"]
     keys = ["Unintegrated"]
     for name, path in latents.items():
@@ -480,8 +480,9 @@ def _versions(scvi_python: str) -> dict[str, str | None]:
 
 
 def _fmt(v: Any, spec: str) -> str:
-    """Format a number, or ``-`` when missing."""
-    return "-" if v is None else format(v, spec)
+    """Format a number, or a right-aligned ``-`` of the same width when missing."""
+    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
+    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def print_table(rows: list[dict[str, Any]]) -> str:
@@ -613,6 +614,11 @@ def run_parent(args: argparse.Namespace) -> int:
     print()
     table = print_table(rows)
 
+    scib_settings = {
+        "min_max_scale": False,
+        "n_jobs": args.n_jobs,
+        "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) HVG X",
+    }
     result = {
         "benchmark": "regvi vs scvi-tools SCVI",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -632,11 +638,8 @@ def run_parent(args: argparse.Namespace) -> int:
             "batch_key": BATCH_KEY,
             "label_key": LABEL_KEY,
             "archs": [a.name for a in args.archs],
-            "scib": None if args.skip_scib else {
-                "min_max_scale": False, "n_jobs": args.n_jobs,
-                "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) HVG X",
-            },
-        },  # fmt: skip
+            "scib": None if args.skip_scib else scib_settings,
+        },
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "versions": _versions(scvi_python),
         "summary": rows,

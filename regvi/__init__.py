@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from regvi.io import load
 from regvi.model import RegVI
+from regvi import datasets
 from regvi.simulate import simulate
 
-__all__ = ["RegVI", "__version__", "load", "simulate"]
+__all__ = ["RegVI", "__version__", "datasets", "load", "simulate"]

@@ -133,8 +133,18 @@ class TrainingPlan(pl.LightningModule):
         self._val_acc.add(out, batch["x"].shape[0])
 
     def on_train_epoch_end(self) -> None:
+        self.finish_epoch()
+
+    def finish_epoch(self) -> dict[str, float]:
+        """Build (once per epoch) and return this epoch's metrics row.
+
+        Callbacks' ``on_train_epoch_end`` run before the module's, so they call this too.
+        """
+        epoch = self.current_epoch + self.epoch_offset
+        if self.history and self.history[-1]["epoch"] == epoch:
+            return self.history[-1]
         row: dict[str, float] = {
-            "epoch": float(self.current_epoch + self.epoch_offset),
+            "epoch": float(epoch),
             "kl_weight": self.kl_weight,
         }
         row.update(self._train_acc.result("train"))
@@ -148,6 +158,7 @@ class TrainingPlan(pl.LightningModule):
                 "(try a lower lr, a longer KL warmup or a smaller model)"
             )
         self.log_dict({k: v for k, v in row.items() if k != "epoch"}, prog_bar=False)
+        return row
 
 
 class EarlyStopping(pl.Callback):
@@ -178,10 +189,10 @@ class EarlyStopping(pl.Callback):
         self._best_state: dict[str, torch.Tensor] | None = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
-        if not plan.history or self.monitor not in plan.history[-1]:
+        row = plan.finish_epoch()
+        if self.monitor not in row:
             return
-        value = plan.history[-1][self.monitor]
-        epoch = int(plan.history[-1]["epoch"])
+        value, epoch = row[self.monitor], int(row["epoch"])
         if value < self.best - self.min_delta:
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best:
@@ -212,8 +223,8 @@ class EpochProgressBar(pl.Callback):
         self.bar = tqdm(total=self.max_epochs, desc="regvi training", unit="epoch", disable=not self.enabled)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
-        if plan.history and self.bar is not None:
-            row = plan.history[-1]
+        row = plan.finish_epoch()
+        if self.bar is not None:
             post = {"loss": f"{row.get('train_loss', np.nan):.4g}"}
             if "validation_elbo" in row:
                 post["val_elbo"] = f"{row['validation_elbo']:.4g}"
@@ -232,5 +243,4 @@ class EpochCallback(pl.Callback):
         self.fn = fn
 
     def on_train_epoch_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
-        if plan.history:
-            self.fn(dict(plan.history[-1]))
+        self.fn(dict(plan.finish_epoch()))
