@@ -4,9 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from regvi import datasets
 from regvi.io import load
 from regvi.model import RegVI
-from regvi import datasets
 from regvi.simulate import simulate
 
 __all__ = ["RegVI", "__version__", "datasets", "load", "simulate"]

@@ -44,7 +44,9 @@ def save_model(model: RegVI, path: str | os.PathLike, overwrite: bool = False) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.module.state_dict().items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "regvi", "version": str(FORMAT_VERSION)})
+        save_file(
+            state, tmp / WEIGHTS, metadata={"format": "regvi", "version": str(FORMAT_VERSION)}
+        )
         meta = {
             "format": "regvi",
             "format_version": FORMAT_VERSION,

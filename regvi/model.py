@@ -145,12 +145,20 @@ class RegVI:
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData; got {type(adata).__name__}")
         known = set(ModuleConfig.__dataclass_fields__) - {
-            "n_genes", "n_continuous", "n_cats_decoder", "n_cats_encoder", "n_ambient_per_key",
-            "n_dispersion_groups", "n_library_groups", "n_scaling_per_key",
+            "n_genes",
+            "n_continuous",
+            "n_cats_decoder",
+            "n_cats_encoder",
+            "n_ambient_per_key",
+            "n_dispersion_groups",
+            "n_library_groups",
+            "n_scaling_per_key",
         }
         unknown = sorted(set(model_kwargs) - known)
         if unknown:
-            raise TypeError(f"unknown RegVI argument(s) {unknown}; model options are {sorted(known)}")
+            raise TypeError(
+                f"unknown RegVI argument(s) {unknown}; model options are {sorted(known)}"
+            )
         if dispersion_init not in ("prior", "data"):
             raise ValueError(f"dispersion_init={dispersion_init!r}; expected 'prior' or 'data'")
         local = locals()
@@ -174,8 +182,11 @@ class RegVI:
             n_scaling_per_key=self.registry.n_categories("feature_scaling"),
             **model_kwargs,
         )
-        self.setup_kwargs = {"allow_non_integer": allow_non_integer, "data_init": data_init,
-                             "dispersion_init": dispersion_init}
+        self.setup_kwargs = {
+            "allow_non_integer": allow_non_integer,
+            "data_init": data_init,
+            "dispersion_init": dispersion_init,
+        }
         self.module = RegVIModule(self.config)
         self.adata = adata
         self._X = X
@@ -207,8 +218,9 @@ class RegVI:
             if len(vals):
                 means[p] = vals.mean()
                 variances[p] = vals.var() if len(vals) > 1 else 1.0
-        self.module.set_library_prior(torch.tensor(means, dtype=torch.float32),
-                                      torch.tensor(variances, dtype=torch.float32))
+        self.module.set_library_prior(
+            torch.tensor(means, dtype=torch.float32), torch.tensor(variances, dtype=torch.float32)
+        )
         if not (data_init or dispersion_init == "data"):
             return
         offset = float(self.module.library_log_offset)
@@ -231,9 +243,13 @@ class RegVI:
             # 90% of the excess variance is biological (explained by z), 10% technical
             theta = torch.tensor(m**2 / (0.1 * excess), dtype=torch.float32)
         if data_init:
-            self.module.data_init(torch.tensor(mean_expr, dtype=torch.float32), ambient_means, theta)
+            self.module.data_init(
+                torch.tensor(mean_expr, dtype=torch.float32), ambient_means, theta
+            )
         elif theta is not None:
-            self.module.data_init(self.module.decoder.out.bias.new_full((X.shape[1],), 1.0), None, theta)
+            self.module.data_init(
+                self.module.decoder.out.bias.new_full((X.shape[1],), 1.0), None, theta
+            )
 
     # ------------------------------------------------------------------ training
     def train(
@@ -308,26 +324,33 @@ class RegVI:
         n_cells = self._X.shape[0]
         strata = None
         if stratify_validation:
-            parts = [self.adata.obs[k].astype(str) for k in
-                     self.registry.keys_for("labels") + self.registry.keys_for("library_size")]
+            parts = [
+                self.adata.obs[k].astype(str)
+                for k in self.registry.keys_for("labels") + self.registry.keys_for("library_size")
+            ]
             strata = pd.Series(["|".join(t) for t in zip(*parts, strict=True)]).to_numpy()
         train_idx, val_idx = train_validation_split(n_cells, validation_fraction, seed, strata)
         self.train_indices, self.validation_indices = train_idx, val_idx
         data = CountBatches(self._X, self._covariates)
         train_loader = make_loader(data, train_idx, batch_size, shuffle=True, seed=seed)
         val_loader = (
-            make_loader(data, val_idx, max(batch_size, 1024), shuffle=False) if len(val_idx) else None
+            make_loader(data, val_idx, max(batch_size, 1024), shuffle=False)
+            if len(val_idx)
+            else None
         )
-        settings = TrainSettings(lr, weight_decay, eps, n_epochs_kl_warmup,
-                                 scale_lr_with_batch_size, batch_size)
+        settings = TrainSettings(
+            lr, weight_decay, eps, n_epochs_kl_warmup, scale_lr_with_batch_size, batch_size
+        )
         plan = TrainingPlan(self.module, n_obs_train=len(train_idx), settings=settings)
         plan.epoch_offset = len(self.history)
         callbacks: list[pl.Callback] = [EpochProgressBar(max_epochs, progress_bar)]
         self.early_stopping = None
         if early_stopping and val_loader is not None:
             self.early_stopping = EarlyStopping(
-                min_delta=self.config.n_genes * min_delta_per_feature, patience=patience,
-                stop_during_warmup=stop_during_warmup, restore_best=restore_best,
+                min_delta=self.config.n_genes * min_delta_per_feature,
+                patience=patience,
+                stop_during_warmup=stop_during_warmup,
+                restore_best=restore_best,
             )
             callbacks.append(self.early_stopping)
         if epoch_callback is not None:
@@ -351,13 +374,20 @@ class RegVI:
             trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
         self.module.eval()
         new = pd.DataFrame(plan.history)
-        self.history = pd.concat([self.history, new], ignore_index=True) if len(self.history) else new
+        self.history = (
+            pd.concat([self.history, new], ignore_index=True) if len(self.history) else new
+        )
         self.is_trained = True
         return self.history
 
     # ------------------------------------------------------------------ inference
-    def _batches(self, adata: AnnData | None, indices: np.ndarray | None, batch_size: int,
-                 category_fallback: Mapping[str, str] | None = None):
+    def _batches(
+        self,
+        adata: AnnData | None,
+        indices: np.ndarray | None,
+        batch_size: int,
+        category_fallback: Mapping[str, str] | None = None,
+    ):
         if adata is None or adata is self.adata:
             if self.adata is None:
                 raise ValueError("this model was loaded without data; pass adata=...")
@@ -457,17 +487,23 @@ class RegVI:
         if return_pandas:
             target = self.adata if adata is None else adata
             obs_names = target.obs_names if indices is None else target.obs_names[indices]
-            return pd.DataFrame(expr, index=obs_names,
-                                columns=list(gene_list) if gene_list is not None else names)
+            return pd.DataFrame(
+                expr, index=obs_names, columns=list(gene_list) if gene_list is not None else names
+            )
         return expr
 
     # ------------------------------------------------------------------ learned parameters
     def get_ambient_profiles(self) -> dict[str, pd.DataFrame]:
         """Learned ambient rates exp(beta) per ambient key: categories × genes."""
         out = {}
-        for key, param in zip(self.registry.keys_for("ambient"), self.module.ambient_log, strict=False):
-            out[key] = pd.DataFrame(torch.exp(param).detach().numpy(),
-                                    index=self.registry.categories[key], columns=self.registry.var_names)
+        for key, param in zip(
+            self.registry.keys_for("ambient"), self.module.ambient_log, strict=False
+        ):
+            out[key] = pd.DataFrame(
+                torch.exp(param).detach().numpy(),
+                index=self.registry.categories[key],
+                columns=self.registry.var_names,
+            )
         return out
 
     def get_dispersion(self) -> pd.DataFrame:
@@ -486,5 +522,7 @@ class RegVI:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"RegVI(n_genes={c.n_genes}, n_hidden={c.n_hidden}, n_latent={c.n_latent}, "
-                f"n_layers={c.n_layers}, trained={self.is_trained})")
+        return (
+            f"RegVI(n_genes={c.n_genes}, n_hidden={c.n_hidden}, n_latent={c.n_latent}, "
+            f"n_layers={c.n_layers}, trained={self.is_trained})"
+        )

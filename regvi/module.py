@@ -32,7 +32,7 @@ from regvi.nn import (
     Encoder,
     LibraryEncoder,
     gamma_log_prob,
-    gamma_poisson_log_prob,
+    gamma_poisson_log_prob_unnormalised,
     normal_kl,
 )
 from regvi.nn.distributions import exponential_log_prob, normal_entropy
@@ -100,8 +100,12 @@ class ModuleConfig:
                 raise ValueError(f"{name}={value!r}; expected a positive integer")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate}; expected 0 <= p < 1")
-        for name in ("dispersion_prior_mean", "dispersion_prior_alpha", "library_variance_weight",
-                     "library_centring_sensitivity"):
+        for name in (
+            "dispersion_prior_mean",
+            "dispersion_prior_alpha",
+            "library_variance_weight",
+            "library_centring_sensitivity",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive number")
 
@@ -117,29 +121,46 @@ class RegVIModule(nn.Module):
         self.encoder_cats = CategoricalInjector(c.n_cats_encoder)
         n_enc_in = G + c.n_continuous
         self.z_encoder = Encoder(
-            n_enc_in, c.n_latent, c.n_hidden, c.n_layers, self.encoder_cats.n_out,
-            c.dropout_rate, c.use_layer_norm, c.activation, c.var_activation,
+            n_enc_in,
+            c.n_latent,
+            c.n_hidden,
+            c.n_layers,
+            self.encoder_cats.n_out,
+            c.dropout_rate,
+            c.use_layer_norm,
+            c.activation,
+            c.var_activation,
         )
         self.l_encoder = LibraryEncoder(
-            n_enc_in, self.encoder_cats.n_out, dropout_rate=c.dropout_rate,
-            use_layer_norm=c.use_layer_norm, activation=c.activation,
+            n_enc_in,
+            self.encoder_cats.n_out,
+            dropout_rate=c.dropout_rate,
+            use_layer_norm=c.use_layer_norm,
+            activation=c.activation,
             var_activation=c.var_activation,
         )
         self.decoder = Decoder(
-            c.n_latent + c.n_continuous, G, c.n_hidden, c.n_layers, self.decoder_cats.n_out,
-            c.use_layer_norm, c.activation,
+            c.n_latent + c.n_continuous,
+            G,
+            c.n_hidden,
+            c.n_layers,
+            self.decoder_cats.n_out,
+            c.use_layer_norm,
+            c.activation,
         )
         # Ambient RNA: beta_{e,g}, one table per ambient key; init at the prior mean log 0.01.
         self.ambient_log = nn.ParameterList(
             [nn.Parameter(torch.full((n, G), math.log(0.01))) for n in c.n_ambient_per_key]
-            if c.use_ambient else []
+            if c.use_ambient
+            else []
         )
         # Feature scaling: gamma_{t,g} with softplus(gamma)/0.7 = 1 at init (prior mean).
         scaling_rows = c.n_scaling_per_key or [1]
         gamma0 = float(inverse_softplus(torch.tensor(FEATURE_SCALING_DIVISOR)))
         self.feature_scaling_raw = nn.ParameterList(
             [nn.Parameter(torch.full((n, G), gamma0)) for n in scaling_rows]
-            if c.use_feature_scaling else []
+            if c.use_feature_scaling
+            else []
         )
         # Dispersion: q(log theta) = Normal(mu_theta, sigma_theta), mu at log 9, sigma at 0.1.
         n_disp = c.n_dispersion_groups if c.dispersion == "gene-batch" else 1
@@ -252,7 +273,9 @@ class RegVIModule(nn.Module):
             out["library_log_w"] = log_w
         z = qz_mean + qz_var.sqrt() * torch.randn_like(qz_mean) if sample else qz_mean
         library = ql_mean + ql_var.sqrt() * torch.randn_like(ql_mean) if sample else ql_mean
-        out.update(qz_mean=qz_mean, qz_var=qz_var, ql_mean=ql_mean, ql_var=ql_var, z=z, library=library)
+        out.update(
+            qz_mean=qz_mean, qz_var=qz_var, ql_mean=ql_mean, ql_var=ql_var, z=z, library=library
+        )
         return out
 
     def generative(
@@ -278,11 +301,20 @@ class RegVIModule(nn.Module):
             log_theta = log_theta_mean + self.log_theta_scale() * eps
         else:
             log_theta = log_theta_mean
-        if log_theta.shape[0] > 1:
-            theta = torch.exp(log_theta)[batch["dispersion"][:, 0]]
-        else:
-            theta = torch.exp(log_theta)
-        return {"rho": rho, "mu": mu, "theta": theta, "log_theta": log_theta}
+        theta_groups = torch.exp(log_theta)  # (n_disp, G)
+        codes = batch["dispersion"][:, 0] if log_theta.shape[0] > 1 else None
+
+        def per_cell(t: torch.Tensor) -> torch.Tensor:
+            return t if codes is None else t[codes]
+
+        return {
+            "rho": rho,
+            "mu": mu,
+            "theta": per_cell(theta_groups),
+            "log_theta_cell": per_cell(log_theta),
+            "lgamma_theta_cell": per_cell(torch.lgamma(theta_groups)),
+            "log_theta": log_theta,
+        }
 
     # ------------------------------------------------------------------ global priors
     def dispersion_kl(self, log_theta: torch.Tensor) -> torch.Tensor:
@@ -304,7 +336,9 @@ class RegVIModule(nn.Module):
         ).sum()
         return neg_entropy - log_p_u - log_p_lam
 
-    def global_penalties(self, log_theta: torch.Tensor, inference: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def global_penalties(
+        self, log_theta: torch.Tensor, inference: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
         """Global (gene/group plate) negative log-priors, before division by ``n_obs``."""
         c = self.config
         zero = log_theta.new_zeros(())
@@ -382,10 +416,16 @@ class RegVIModule(nn.Module):
         inf = self.inference(batch, sample=sample)
         gen = self.generative(inf["z"], inf["library"], batch, sample_theta=sample)
         # local (cell plate) terms: summed over non-batch dims, MEANED over the minibatch
-        nll = -gamma_poisson_log_prob(x, gen["mu"], gen["theta"])
-        reconstruction = nll.sum(-1).mean()
+        # x ~ GammaPoisson(theta, theta / mu); lgamma(x + 1) is precomputed per cell (non-zeros)
+        log_lik = gamma_poisson_log_prob_unnormalised(
+            x, gen["mu"], gen["theta"], gen["log_theta_cell"], gen["lgamma_theta_cell"]
+        )
+        reconstruction = (batch["log_x_factorial"] - log_lik.sum(-1)).mean()
         kl_z_per_dim = normal_kl(
-            inf["qz_mean"], inf["qz_var"], torch.zeros_like(inf["qz_mean"]), torch.ones_like(inf["qz_var"])
+            inf["qz_mean"],
+            inf["qz_var"],
+            torch.zeros_like(inf["qz_mean"]),
+            torch.ones_like(inf["qz_var"]),
         )
         kl_z = kl_z_per_dim.sum(-1).mean()
         lib_group = batch["library_size"][:, 0]
@@ -412,5 +452,5 @@ class RegVIModule(nn.Module):
             "theta_mean": torch.exp(gen["log_theta"]).mean(),
         }
         if return_per_gene:
-            out["reconstruction_per_gene"] = nll.mean(0)
+            out["reconstruction_per_gene"] = (torch.lgamma(x + 1.0) - log_lik).mean(0)
         return out

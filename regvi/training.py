@@ -150,7 +150,9 @@ class TrainingPlan(pl.LightningModule):
         row.update(self._train_acc.result("train"))
         row.update(self._val_acc.result("validation"))
         row["epoch_time_s"] = time.perf_counter() - self._epoch_start
-        bad = [k for k in ("train_loss", "validation_loss") if k in row and not math.isfinite(row[k])]
+        bad = [
+            k for k in ("train_loss", "validation_loss") if k in row and not math.isfinite(row[k])
+        ]
         self.history.append(row)
         if bad:
             raise FloatingPointError(
@@ -220,7 +222,9 @@ class EpochProgressBar(pl.Callback):
         self.bar: Any = None
 
     def on_train_start(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
-        self.bar = tqdm(total=self.max_epochs, desc="regvi training", unit="epoch", disable=not self.enabled)
+        self.bar = tqdm(
+            total=self.max_epochs, desc="regvi training", unit="epoch", disable=not self.enabled
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, plan: TrainingPlan) -> None:
         row = plan.finish_epoch()

@@ -19,8 +19,9 @@ warnings.filterwarnings("ignore", ".*litlogger.*")
 @pytest.fixture
 def sim():
     """A 300-cell × 60-gene simulated dataset with 3 libraries and 2 technologies."""
-    return regvi.simulate(n_cells=300, n_genes=60, n_cell_types=3, n_libraries=3,
-                          n_technologies=2, seed=1)
+    return regvi.simulate(
+        n_cells=300, n_genes=60, n_cell_types=3, n_libraries=3, n_technologies=2, seed=1
+    )
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,13 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 import regvi
-from regvi.data import CountBatches, get_counts, make_loader, train_validation_split, validate_counts
+from regvi.data import (
+    CountBatches,
+    get_counts,
+    make_loader,
+    train_validation_split,
+    validate_counts,
+)
 
 
 def _with_x(sim, X):
@@ -33,7 +39,9 @@ def test_bad_counts_refused(sim, mutate, match):
 
 def test_non_integer_opt_out(sim):
     X = sim.X.toarray().astype(np.float32) * 0.5
-    regvi.RegVI(_with_x(sim, X), library_key="library", allow_non_integer=True, n_hidden=8, n_latent=2)
+    regvi.RegVI(
+        _with_x(sim, X), library_key="library", allow_non_integer=True, n_hidden=8, n_latent=2
+    )
 
 
 def test_empty_refused(sim):
@@ -89,8 +97,12 @@ def test_loader_covers_every_cell_once_and_is_seeded(sim):
 
 def test_sharded_sampler_gives_disjoint_equal_shards(sim):
     data = CountBatches(get_counts(sim), {"continuous": np.zeros((sim.n_obs, 0), np.float32)})
-    shards = [np.concatenate([b["index"].numpy() for b in
-                              make_loader(data, np.arange(301 - 1), 32, True, 0, 2, r)]) for r in (0, 1)]
+    shards = [
+        np.concatenate(
+            [b["index"].numpy() for b in make_loader(data, np.arange(301 - 1), 32, True, 0, 2, r)]
+        )
+        for r in (0, 1)
+    ]
     assert len(shards[0]) == len(shards[1]) == 150
     assert not set(shards[0]) & set(shards[1])
 
@@ -102,7 +114,7 @@ def test_stratified_split(sim):
     for s in np.unique(strata):
         n = (strata == s).sum()
         assert (strata[val] == s).sum() == min(round(0.2 * n), n - 1)
-    t2, v2 = train_validation_split(sim.n_obs, 0.2, seed=0, strata=strata)
+    _t2, v2 = train_validation_split(sim.n_obs, 0.2, seed=0, strata=strata)
     assert np.array_equal(val, v2)
     with pytest.raises(ValueError, match="validation_fraction"):
         train_validation_split(10, 1.0)

@@ -16,9 +16,21 @@ def test_train_history_logs_every_term(trained):
     h = trained.history
     assert len(h) == 3 and list(h["epoch"]) == [0, 1, 2]
     for split in ("train", "validation"):
-        for term in ("loss", "elbo", "reconstruction", "kl_z", "kl_library", "global", "dispersion_kl",
-                     "ambient_prior", "feature_scaling_prior", "decoder_l2", "library_w_kl",
-                     "theta_mean", "n_active_dims"):
+        for term in (
+            "loss",
+            "elbo",
+            "reconstruction",
+            "kl_z",
+            "kl_library",
+            "global",
+            "dispersion_kl",
+            "ambient_prior",
+            "feature_scaling_prior",
+            "decoder_l2",
+            "library_w_kl",
+            "theta_mean",
+            "n_active_dims",
+        ):
             col = f"{split}_{term}"
             assert col in h and h[col].notna().all(), col
     assert (h["kl_weight"] < 1).all()  # inside the default 50-epoch warmup
@@ -28,15 +40,18 @@ def test_train_history_logs_every_term(trained):
 def test_latent_and_expression(trained):
     z = trained.get_latent_representation(batch_size=57)
     assert z.shape == (400, 4) and np.isfinite(z).all()
-    np.testing.assert_allclose(trained.get_latent_representation(batch_size=400), z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        trained.get_latent_representation(batch_size=400), z, rtol=1e-5, atol=1e-6
+    )
     zs = trained.get_latent_representation(give_mean=False)
     assert not np.allclose(zs, z)
     trained.get_latent_representation(store_key="X_regvi")
     assert trained.adata.obsm["X_regvi"].shape == (400, 4)
     rho = trained.get_normalized_expression(batch_size=100)
     assert rho.shape == (400, 80) and (rho >= 0).all()
-    df = trained.get_normalized_expression(gene_list=["gene_3", "gene_1"], library_size=1e4,
-                                           return_pandas=True)
+    df = trained.get_normalized_expression(
+        gene_list=["gene_3", "gene_1"], library_size=1e4, return_pandas=True
+    )
     assert list(df.columns) == ["gene_3", "gene_1"] and df.index[0] == "cell_0"
     with pytest.raises(KeyError, match="gene_x"):
         trained.get_normalized_expression(gene_list=["gene_x"])
@@ -50,7 +65,10 @@ def test_latent_on_new_data_and_unseen_category(trained):
     new.obs.iloc[0, new.obs.columns.get_loc("library")] = "lib_9"
     with pytest.raises(ValueError, match="lib_9"):
         trained.get_latent_representation(new)
-    assert trained.get_latent_representation(new, category_fallback={"library": "lib_0"}).shape == (50, 4)
+    assert trained.get_latent_representation(new, category_fallback={"library": "lib_0"}).shape == (
+        50,
+        4,
+    )
     with pytest.raises(ValueError, match="features"):
         trained.get_latent_representation(trained.adata[:, :70].copy())
 
@@ -60,13 +78,16 @@ def test_save_load_bit_exact(trained, tmp_path):
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["config.json", "history.csv", "model.safetensors"]
     loaded = regvi.load(tmp_path / "m", adata=trained.adata)
-    for (k, v), (k2, v2) in zip(trained.module.state_dict().items(), loaded.module.state_dict().items(),
-                                strict=True):
+    for (k, v), (k2, v2) in zip(
+        trained.module.state_dict().items(), loaded.module.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(v, v2)
     assert np.array_equal(loaded.get_latent_representation(), trained.get_latent_representation())
     pd.testing.assert_frame_equal(loaded.history, trained.history, check_dtype=False)
     no_data = regvi.load(tmp_path / "m")
-    assert np.array_equal(no_data.get_latent_representation(trained.adata), trained.get_latent_representation())
+    assert np.array_equal(
+        no_data.get_latent_representation(trained.adata), trained.get_latent_representation()
+    )
     with pytest.raises(ValueError, match="loaded without data"):
         no_data.get_latent_representation()
     with pytest.raises(FileExistsError):
@@ -107,7 +128,7 @@ def test_corrupt_model_dirs(trained, tmp_path):
     trained.save(tmp_path / "m3")
     (tmp_path / "m3" / "model.safetensors").unlink()
     (tmp_path / "m3" / "model.pkl").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
         regvi.load(tmp_path / "m3")
     trained.save(tmp_path / "m4")
     meta = json.loads((tmp_path / "m4" / "config.json").read_text())
@@ -136,14 +157,25 @@ def test_bad_train_arguments(sim):
 def test_early_stopping_respects_warmup_and_patience(sim):
     m = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
     # an impossible min_delta: nothing counts as an improvement after epoch 0
-    m.train(max_epochs=12, min_delta_per_feature=1e6, patience=2, n_epochs_kl_warmup=5,
-            progress_bar=False)
+    m.train(
+        max_epochs=12,
+        min_delta_per_feature=1e6,
+        patience=2,
+        n_epochs_kl_warmup=5,
+        progress_bar=False,
+    )
     es = m.early_stopping
     # warmup epochs 1–4 never count; epochs 5 and 6 exhaust patience
     assert es.stopped_epoch == 6 and len(m.history) == 7
     m2 = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
-    m2.train(max_epochs=12, min_delta_per_feature=1e6, patience=2, n_epochs_kl_warmup=5,
-             stop_during_warmup=True, progress_bar=False)
+    m2.train(
+        max_epochs=12,
+        min_delta_per_feature=1e6,
+        patience=2,
+        n_epochs_kl_warmup=5,
+        stop_during_warmup=True,
+        progress_bar=False,
+    )
     assert m2.early_stopping.stopped_epoch == 2
 
 

@@ -19,8 +19,14 @@ def _batch(model, n=64, seed=0):
 
 
 def test_initial_values_at_prior_means(sim):
-    m = regvi.RegVI(sim, library_key="library", nn_conditioning_covariate_keys="technology",
-                    data_init=False, n_hidden=16, n_latent=3)
+    m = regvi.RegVI(
+        sim,
+        library_key="library",
+        nn_conditioning_covariate_keys="technology",
+        data_init=False,
+        n_hidden=16,
+        n_latent=3,
+    )
     mod = m.module
     assert torch.allclose(torch.exp(mod.log_theta_mean), torch.tensor(9.0))
     assert torch.allclose(mod.log_theta_scale(), torch.tensor(0.1))
@@ -31,13 +37,24 @@ def test_initial_values_at_prior_means(sim):
 
 
 def test_two_scaling_keys_multiply_and_start_at_one(sim):
-    m = regvi.RegVI(sim, library_key="library", feature_scaling_covariate_keys=["technology", "cell_type"],
-                    n_hidden=16, n_latent=3)
+    m = regvi.RegVI(
+        sim,
+        library_key="library",
+        feature_scaling_covariate_keys=["technology", "cell_type"],
+        n_hidden=16,
+        n_latent=3,
+    )
     codes = torch.as_tensor(m._covariates["feature_scaling"][:5])
-    assert torch.allclose(m.module.feature_scaling(codes), torch.tensor(1.0))  # not 2 (upstream adds)
+    assert torch.allclose(
+        m.module.feature_scaling(codes), torch.tensor(1.0)
+    )  # not 2 (upstream adds)
     with torch.no_grad():
-        m.module.feature_scaling_raw[0].fill_(float(regvi.module.inverse_softplus(torch.tensor(1.4))))
-        m.module.feature_scaling_raw[1].fill_(float(regvi.module.inverse_softplus(torch.tensor(2.1))))
+        m.module.feature_scaling_raw[0].fill_(
+            float(regvi.module.inverse_softplus(torch.tensor(1.4)))
+        )
+        m.module.feature_scaling_raw[1].fill_(
+            float(regvi.module.inverse_softplus(torch.tensor(2.1)))
+        )
     assert torch.allclose(m.module.feature_scaling(codes), torch.tensor(2.0 * 3.0))
 
 
@@ -58,7 +75,9 @@ def test_data_init(sim):
 def test_library_prior_centred_with_sensitivity(sim):
     m = regvi.RegVI(sim, library_key="library", n_hidden=16, n_latent=3)
     assert abs(float(m.module.library_prior_mean.mean())) < 1e-5
-    m2 = regvi.RegVI(sim, library_key="library", library_centring_sensitivity=0.2, n_hidden=16, n_latent=3)
+    m2 = regvi.RegVI(
+        sim, library_key="library", library_centring_sensitivity=0.2, n_hidden=16, n_latent=3
+    )
     assert float(m2.module.library_prior_mean.mean()) == pytest.approx(math.log(0.2), abs=1e-5)
     lib = np.log(np.asarray(sim.X.sum(1)).ravel())
     lib0 = (sim.obs["library"] == "lib_0").to_numpy()
@@ -66,8 +85,14 @@ def test_library_prior_centred_with_sensitivity(sim):
 
 
 def test_halving_n_obs_doubles_global_term(sim):
-    m = regvi.RegVI(sim, library_key="library", regularise_background=True, library_residual=True,
-                    n_hidden=16, n_latent=3)
+    m = regvi.RegVI(
+        sim,
+        library_key="library",
+        regularise_background=True,
+        library_residual=True,
+        n_hidden=16,
+        n_latent=3,
+    )
     b = _batch(m)
     terms = ["global", "dispersion_kl", "ambient_prior", "feature_scaling_prior", "decoder_l2"]
     torch.manual_seed(0)
@@ -94,7 +119,9 @@ def test_n_obs_guard(sim):
 def test_per_gene_nll_sums_to_reconstruction(sim):
     m = regvi.RegVI(sim, library_key="library", n_hidden=16, n_latent=3)
     out = m.module.loss(_batch(m), n_obs=300, sample=False, return_per_gene=True)
-    assert float(out["reconstruction_per_gene"].sum()) == pytest.approx(float(out["reconstruction"]), rel=1e-5)
+    assert float(out["reconstruction_per_gene"].sum()) == pytest.approx(
+        float(out["reconstruction"]), rel=1e-5
+    )
 
 
 def test_gamma_poisson_matches_torch_negative_binomial():
@@ -102,13 +129,17 @@ def test_gamma_poisson_matches_torch_negative_binomial():
     mu = torch.tensor([0.5, 2.0, 4.0, 25.0])
     theta = torch.tensor([0.3, 9.0, 2.0, 15.0])
     nb = torch.distributions.NegativeBinomial(total_count=theta, probs=mu / (mu + theta))
-    torch.testing.assert_close(gamma_poisson_log_prob(x, mu, theta), nb.log_prob(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        gamma_poisson_log_prob(x, mu, theta), nb.log_prob(x), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_dispersion_prior_convention_mode_at_lambda_squared(sim):
     """With no data, the containment prior alone drives theta to lambda² = (1/m)²."""
     for prior_mean, expected_theta in ((1 / 3, 9.0), (0.5, 4.0)):
-        m = regvi.RegVI(sim, library_key="library", dispersion_prior_mean=prior_mean, n_hidden=8, n_latent=2)
+        m = regvi.RegVI(
+            sim, library_key="library", dispersion_prior_mean=prior_mean, n_hidden=8, n_latent=2
+        )
         mod = m.module
         assert float(mod.dispersion_rate()[0]) == pytest.approx(1 / prior_mean, rel=1e-5)
         log_theta = torch.zeros(1, 1, requires_grad=True)
@@ -132,9 +163,17 @@ def test_key_fan_out_invariance(sim):
     torch.manual_seed(0)
     a = regvi.RegVI(sim, library_key="library", n_hidden=16, n_latent=3)
     torch.manual_seed(0)
-    b = regvi.RegVI(sim, ambient_covariate_keys=["library"], dispersion_key="library",
-                    library_size_key="library", n_hidden=16, n_latent=3)
-    for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items(), strict=True):
+    b = regvi.RegVI(
+        sim,
+        ambient_covariate_keys=["library"],
+        dispersion_key="library",
+        library_size_key="library",
+        n_hidden=16,
+        n_latent=3,
+    )
+    for (ka, va), (kb, vb) in zip(
+        a.module.state_dict().items(), b.module.state_dict().items(), strict=True
+    ):
         assert ka == kb and torch.equal(va, vb)
     batch_a, batch_b = _batch(a), _batch(b)
     for k in batch_a:
@@ -151,7 +190,9 @@ def test_relabelling_categories_does_not_change_loss(sim):
     torch.manual_seed(0)
     a = regvi.RegVI(sim, library_key="library", n_hidden=16, n_latent=3)
     sim2 = sim.copy()
-    sim2.obs["library"] = sim2.obs["library"].map({"lib_0": "z", "lib_1": "y", "lib_2": "x"}).astype("category")
+    sim2.obs["library"] = (
+        sim2.obs["library"].map({"lib_0": "z", "lib_1": "y", "lib_2": "x"}).astype("category")
+    )
     torch.manual_seed(0)
     b = regvi.RegVI(sim2, library_key="library", n_hidden=16, n_latent=3)
     a.module.eval()
@@ -162,9 +203,20 @@ def test_relabelling_categories_does_not_change_loss(sim):
 
 
 def test_gradients_reach_every_parameter(sim):
-    m = regvi.RegVI(sim, library_key="library", nn_conditioning_covariate_keys="technology",
-                    regularise_background=True, library_residual=True, n_hidden=16, n_latent=3)
+    m = regvi.RegVI(
+        sim,
+        library_key="library",
+        nn_conditioning_covariate_keys="technology",
+        regularise_background=True,
+        library_residual=True,
+        n_hidden=16,
+        n_latent=3,
+    )
     out = m.module.loss(_batch(m), n_obs=300)
     out["loss"].backward()
-    missing = [n for n, p in m.module.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [
+        n
+        for n, p in m.module.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not missing

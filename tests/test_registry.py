@@ -25,14 +25,20 @@ def test_batch_key_is_alias(sim):
 
 
 def test_feature_scaling_defaults_to_conditioning_keys(sim):
-    reg = CovariateRegistry.from_anndata(sim, library_key="library",
-                                         nn_conditioning_covariate_keys=["technology"])
+    reg = CovariateRegistry.from_anndata(
+        sim, library_key="library", nn_conditioning_covariate_keys=["technology"]
+    )
     assert reg.keys_for("feature_scaling") == ["technology"]
 
 
-@pytest.mark.parametrize("extra", [{"dispersion_key": "library"},
-                                   {"ambient_covariate_keys": ["technology"]},
-                                   {"library_size_key": "technology"}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"dispersion_key": "library"},
+        {"ambient_covariate_keys": ["technology"]},
+        {"library_size_key": "technology"},
+    ],
+)
 def test_library_key_plus_explicit_key_is_error(sim, extra):
     name = next(iter(extra))
     with pytest.raises(ValueError, match=name):
@@ -41,7 +47,9 @@ def test_library_key_plus_explicit_key_is_error(sim, extra):
 
 def test_without_library_key_all_three_needed(sim):
     with pytest.raises(ValueError, match="library_size_key"):
-        CovariateRegistry.from_anndata(sim, ambient_covariate_keys="library", dispersion_key="library")
+        CovariateRegistry.from_anndata(
+            sim, ambient_covariate_keys="library", dispersion_key="library"
+        )
 
 
 def test_alias_disagreement(sim):
@@ -51,7 +59,9 @@ def test_alias_disagreement(sim):
 
 def test_missing_key_names_key_and_purpose(sim):
     with pytest.raises(KeyError, match=r"'nope'.*nn_conditioning"):
-        CovariateRegistry.from_anndata(sim, library_key="library", nn_conditioning_covariate_keys="nope")
+        CovariateRegistry.from_anndata(
+            sim, library_key="library", nn_conditioning_covariate_keys="nope"
+        )
 
 
 def test_nan_in_key(sim):
@@ -94,17 +104,23 @@ def test_encoding_follows_recorded_categories(sim):
 
 def test_continuous_covariates_standardised(sim):
     sim.obs["pct_mito"] = np.linspace(0, 10, sim.n_obs)
-    reg = CovariateRegistry.from_anndata(sim, library_key="library", continuous_covariate_keys="pct_mito")
+    reg = CovariateRegistry.from_anndata(
+        sim, library_key="library", continuous_covariate_keys="pct_mito"
+    )
     cont = reg.encode(sim.obs)["continuous"]
     assert cont.shape == (sim.n_obs, 1)
     assert abs(cont.mean()) < 1e-5 and abs(cont.std() - 1) < 1e-3
     sim.obs["pct_mito"] = sim.obs["pct_mito"].astype(str)
     with pytest.raises(TypeError, match="pct_mito"):
-        CovariateRegistry.from_anndata(sim, library_key="library", continuous_covariate_keys="pct_mito")
+        CovariateRegistry.from_anndata(
+            sim, library_key="library", continuous_covariate_keys="pct_mito"
+        )
 
 
 def test_registry_json_round_trip(sim):
-    reg = CovariateRegistry.from_anndata(sim, library_key="library", technical_covariate_keys=["technology"])
+    reg = CovariateRegistry.from_anndata(
+        sim, library_key="library", technical_covariate_keys=["technology"]
+    )
     assert CovariateRegistry.from_dict(reg.to_dict()) == reg
     with pytest.raises(ValueError, match="not a regvi registry"):
         CovariateRegistry.from_dict({"foo": 1})
@@ -112,9 +128,15 @@ def test_registry_json_round_trip(sim):
 
 def test_parameter_shapes_per_key(sim):
     sim.obs["lane"] = pd.Categorical(np.arange(sim.n_obs) % 5)
-    m = regvi.RegVI(sim, ambient_covariate_keys=["library", "lane"], dispersion_key="technology",
-                    library_size_key="lane", feature_scaling_covariate_keys=["technology", "library"],
-                    n_hidden=16, n_latent=3)
+    m = regvi.RegVI(
+        sim,
+        ambient_covariate_keys=["library", "lane"],
+        dispersion_key="technology",
+        library_size_key="lane",
+        feature_scaling_covariate_keys=["technology", "library"],
+        n_hidden=16,
+        n_latent=3,
+    )
     G = sim.n_vars
     assert [tuple(p.shape) for p in m.module.ambient_log] == [(3, G), (5, G)]
     assert tuple(m.module.log_theta_mean.shape) == (2, G)
@@ -128,6 +150,11 @@ def test_parameter_shapes_per_key(sim):
 
 def test_single_level_categorical_ignored_in_networks(sim):
     sim.obs["one"] = "x"
-    m = regvi.RegVI(sim, library_key="library", nn_conditioning_covariate_keys=["one", "technology"],
-                    n_hidden=16, n_latent=3)
+    m = regvi.RegVI(
+        sim,
+        library_key="library",
+        nn_conditioning_covariate_keys=["one", "technology"],
+        n_hidden=16,
+        n_latent=3,
+    )
     assert m.module.decoder_cats.n_out == 2  # only technology's two levels

@@ -43,7 +43,9 @@ def get_counts(adata: AnnData, layer: str | None = None) -> CountMatrix:
         return get_counts(AnnData(X=X)) if sp.issparse(X) else np.asarray(X)
     if isinstance(X, np.ndarray):
         return X
-    raise TypeError(f"{where} has type {type(X).__name__}; expected a numpy array or scipy sparse matrix")
+    raise TypeError(
+        f"{where} has type {type(X).__name__}; expected a numpy array or scipy sparse matrix"
+    )
 
 
 def validate_counts(

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.special import gammaln
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
@@ -30,7 +31,11 @@ class CountBatches(Dataset):
     def __init__(self, X: np.ndarray | sp.csr_matrix, covariates: Mapping[str, np.ndarray]):
         self.X = X
         self.sparse = sp.issparse(X)
-        self.covariates = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()}
+        self.covariates = {
+            k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
+        }
+        # sum_g lgamma(x_ng + 1), the likelihood's data constant, over non-zeros only
+        self.covariates["log_x_factorial"] = torch.from_numpy(log_factorial_rows(X))
 
     def __len__(self) -> int:
         return self.X.shape[0]
@@ -47,6 +52,17 @@ class CountBatches(Dataset):
         for k, v in self.covariates.items():
             batch[k] = v[tidx]
         return batch
+
+
+def log_factorial_rows(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
+    """Per-row sum of lgamma(x + 1) (float32), computed over stored non-zeros for CSR."""
+    if sp.issparse(X):
+        values = gammaln(X.data.astype(np.float64) + 1.0)
+        per_row = np.zeros(X.shape[0])
+        rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+        np.add.at(per_row, rows, values)
+        return per_row.astype(np.float32)
+    return gammaln(np.asarray(X, dtype=np.float64) + 1.0).sum(1).astype(np.float32)
 
 
 class BatchIndexSampler(Sampler[np.ndarray]):
@@ -145,7 +161,7 @@ def train_validation_split(
         return np.arange(n_cells), np.zeros(0, dtype=np.int64)
     if strata is None:
         perm = rng.permutation(n_cells)
-        n_val = int(round(validation_fraction * n_cells))
+        n_val = round(validation_fraction * n_cells)
         n_val = min(max(n_val, 1), n_cells - 1)
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
     strata = np.asarray(strata)
@@ -154,7 +170,7 @@ def train_validation_split(
     for s in range(inverse.max() + 1):
         members = np.flatnonzero(inverse == s)
         members = members[rng.permutation(len(members))]
-        n_val = min(int(round(validation_fraction * len(members))), len(members) - 1)
+        n_val = min(round(validation_fraction * len(members)), len(members) - 1)
         val_parts.append(members[:n_val])
     val = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, dtype=np.int64)
     train_mask = np.ones(n_cells, dtype=bool)

@@ -151,9 +151,7 @@ class CovariateRegistry:
         all_keys = sorted({k for keys in purposes.values() for k in keys})
         missing_keys = [k for k in all_keys if k not in obs.columns]
         if missing_keys:
-            users = {
-                k: [p for p, keys in purposes.items() if k in keys] for k in missing_keys
-            }
+            users = {k: [p for p, keys in purposes.items() if k in keys] for k in missing_keys}
             detail = "; ".join(f"{k!r} (for {', '.join(v)})" for k, v in users.items())
             raise KeyError(
                 f"adata.obs has no column {detail}. Available columns: {list(obs.columns)}"
@@ -204,9 +202,7 @@ class CovariateRegistry:
     # ------------------------------------------------------------------ queries
     def categorical_keys(self) -> list[str]:
         """All categorical keys (every purpose except continuous), sorted, unique."""
-        return sorted(
-            {k for p, keys in self.purposes.items() if p != "continuous" for k in keys}
-        )
+        return sorted({k for p, keys in self.purposes.items() if p != "continuous" for k in keys})
 
     def keys_for(self, purpose: str) -> list[str]:
         """obs keys registered for ``purpose``."""

@@ -22,7 +22,9 @@ import scipy.sparse as sp
 from regvi.datasets import KANG_SMALL
 
 
-def build(source: Path, out: Path, n_cells: int = 4000, n_genes: int = 2000, seed: int = 0) -> ad.AnnData:
+def build(
+    source: Path, out: Path, n_cells: int = 4000, n_genes: int = 2000, seed: int = 0
+) -> ad.AnnData:
     """Subset ``source`` to ``n_cells`` × ``n_genes`` and write it to ``out``."""
     full = ad.read_h5ad(source)
     norm = full.copy()
@@ -37,7 +39,9 @@ def build(source: Path, out: Path, n_cells: int = 4000, n_genes: int = 2000, see
     sizes = {s: len(ix) for s, ix in groups.items()}
     total = sum(sizes.values())
     take = {s: min(n, max(20, round(n_cells * n / total))) for s, n in sizes.items()}
-    chosen = np.sort(np.concatenate([rng.choice(groups[s], take[s], replace=False) for s in groups]))
+    chosen = np.sort(
+        np.concatenate([rng.choice(groups[s], take[s], replace=False) for s in groups])
+    )
     small = full[chosen, genes].copy()
     small.X = sp.csr_matrix(small.X, dtype=np.int32)
     keep = ["condition", "donor", "sample", "cell_type"]
@@ -52,7 +56,9 @@ def build(source: Path, out: Path, n_cells: int = 4000, n_genes: int = 2000, see
 
 def main() -> None:
     """CLI entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("source", type=Path, help="path to kang2018_ifnb_pbmc.h5ad")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name(KANG_SMALL))
     args = p.parse_args()

@@ -1,6 +1,11 @@
 """Neural-network building blocks and distributions shared by every regvi model."""
 
-from regvi.nn.distributions import gamma_log_prob, gamma_poisson_log_prob, normal_kl
+from regvi.nn.distributions import (
+    gamma_log_prob,
+    gamma_poisson_log_prob,
+    gamma_poisson_log_prob_unnormalised,
+    normal_kl,
+)
 from regvi.nn.layers import CategoricalInjector, Decoder, Encoder, FCBlock, LibraryEncoder
 
 __all__ = [
@@ -11,5 +16,6 @@ __all__ = [
     "LibraryEncoder",
     "gamma_log_prob",
     "gamma_poisson_log_prob",
+    "gamma_poisson_log_prob_unnormalised",
     "normal_kl",
 ]

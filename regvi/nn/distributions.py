@@ -41,6 +41,29 @@ def gamma_poisson_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tenso
     )
 
 
+def gamma_poisson_log_prob_unnormalised(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    log_theta: torch.Tensor,
+    lgamma_theta: torch.Tensor,
+) -> torch.Tensor:
+    """GammaPoisson log-probability without the data constant ``−lgamma(x + 1)``.
+
+    Same equation as :func:`gamma_poisson_log_prob`, but ``log theta`` and ``lgamma(theta)`` are
+    passed in, so callers can compute them once per (group, gene) instead of per cell; the
+    constant ``lgamma(x + 1)`` is summed separately over non-zero counts only.
+    """
+    eps = 1e-8
+    log_theta_mu = torch.log(theta + mu + eps)
+    return (
+        theta * (log_theta - log_theta_mu)
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - lgamma_theta
+    )
+
+
 def normal_kl(
     q_mean: torch.Tensor, q_var: torch.Tensor, p_mean: torch.Tensor, p_var: torch.Tensor
 ) -> torch.Tensor:
@@ -48,7 +71,9 @@ def normal_kl(
     return 0.5 * (torch.log(p_var / q_var) + (q_var + (q_mean - p_mean) ** 2) / p_var - 1.0)
 
 
-def gamma_log_prob(value: torch.Tensor, concentration: float, rate: float | torch.Tensor) -> torch.Tensor:
+def gamma_log_prob(
+    value: torch.Tensor, concentration: float, rate: float | torch.Tensor
+) -> torch.Tensor:
     """Element-wise log density of Gamma(concentration, rate) (rate, not scale)."""
     rate = torch.as_tensor(rate, dtype=value.dtype, device=value.device)
     return (

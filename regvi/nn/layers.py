@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -64,7 +65,7 @@ class FCBlock(nn.Module):
         self.linears = nn.ModuleList()
         self.post = nn.ModuleList()
         dims = [n_in] + [n_hidden] * n_layers
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+        for d_in, d_out in itertools.pairwise(dims):
             self.linears.append(nn.Linear(d_in + n_cat_features, d_out))
             layers: list[nn.Module] = []
             if use_layer_norm:

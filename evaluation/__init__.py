@@ -1,0 +1,1 @@
+"""regvi evaluation: integration metrics on any embedding stored in an AnnData."""
