@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -70,6 +71,20 @@ def _group_means(Xn: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
     sums = onehot @ Xn
     sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
     return sums / np.maximum(counts, 1)[:, None]
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's INFO banners (GPU/TPU availability, logger tips) during training."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 class RegVI:
@@ -356,21 +371,22 @@ class RegVI:
         if epoch_callback is not None:
             callbacks.append(EpochCallback(epoch_callback))
         torch.manual_seed(seed)
-        trainer = pl.Trainer(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
-            num_sanity_val_steps=0,
-            callbacks=callbacks,
-            **trainer_kwargs,
-        )
-        with warnings.catch_warnings():
+        with _quiet_lightning():
+            trainer = pl.Trainer(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=False,
+                num_sanity_val_steps=0,
+                callbacks=callbacks,
+                **trainer_kwargs,
+            )
+        with warnings.catch_warnings(), _quiet_lightning():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
             trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
         self.module.eval()
         new = pd.DataFrame(plan.history)
