@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 import regvi
-from regvi.plotting import plot_embedding, plot_training_curves, umap_coords
+from evaluation.plots import plot_embedding, umap_coords
+from regvi.plotting import plot_training_curves
 
 
 def main(argv: list[str] | None = None) -> None:

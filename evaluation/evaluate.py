@@ -1,0 +1,269 @@
+"""Orchestration: one call scores an embedding in an AnnData and writes tables and plots.
+
+Metrics are plain functions (``evaluation.scib``, ``evaluation.neighbourhood``,
+``evaluation.robustness``); this module only prepares the shared pieces (subsample, kNN,
+reference PCA, markers) and collects a flat metrics dict.
+
+Flat metric names
+-----------------
+``scib_<metric>``, ``scib_bio``, ``scib_batch``, ``scib_total``
+    scib-metrics values, unscaled (see :mod:`evaluation.scib`).
+``nc_<headline>``
+    Neighbourhood-correlation headline numbers and composite (see
+    :mod:`evaluation.neighbourhood`); ``nc_random_<headline>`` for the random-graph baseline.
+``lowcount_q<q>_<metric>``
+    Low-count robustness (see :mod:`evaluation.robustness`).
+``eval_n_cells``, ``eval_n_markers``, ``eval_seconds_<stage>``
+    Bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from evaluation.knn import compute_neighbours
+from evaluation.reference import unintegrated_pca
+from evaluation.subsample import stratified_subsample
+
+
+@dataclass
+class Evaluation:
+    """Result of :func:`evaluate`."""
+
+    metrics: dict[str, float]
+    per_cell: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
+    embedding: np.ndarray | None = None
+
+
+def _counts(adata: AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} not in adata.layers ({sorted(adata.layers)})")
+    X = adata.X if layer is None else adata.layers[layer]
+    return sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+
+
+def check_inputs(
+    adata: AnnData,
+    embedding_key: str,
+    library_key: str,
+    label_key: str | None,
+    dataset_key: str | None,
+    technical_keys: Sequence[str],
+    markers: str | Path | Sequence[str] | None,
+) -> None:
+    """Refuse bad input before any work: names the missing key / file and what exists."""
+    if embedding_key not in adata.obsm:
+        raise KeyError(f"embedding {embedding_key!r} not in adata.obsm (have {list(adata.obsm)})")
+    emb = np.asarray(adata.obsm[embedding_key])
+    if emb.ndim != 2 or emb.shape[0] != adata.n_obs:
+        raise ValueError(
+            f"adata.obsm[{embedding_key!r}] has shape {emb.shape}; expected (n_obs, d)"
+        )
+    if not np.isfinite(emb).all():
+        raise ValueError(f"adata.obsm[{embedding_key!r}] contains NaN/inf")
+    for role, key in [
+        ("library_key", library_key),
+        ("label_key", label_key),
+        ("dataset_key", dataset_key),
+    ] + [("technical key", k) for k in technical_keys]:
+        if key is None:
+            continue
+        if key not in adata.obs.columns:
+            raise KeyError(f"{role} {key!r} not in adata.obs (columns: {list(adata.obs.columns)})")
+        n_nan = int(adata.obs[key].isna().sum())
+        if n_nan:
+            raise ValueError(f"{role} {key!r} has {n_nan} missing values")
+    if isinstance(markers, str | Path) and str(markers) != "data" and not Path(markers).is_file():
+        raise FileNotFoundError(f"marker file {markers} does not exist")
+
+
+def evaluate(
+    adata: AnnData,
+    embedding_key: str,
+    library_key: str,
+    label_key: str | None = None,
+    dataset_key: str | None = None,
+    technical_keys: Sequence[str] = (),
+    layer: str | None = None,
+    markers: str | Path | Sequence[str] | None = None,
+    n_subsample: int | None = 20_000,
+    seed: int = 0,
+    scib: bool = True,
+    neighbourhood: bool = True,
+    encode: Callable[[sp.csr_matrix, np.ndarray], np.ndarray] | None = None,
+    reference_cache: str | Path | None = None,
+    n_jobs: int = 1,
+) -> Evaluation:
+    """Score ``adata.obsm[embedding_key]`` on a fixed stratified subsample.
+
+    Parameters
+    ----------
+    adata
+        Cells with raw counts (``X`` or ``layer``), the embedding and obs keys.
+    embedding_key
+        obsm key of the embedding (from regvi, scVI, PCA, anything).
+    library_key
+        Batch key for scib and the library level of the neighbourhood metrics.
+    label_key
+        Cell labels: needed for scib, data-driven markers and the label-majority metric.
+    dataset_key, technical_keys
+        Optional higher levels for the neighbourhood metrics.
+    layer
+        Layer with raw counts (default ``X``).
+    markers
+        Curated marker CSV path, a list of gene names, ``"data"`` (data-driven from
+        ``label_key``) or ``None`` (data-driven when labels exist, else skipped).
+    n_subsample
+        Evaluation subsample size (label × library strata, seeded); ``None`` = all cells.
+    seed
+        Seed for the subsample and baselines.
+    scib, neighbourhood
+        Switch metric families.
+    encode
+        ``encode(counts_csr, subsample_indices) -> embedding`` re-encodes thinned counts for the
+        low-count robustness metrics (e.g. a trained model's latent); skipped when ``None``.
+    reference_cache
+        Folder caching the unintegrated PCA per dataset.
+    n_jobs
+        Parallel jobs for scib-metrics.
+    """
+    technical_keys = list(technical_keys)
+    check_inputs(adata, embedding_key, library_key, label_key, dataset_key, technical_keys, markers)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    strata = [k for k in (label_key, library_key) if k is not None]
+    idx = stratified_subsample(adata.obs, strata, n_subsample, seed)
+    obs = adata.obs.iloc[idx]
+    emb = np.asarray(adata.obsm[embedding_key], dtype=np.float32)[idx]
+    counts = _counts(adata, layer)[idx]
+    library = obs[library_key].astype(str).to_numpy()
+    labels = obs[label_key].astype(str).to_numpy() if label_key else None
+    nb = compute_neighbours(emb, k=90, seed=seed)
+    timings["knn"] = time.perf_counter() - t
+    metrics: dict[str, float] = {"eval_n_cells": float(len(idx))}
+    info: dict[str, object] = {
+        "embedding_key": embedding_key,
+        "library_key": library_key,
+        "label_key": label_key,
+        "knn_method": nb.method,
+    }
+    per_cell = pd.DataFrame(index=obs.index)
+    tables: dict[str, pd.DataFrame] = {}
+    if scib and labels is not None:
+        from evaluation.scib import scib_metrics, scib_version
+
+        t = time.perf_counter()
+        reference = unintegrated_pca(counts, cache_dir=reference_cache, seed=seed)
+        metrics.update(scib_metrics(emb, labels, library, reference, nb, n_jobs=n_jobs))
+        info["scib_metrics_version"] = scib_version()
+        timings["scib"] = time.perf_counter() - t
+    elif scib:
+        info["scib_skipped"] = "no label_key"
+    if neighbourhood:
+        t = time.perf_counter()
+        nc = _neighbourhood(
+            adata, idx, counts, obs, nb, library, labels, dataset_key, technical_keys, markers, seed
+        )
+        if nc is not None:
+            result, n_markers = nc
+            metrics["eval_n_markers"] = float(n_markers)
+            metrics.update({f"nc_{k}": float(v) for k, v in result.headline.items()})
+            per_cell = per_cell.join(result.per_cell.set_index(per_cell.index))
+            tables.update({f"nc_summary_{k}": v for k, v in result.summaries.items()})
+        else:
+            info["neighbourhood_skipped"] = "no markers (give markers= or label_key)"
+        timings["neighbourhood"] = time.perf_counter() - t
+    if encode is not None:
+        from evaluation.robustness import low_count_robustness
+
+        t = time.perf_counter()
+        metrics.update(
+            low_count_robustness(lambda X: encode(X, idx), counts, emb, labels, seed=seed)
+        )
+        timings["lowcount"] = time.perf_counter() - t
+    metrics.update({f"eval_seconds_{k}": v for k, v in timings.items()})
+    info["subsample_indices_sha"] = str(pd.util.hash_array(idx).sum())
+    return Evaluation(metrics, per_cell, tables, info, emb)
+
+
+def _neighbourhood(
+    adata, idx, counts, obs, nb, library, labels, dataset_key, technical_keys, markers, seed
+):
+    from evaluation.markers import data_driven_markers, load_marker_csv
+    from evaluation.neighbourhood import neighbourhood_metrics
+
+    var_names = [str(v) for v in adata.var_names]
+    if markers is None and labels is None:
+        return None
+    if markers is None or (isinstance(markers, str) and markers == "data"):
+        if labels is None:
+            raise ValueError("markers='data' needs label_key")
+        genes = data_driven_markers(counts, var_names, labels)
+    elif isinstance(markers, str | Path):
+        genes = load_marker_csv(markers, var_names)
+    else:
+        present = set(var_names)
+        genes = [g for g in markers if g in present]
+    if len(genes) < 2:
+        return None
+    pos = {g: i for i, g in enumerate(var_names)}
+    marker_idx = np.array([pos[g] for g in genes])
+    dataset = obs[dataset_key].astype(str).to_numpy() if dataset_key else None
+    technical = {k: obs[k].astype(str).to_numpy() for k in technical_keys} or None
+    result = neighbourhood_metrics(
+        counts, nb.connectivities(50), marker_idx, library, dataset, technical, seed=seed
+    )
+    return result, len(genes)
+
+
+def write_outputs(
+    ev: Evaluation, obs: pd.DataFrame, out_dir: str | Path, keys: Sequence[str], umap: bool = True
+) -> dict[str, Path]:
+    """Write metrics (JSON + CSV), per-cell table, summaries and PNG plots to ``out_dir``."""
+    from evaluation.plots import plot_correlation_histograms, plot_embedding, umap_coords
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    (out / "metrics.json").write_text(
+        json.dumps({"metrics": ev.metrics, "info": ev.info}, indent=2, default=str)
+    )
+    paths["metrics_json"] = out / "metrics.json"
+    pd.Series(ev.metrics, name="value").to_csv(out / "metrics.csv", index_label="metric")
+    paths["metrics_csv"] = out / "metrics.csv"
+    ev.per_cell.to_csv(out / "per_cell.csv")
+    paths["per_cell"] = out / "per_cell.csv"
+    for name, table in ev.tables.items():
+        table.to_csv(out / f"{name}.csv")
+        paths[name] = out / f"{name}.csv"
+    hist = plot_correlation_histograms(ev.per_cell, out / "neighbourhood_correlation.png")
+    if hist is not None:
+        paths["neighbourhood_png"] = hist
+    if umap and ev.embedding is not None:
+        sub_obs = obs.loc[ev.per_cell.index].copy()
+        for c in ev.per_cell.columns:
+            if c.startswith("failure_mode_"):
+                sub_obs[c] = ev.per_cell[c].to_numpy()
+        panel_keys = [k for k in keys if k in sub_obs.columns] + [
+            c for c in sub_obs.columns if c.startswith("failure_mode_")
+        ]
+        coords = umap_coords(ev.embedding)
+        paths["umap"] = plot_embedding(
+            coords,
+            sub_obs,
+            panel_keys,
+            out / "umap.png",
+            title=str(ev.info.get("embedding_key", "embedding")),
+        )
+    return paths

@@ -1,0 +1,173 @@
+"""scib metrics through scib-metrics (not re-implemented), on a precomputed shared kNN.
+
+Per run, aggregates are on UNSCALED values: Bio = mean of bio metrics, Batch = mean of batch
+metrics, Total = 0.6 Bio + 0.4 Batch. Min–max scaling is only applied when comparing several
+runs (:func:`compare_runs`), and the table says so.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+# JAX (used by scib-metrics) must not pre-allocate GPU memory that torch needs.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from evaluation.knn import Neighbours, compute_neighbours
+
+BIO_METRICS = ("isolated_labels", "nmi_ari_cluster_labels_kmeans", "silhouette_label", "clisi_knn")
+BATCH_METRICS = ("bras", "ilisi_knn", "kbet_per_label", "graph_connectivity", "pcr_comparison")
+OPTIONAL_BIO = ("nmi_ari_cluster_labels_leiden",)
+BIO_WEIGHT, BATCH_WEIGHT = 0.6, 0.4
+
+
+def scib_version() -> str:
+    """Installed scib-metrics version (values are not comparable across versions)."""
+    from importlib.metadata import version
+
+    return version("scib-metrics")
+
+
+def _selection(
+    names: Mapping[str, bool] | None, defaults: tuple[str, ...], optional: tuple[str, ...]
+):
+    chosen = {n: True for n in defaults}
+    chosen.update({n: False for n in optional})
+    if names:
+        unknown = sorted(set(names) - set(defaults) - set(optional))
+        if unknown:
+            raise ValueError(
+                f"unknown scib metric(s) {unknown}; known: {sorted(defaults + optional)}"
+            )
+        chosen.update(names)
+    return chosen
+
+
+def scib_metrics(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    batch: np.ndarray,
+    reference: np.ndarray,
+    neighbours: Neighbours | None = None,
+    bio_metrics: Mapping[str, bool] | None = None,
+    batch_metrics: Mapping[str, bool] | None = None,
+    n_jobs: int = 1,
+) -> dict[str, float]:
+    """Raw (unscaled) scib metrics and aggregates for one embedding.
+
+    Parameters
+    ----------
+    embedding
+        ``(n_cells, n_dims)`` latent.
+    labels, batch
+        Cell labels and batch (library) per cell.
+    reference
+        Unintegrated embedding (PCA of log1p-normalised counts) for PCR comparison.
+    neighbours
+        Precomputed kNN with ≥ 90 neighbours (computed here when ``None``).
+    bio_metrics, batch_metrics
+        ``{metric: on/off}`` overrides of the defaults (Leiden NMI/ARI is off by default).
+    n_jobs
+        Parallel jobs for scib-metrics.
+
+    Returns
+    -------
+    dict
+        ``scib_<metric>`` for each metric, ``scib_bio``, ``scib_batch``, ``scib_total``.
+    """
+    from anndata import AnnData
+    from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
+
+    n = embedding.shape[0]
+    if not (len(labels) == len(batch) == reference.shape[0] == n):
+        raise ValueError(
+            f"lengths differ: embedding {n}, labels {len(labels)}, batch {len(batch)}, "
+            f"reference {reference.shape[0]}"
+        )
+    if neighbours is None:
+        neighbours = compute_neighbours(embedding, k=90)
+    k_max = neighbours.k
+    bio = BioConservation(**_selection(bio_metrics, BIO_METRICS, OPTIONAL_BIO))
+    bat = BatchCorrection(**_selection(batch_metrics, BATCH_METRICS, ()))
+    adata = AnnData(
+        X=np.zeros((n, 1), dtype=np.float32),
+        obs=pd.DataFrame(
+            {
+                "batch": pd.Categorical(np.asarray(batch).astype(str)),
+                "label": pd.Categorical(np.asarray(labels).astype(str)),
+            },
+            index=[str(i) for i in range(n)],
+        ),
+    )
+    adata.obsm["embedding"] = np.asarray(embedding, dtype=np.float32)
+    adata.obsm["reference"] = np.asarray(reference, dtype=np.float32)
+    bm = Benchmarker(
+        adata,
+        batch_key="batch",
+        label_key="label",
+        embedding_obsm_keys=["embedding"],
+        bio_conservation_metrics=bio,
+        batch_correction_metrics=bat,
+        pre_integrated_embedding_obsm_key="reference",
+        n_jobs=n_jobs,
+        progress_bar=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bm.prepare(neighbor_computer=lambda X, k: neighbours.to_scib(min(k, k_max)))
+        bm.benchmark()
+    raw = bm.get_results(min_max_scale=False, clean_names=False)
+    types = raw.loc["Metric Type"]
+    values = raw.loc["embedding"]
+    out: dict[str, float] = {}
+    for name in raw.columns:
+        if types[name] in ("Bio conservation", "Batch correction"):
+            out[f"scib_{name}"] = float(values[name])
+    bio_vals = [float(values[c]) for c in raw.columns if types[c] == "Bio conservation"]
+    bat_vals = [float(values[c]) for c in raw.columns if types[c] == "Batch correction"]
+    out["scib_bio"] = float(np.mean(bio_vals)) if bio_vals else float("nan")
+    out["scib_batch"] = float(np.mean(bat_vals)) if bat_vals else float("nan")
+    out["scib_total"] = (
+        BIO_WEIGHT * out["scib_bio"] + BATCH_WEIGHT * out["scib_batch"]
+        if bio_vals and bat_vals
+        else float("nan")
+    )
+    return out
+
+
+def compare_runs(
+    results: Mapping[str, Mapping[str, float]], min_max_scale: bool = True
+) -> pd.DataFrame:
+    """Table of scib metrics across runs (rows), optionally min–max scaled per metric.
+
+    Aggregates (``bio``, ``batch``, ``total``) are recomputed from the (scaled) metrics, as
+    scib-metrics' Benchmarker does, so the table is consistent. The frame's ``attrs["scaling"]``
+    records which was used.
+    """
+    df = pd.DataFrame(
+        {
+            run: {k[5:]: v for k, v in r.items() if k.startswith("scib_")}
+            for run, r in results.items()
+        }
+    ).T
+    metric_cols = [c for c in df.columns if c not in ("bio", "batch", "total")]
+    df = df[metric_cols].astype(float)
+    if min_max_scale and len(df) > 1:
+        lo, hi = df.min(), df.max()
+        span = (hi - lo).replace(0, np.nan)
+        df = ((df - lo) / span).fillna(0.0)
+    bio_cols = [c for c in metric_cols if _is_bio(c)]
+    bat_cols = [c for c in metric_cols if not _is_bio(c)]
+    df["bio"] = df[bio_cols].mean(axis=1)
+    df["batch"] = df[bat_cols].mean(axis=1)
+    df["total"] = BIO_WEIGHT * df["bio"] + BATCH_WEIGHT * df["batch"]
+    df.attrs["scaling"] = "min-max across runs" if min_max_scale and len(df) > 1 else "none (raw)"
+    return df.sort_values("total", ascending=False)
+
+
+def _is_bio(metric: str) -> bool:
+    return any(metric.startswith(b) for b in BIO_METRICS + OPTIONAL_BIO)
