@@ -288,6 +288,9 @@ class RegVI:
         devices: int | str = 1,
         progress_bar: bool = True,
         epoch_callback: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        shard: tuple[int, int] | None = None,
+        early_stopping_state: Mapping[str, float] | None = None,
         **trainer_kwargs: Any,
     ) -> pd.DataFrame:
         """Train with Adam and (optionally) early stopping on the validation ELBO.
@@ -322,6 +325,16 @@ class RegVI:
             Show a progress bar over epochs.
         epoch_callback
             Optional ``fn(metrics_dict)`` called after every epoch.
+        callbacks
+            Extra Lightning callbacks (e.g. the sweep's per-epoch reporter).
+        shard
+            ``(num_replicas, rank)`` for data-parallel training: each replica trains on its
+            shard of the training cells and validates on all validation cells (so early-stopping
+            decisions agree across replicas). ``n_obs`` stays N_train.
+        early_stopping_state
+            ``{"best", "best_epoch", "wait"}`` to continue early stopping after a restart.
+        **trainer_kwargs
+            Passed to ``lightning.Trainer`` (e.g. ``strategy``, ``plugins``, ``precision``).
 
         Returns
         -------
@@ -347,7 +360,8 @@ class RegVI:
         train_idx, val_idx = train_validation_split(n_cells, validation_fraction, seed, strata)
         self.train_indices, self.validation_indices = train_idx, val_idx
         data = CountBatches(self._X, self._covariates)
-        train_loader = make_loader(data, train_idx, batch_size, shuffle=True, seed=seed)
+        replicas, rank = shard if shard is not None else (1, 0)
+        train_loader = make_loader(data, train_idx, batch_size, True, seed, replicas, rank)
         val_loader = (
             make_loader(data, val_idx, max(batch_size, 1024), shuffle=False)
             if len(val_idx)
@@ -358,7 +372,7 @@ class RegVI:
         )
         plan = TrainingPlan(self.module, n_obs_train=len(train_idx), settings=settings)
         plan.epoch_offset = len(self.history)
-        callbacks: list[pl.Callback] = [EpochProgressBar(max_epochs, progress_bar)]
+        all_callbacks: list[pl.Callback] = [EpochProgressBar(max_epochs, progress_bar)]
         self.early_stopping = None
         if early_stopping and val_loader is not None:
             self.early_stopping = EarlyStopping(
@@ -367,9 +381,15 @@ class RegVI:
                 stop_during_warmup=stop_during_warmup,
                 restore_best=restore_best,
             )
-            callbacks.append(self.early_stopping)
+            if early_stopping_state:
+                es = self.early_stopping
+                es.best = float(early_stopping_state.get("best", es.best))
+                es.best_epoch = int(early_stopping_state.get("best_epoch", es.best_epoch))
+                es.wait = int(early_stopping_state.get("wait", es.wait))
+            all_callbacks.append(self.early_stopping)
         if epoch_callback is not None:
-            callbacks.append(EpochCallback(epoch_callback))
+            all_callbacks.append(EpochCallback(epoch_callback))
+        all_callbacks.extend(callbacks or [])
         torch.manual_seed(seed)
         with _quiet_lightning():
             trainer = pl.Trainer(
@@ -381,7 +401,8 @@ class RegVI:
                 enable_model_summary=False,
                 enable_progress_bar=False,
                 num_sanity_val_steps=0,
-                callbacks=callbacks,
+                callbacks=all_callbacks,
+                use_distributed_sampler=False,  # BatchIndexSampler shards itself
                 **trainer_kwargs,
             )
         with warnings.catch_warnings(), _quiet_lightning():

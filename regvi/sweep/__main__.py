@@ -1,0 +1,71 @@
+"""CLI: ``python -m regvi.sweep CONFIG [--resume] [--dry-run] [--address ADDR]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep CLI; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m regvi.sweep", description=__doc__)
+    p.add_argument("config", type=Path, help="sweep YAML (see sweeps/)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved search and exit")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)"
+    )
+    p.add_argument("--trials", type=int, default=None, help="override budget.trials")
+    args = p.parse_args(argv)
+    from regvi.sweep.config import ConfigError, load_config
+    from regvi.sweep.space import describe
+
+    try:
+        overrides = None
+        cfg = load_config(args.config)
+        if args.trials is not None:
+            cfg.trials = args.trials
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    del overrides
+    print(
+        f"sweep {cfg.name!r}: {cfg.trials} trials, objective "
+        f"{dict(zip(cfg.objective_metrics, cfg.objective_modes, strict=True))}, "
+        f"{cfg.search_algorithm} + {cfg.scheduler['name']}, "
+        f"{cfg.workers} worker(s) × {cfg.cpus_per_worker:g} CPU / {cfg.gpus_per_worker:g} GPU"
+    )
+    print("search space:\n" + describe(cfg))
+    if args.dry_run:
+        print(json.dumps(cfg.resolved(), indent=2, default=str))
+        return 0
+    from regvi.sweep.runner import run_sweep
+
+    try:
+        result = run_sweep(cfg, resume=args.resume, address=args.address)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"\nsweep finished: {result.n_completed} completed, {result.n_pruned} pruned by ASHA, "
+        f"{result.n_failed} failed"
+    )
+    if result.best_trial_id:
+        obj = cfg.objective_metrics[0]
+        print(f"best trial {result.best_trial_id}: {obj} = {result.best_metrics.get(obj)}")
+    print(
+        f"MLflow: {result.tracking_uri}  (experiment {cfg.experiment!r}, parent run {result.parent_run_id})"
+    )
+    if result.tracking_uri.startswith("sqlite"):
+        print(
+            f"open the UI with:  mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1"
+        )
+    if cfg.register_model and result.best_trial_id:
+        print(f"load the best model:  regvi.load('models:/{cfg.register_model}@champion')")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

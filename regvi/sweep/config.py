@@ -1,0 +1,397 @@
+"""Sweep configuration: YAML (safe_load) → validated dataclasses, with errors naming the key.
+
+See ``sweeps/quickstart.yaml`` for an annotated example. Every key is checked before Ray,
+MLflow or any file is touched; relative data paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from regvi.module import ModuleConfig
+
+BUNDLED_PREFIX = "bundled:"
+#: RegVI constructor arguments that may be fixed or searched (besides ModuleConfig fields).
+MODEL_ARGS = {
+    "n_hidden",
+    "n_latent",
+    "n_layers",
+    "dropout_rate",
+    "data_init",
+    "dispersion_init",
+} | (
+    set(ModuleConfig.__dataclass_fields__)
+    - {
+        "n_genes",
+        "n_continuous",
+        "n_cats_decoder",
+        "n_cats_encoder",
+        "n_ambient_per_key",
+        "n_dispersion_groups",
+        "n_library_groups",
+        "n_scaling_per_key",
+    }
+)
+DATA_KEYS = {
+    "path",
+    "layer",
+    "library_key",
+    "batch_key",
+    "labels_key",
+    "dataset_key",
+    "technical_covariate_keys",
+    "ambient_covariate_keys",
+    "dispersion_key",
+    "library_size_key",
+    "feature_scaling_covariate_keys",
+    "nn_conditioning_covariate_keys",
+    "encoder_covariate_keys",
+    "continuous_covariate_keys",
+    "allow_non_integer",
+}
+PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
+SECTIONS = {
+    "name",
+    "data",
+    "model",
+    "training",
+    "search",
+    "objective",
+    "search_algorithm",
+    "scheduler",
+    "budget",
+    "resources",
+    "evaluation",
+    "mlflow",
+    "storage",
+    "seed",
+}
+
+
+def _train_args() -> set[str]:
+    from regvi.model import RegVI
+
+    params = set(inspect.signature(RegVI.train).parameters) - {"self", "trainer_kwargs"}
+    return params - {"epoch_callback", "progress_bar", "accelerator", "devices", "seed"}
+
+
+class ConfigError(ValueError):
+    """A sweep config problem; the message names the key and what was expected."""
+
+
+def _require_mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _unknown(d: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
+
+
+def _number(value: Any, where: str, positive: bool = False, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if integer and not float(value).is_integer():
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if positive and not value > 0:
+        raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+    return value
+
+
+@dataclass
+class Param:
+    """One searched parameter."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    log: bool = False
+    when: dict[str, Any] = field(default_factory=dict)
+    target: str = "model"  # "model" (RegVI kwargs) or "training" (train kwargs)
+
+
+@dataclass
+class SweepConfig:
+    """A validated sweep configuration."""
+
+    name: str
+    config_path: Path | None
+    data: dict[str, Any]
+    model: dict[str, Any]
+    training: dict[str, Any]
+    params: list[Param]
+    objective_metrics: list[str]
+    objective_modes: list[str]
+    search_algorithm: str = "optuna"
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
+    trials: int = 8
+    time_budget_s: float | None = None
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    tracking_uri: str | None = None
+    experiment: str = "regvi"
+    register_model: str | None = None
+    storage_path: Path = Path("regvi_runs")
+    seed: int = 0
+
+    @property
+    def multi_objective(self) -> bool:
+        """Two objectives (bio vs batch) instead of one."""
+        return len(self.objective_metrics) > 1
+
+    def data_path(self) -> str:
+        """Absolute data path, or ``bundled:<name>``."""
+        return self.data["path"]
+
+    def resolved(self) -> dict[str, Any]:
+        """A JSON-able summary of the resolved configuration (for --dry-run and MLflow)."""
+        return {
+            "name": self.name,
+            "data": self.data,
+            "model": self.model,
+            "training": self.training,
+            "search": {
+                p.name: {
+                    k: v for k, v in vars(p).items() if k != "name" and v not in (None, {}, False)
+                }
+                for p in self.params
+            },
+            "objective": dict(zip(self.objective_metrics, self.objective_modes, strict=True)),
+            "search_algorithm": self.search_algorithm,
+            "scheduler": self.scheduler,
+            "budget": {"trials": self.trials, "time_budget_s": self.time_budget_s},
+            "resources": {
+                "workers": self.workers,
+                "cpus_per_worker": self.cpus_per_worker,
+                "gpus_per_worker": self.gpus_per_worker,
+            },
+            "evaluation": self.evaluation,
+            "mlflow": {
+                "tracking_uri": self.tracking_uri,
+                "experiment": self.experiment,
+                "register_model": self.register_model,
+            },
+            "storage_path": str(self.storage_path),
+            "seed": self.seed,
+        }
+
+
+def _parse_param(name: str, spec: Any, train_args: set[str]) -> Param:
+    where = f"search.{name}"
+    if name in MODEL_ARGS:
+        target = "model"
+    elif name in train_args:
+        target = "training"
+    else:
+        raise ConfigError(
+            f"{where}: {name!r} is not a RegVI model or training argument; model: "
+            f"{sorted(MODEL_ARGS)}; training: {sorted(train_args)}"
+        )
+    spec = _require_mapping(spec, where)
+    _unknown(spec, {"type", "low", "high", "values", "log", "when"}, where)
+    ptype = spec.get("type")
+    if ptype not in PARAM_TYPES:
+        raise ConfigError(f"{where}.type: {ptype!r}; expected one of {sorted(PARAM_TYPES)}")
+    when = _require_mapping(spec.get("when"), f"{where}.when")
+    p = Param(name=name, type=ptype, when=when, target=target, log=bool(spec.get("log", False)))
+    if ptype == "categorical":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.values: expected a non-empty list, got {values!r}")
+        p.values = values
+    else:
+        for bound in ("low", "high"):
+            if bound not in spec:
+                raise ConfigError(f"{where}: missing '{bound}' for type {ptype}")
+            _number(spec[bound], f"{where}.{bound}", integer=ptype == "int")
+        p.low, p.high = spec["low"], spec["high"]
+        if not p.low < p.high:
+            raise ConfigError(f"{where}: empty or inverted range low={p.low} >= high={p.high}")
+        if (ptype == "loguniform" or p.log) and p.low <= 0:
+            raise ConfigError(f"{where}: log scale needs low > 0, got {p.low}")
+        if ptype == "loguniform":
+            p.log = True
+    return p
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep YAML. Raises :class:`ConfigError` naming the bad key/value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = _require_mapping(raw, str(path))
+    if overrides:
+        raw = {**raw, **overrides}
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
+    """Validate an already-parsed config mapping (``path`` anchors relative paths)."""
+    if not raw:
+        raise ConfigError(f"{path or 'config'}: empty config; needs at least 'data' and 'search'")
+    _unknown(raw, SECTIONS, "config")
+    base = path.parent.resolve() if path is not None else Path.cwd()
+    train_args = _train_args()
+    # data
+    data = dict(_require_mapping(raw.get("data"), "data"))
+    _unknown(data, DATA_KEYS, "data")
+    if "path" not in data:
+        raise ConfigError("data.path: missing; give an .h5ad path or 'bundled:kang_pbmc_small'")
+    dpath = str(data["path"])
+    if dpath.startswith(BUNDLED_PREFIX):
+        if dpath[len(BUNDLED_PREFIX) :] != "kang_pbmc_small":
+            raise ConfigError(
+                f"data.path: unknown bundled dataset {dpath!r}; have 'bundled:kang_pbmc_small'"
+            )
+    else:
+        p = Path(dpath).expanduser()
+        p = p if p.is_absolute() else (base / p)
+        if not p.is_file():
+            raise ConfigError(
+                f"data.path: file {p} does not exist (relative paths resolve against {base})"
+            )
+        if p.suffix != ".h5ad":
+            raise ConfigError(f"data.path: {p} is not an .h5ad file")
+        data["path"] = str(p.resolve())
+    if not any(k in data for k in ("library_key", "batch_key", "ambient_covariate_keys")):
+        raise ConfigError("data: needs library_key (or batch_key, or the explicit purpose keys)")
+    # model / training
+    model = dict(_require_mapping(raw.get("model"), "model"))
+    _unknown(model, MODEL_ARGS, "model")
+    training = dict(_require_mapping(raw.get("training"), "training"))
+    _unknown(training, train_args, "training")
+    for k in ("max_epochs", "batch_size", "patience"):
+        if k in training:
+            _number(training[k], f"training.{k}", positive=True, integer=True)
+    # search
+    search = _require_mapping(raw.get("search"), "search")
+    params = [_parse_param(n, s, train_args) for n, s in search.items()]
+    names = {p.name for p in params}
+    for p in params:
+        for dep in p.when:
+            if dep not in names:
+                raise ConfigError(f"search.{p.name}.when: {dep!r} is not a searched parameter")
+        clash = p.name in model or p.name in training
+        if clash:
+            raise ConfigError(f"search.{p.name}: also fixed in model/training; keep one")
+    # objective
+    obj = raw.get("objective", {"metric": "validation_elbo", "mode": "min"})
+    obj = _require_mapping(obj, "objective")
+    _unknown(obj, {"metric", "mode"}, "objective")
+    metrics = obj.get("metric", "validation_elbo")
+    metrics = [metrics] if isinstance(metrics, str) else metrics
+    modes = obj.get("mode")
+    if modes is None:
+        modes = ["min" if m.startswith(("validation_", "train_")) else "max" for m in metrics]
+    modes = [modes] if isinstance(modes, str) else modes
+    if (
+        not isinstance(metrics, list)
+        or not metrics
+        or len(metrics) > 2
+        or len(modes) != len(metrics)
+    ):
+        raise ConfigError(
+            f"objective: metric {metrics!r} / mode {modes!r}; expected one metric or "
+            "two (e.g. [scib_bio, scib_batch]) with as many modes"
+        )
+    for m in modes:
+        if m not in ("min", "max"):
+            raise ConfigError(f"objective.mode: {m!r}; expected 'min' or 'max'")
+    # algorithm / scheduler
+    algo = _require_mapping(raw.get("search_algorithm", {"name": "optuna"}), "search_algorithm")
+    _unknown(algo, {"name"}, "search_algorithm")
+    algo_name = algo.get("name", "optuna")
+    if algo_name not in ("optuna", "random", "grid"):
+        raise ConfigError(f"search_algorithm.name: {algo_name!r}; expected optuna, random or grid")
+    if algo_name == "grid" and any(p.type != "categorical" for p in params):
+        bad = [p.name for p in params if p.type != "categorical"]
+        raise ConfigError(f"search_algorithm grid needs categorical parameters; not: {bad}")
+    sched = dict(_require_mapping(raw.get("scheduler", {"name": "asha"}), "scheduler"))
+    _unknown(sched, {"name", "grace_period", "reduction_factor", "max_t"}, "scheduler")
+    if sched.get("name", "asha") not in ("asha", "fifo"):
+        raise ConfigError(f"scheduler.name: {sched.get('name')!r}; expected 'asha' or 'fifo'")
+    sched.setdefault("name", "asha")
+    # budget / resources
+    budget = _require_mapping(raw.get("budget"), "budget")
+    _unknown(budget, {"trials", "time_budget_s"}, "budget")
+    trials = int(_number(budget.get("trials", 8), "budget.trials", positive=True, integer=True))
+    tbs = budget.get("time_budget_s")
+    if tbs is not None:
+        _number(tbs, "budget.time_budget_s", positive=True)
+    res = _require_mapping(raw.get("resources"), "resources")
+    _unknown(res, {"workers", "cpus_per_worker", "gpus_per_worker"}, "resources")
+    workers = int(_number(res.get("workers", 1), "resources.workers", positive=True, integer=True))
+    cpus = float(_number(res.get("cpus_per_worker", 1), "resources.cpus_per_worker", positive=True))
+    gpus = float(_number(res.get("gpus_per_worker", 0), "resources.gpus_per_worker"))
+    if gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
+        raise ConfigError(
+            f"resources.gpus_per_worker: {gpus}; expected 0, a fraction < 1, or an integer"
+        )
+    # evaluation / mlflow / storage
+    ev = dict(_require_mapping(raw.get("evaluation"), "evaluation"))
+    _unknown(
+        ev, {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "n_jobs"}, "evaluation"
+    )
+    if isinstance(ev.get("markers"), str) and ev["markers"] != "data":
+        mp = Path(ev["markers"]).expanduser()
+        mp = mp if mp.is_absolute() else base / mp
+        if not mp.is_file():
+            raise ConfigError(f"evaluation.markers: file {mp} does not exist")
+        ev["markers"] = str(mp.resolve())
+    for m in metrics:
+        if m.startswith(("scib_", "nc_")) and not data.get("labels_key") and m.startswith("scib_"):
+            raise ConfigError(f"objective {m!r} needs data.labels_key (scib metrics need labels)")
+        if m.startswith("scib_") and ev.get("scib") is False:
+            raise ConfigError(f"objective {m!r} but evaluation.scib is false")
+    ml = _require_mapping(raw.get("mlflow"), "mlflow")
+    _unknown(ml, {"tracking_uri", "experiment", "register_model"}, "mlflow")
+    storage = _require_mapping(raw.get("storage"), "storage")
+    _unknown(storage, {"path"}, "storage")
+    spath = Path(storage.get("path", "regvi_runs")).expanduser()
+    spath = spath if spath.is_absolute() else Path.cwd() / spath
+    name = raw.get("name", path.stem if path else "sweep")
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"name: {name!r}; expected letters, digits, '-' or '_' (used in paths)")
+    seed = int(_number(raw.get("seed", 0), "seed", integer=True))
+    return SweepConfig(
+        name=name,
+        config_path=path,
+        data=data,
+        model=model,
+        training=training,
+        params=params,
+        objective_metrics=metrics,
+        objective_modes=modes,
+        search_algorithm=algo_name,
+        scheduler=sched,
+        trials=trials,
+        time_budget_s=tbs,
+        workers=workers,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        evaluation=ev,
+        tracking_uri=ml.get("tracking_uri"),
+        experiment=ml.get("experiment", f"regvi-{name}"),
+        register_model=ml.get("register_model"),
+        storage_path=spath.resolve(),
+        seed=seed,
+    )

@@ -1,0 +1,287 @@
+"""Run a sweep: Ray (embedded or cluster) + Tune (Optuna / random / grid, ASHA) + MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from regvi.sweep.config import SweepConfig
+from regvi.sweep.tracking import (
+    MLflowSweepCallback,
+    client,
+    ensure_experiment,
+    flat_params,
+    resolve_tracking_uri,
+)
+
+STATE_FILE = "sweep_state.json"
+DRIVER_RESOURCES = {
+    "cpu": 0,
+    "memory": 256 * 1024**2,
+}  # drivers must not hold the CPUs workers need
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep produced."""
+
+    sweep_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    best_trial_id: str | None
+    best_metrics: dict[str, float]
+    n_completed: int
+    n_failed: int
+    n_pruned: int
+
+
+def _git_sha() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in (
+        "regvi",
+        "torch",
+        "lightning",
+        "ray",
+        "optuna",
+        "mlflow",
+        "scib-metrics",
+        "anndata",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def asha_metric(cfg: SweepConfig) -> tuple[str, str]:
+    """Per-epoch metric ASHA prunes on: the objective when it is per-epoch, else validation ELBO."""
+    if not cfg.multi_objective and cfg.objective_metrics[0].startswith(("validation_", "train_")):
+        return cfg.objective_metrics[0], cfg.objective_modes[0]
+    return "validation_elbo", "min"
+
+
+def init_ray(address: str | None, cfg: SweepConfig) -> dict[str, float]:
+    """Connect to (or start) Ray and check the trial's resources fit; returns cluster resources."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(
+                dashboard_host="127.0.0.1",
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+            )
+    res = ray.cluster_resources()
+    need_cpu = cfg.workers * cfg.cpus_per_worker
+    need_gpu = cfg.workers * cfg.gpus_per_worker
+    if need_cpu > res.get("CPU", 0) or need_gpu > res.get("GPU", 0) + 1e-9:
+        raise ValueError(
+            f"resources: a trial needs {cfg.workers} workers × {cfg.cpus_per_worker} CPU"
+            f"{f' × {cfg.gpus_per_worker} GPU' if need_gpu else ''} = {need_cpu:g} CPU / "
+            f"{need_gpu:g} GPU, but the Ray cluster has {res.get('CPU', 0):g} CPU / "
+            f"{res.get('GPU', 0):g} GPU"
+        )
+    return res
+
+
+def _static(cfg: SweepConfig, sweep_dir: Path) -> dict[str, Any]:
+    return {
+        "data": cfg.data,
+        "model": cfg.model,
+        "training": cfg.training,
+        "model_params": [p.name for p in cfg.params if p.target == "model"],
+        "train_params": [p.name for p in cfg.params if p.target == "training"],
+        "evaluation": cfg.evaluation,
+        "workers": cfg.workers,
+        "cpus_per_worker": cfg.cpus_per_worker,
+        "gpus_per_worker": cfg.gpus_per_worker,
+        "seed": cfg.seed,
+        "train_storage": str(sweep_dir / "train"),
+        "reference_cache": str(sweep_dir / "reference_cache"),
+    }
+
+
+def _searcher(cfg: SweepConfig, sweep_dir: Path):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter  # noqa: F401  (limit set in TuneConfig)
+    from ray.tune.search.optuna import OptunaSearch
+
+    from regvi.sweep.space import define_by_run
+
+    if cfg.search_algorithm == "grid":
+        return None
+    sampler = (
+        optuna.samplers.RandomSampler(seed=cfg.seed)
+        if cfg.search_algorithm == "random"
+        else optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+    )
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}")
+    metric = cfg.objective_metrics if cfg.multi_objective else cfg.objective_metrics[0]
+    mode = cfg.objective_modes if cfg.multi_objective else cfg.objective_modes[0]
+    return OptunaSearch(
+        space=define_by_run(cfg),
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        study_name=cfg.name,
+        storage=storage,
+        seed=None,
+    )
+
+
+def run_sweep(
+    cfg: SweepConfig, resume: bool = False, address: str | None = None, verbose: int = 1
+) -> SweepResult:
+    """Run (or ``resume``) the sweep described by ``cfg``."""
+    import mlflow
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from regvi.sweep.space import grid
+    from regvi.sweep.trial import run_trial
+
+    sweep_dir = cfg.storage_path / cfg.name
+    state_path = sweep_dir / STATE_FILE
+    if resume and not state_path.is_file():
+        raise FileNotFoundError(
+            f"--resume: no sweep state at {state_path}; run without --resume first"
+        )
+    if not resume and state_path.is_file():
+        raise FileExistsError(
+            f"sweep {cfg.name!r} already exists in {sweep_dir}; pass --resume to continue it, or "
+            "change 'name' / 'storage.path'"
+        )
+    uri = resolve_tracking_uri(cfg.tracking_uri, Path.cwd())
+    resources = init_ray(address, cfg)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = json.loads(state_path.read_text())
+        uri, experiment_id, parent_id = (
+            state["tracking_uri"],
+            state["experiment_id"],
+            state["parent_run_id"],
+        )
+    else:
+        experiment_id = ensure_experiment(uri, cfg.experiment, sweep_dir / "mlflow_artifacts")
+        c = client(uri)
+        parent = c.create_run(
+            experiment_id,
+            run_name=f"sweep-{cfg.name}",
+            tags={"regvi.sweep": cfg.name, "regvi.role": "sweep", "git_sha": _git_sha()},
+        )
+        parent_id = parent.info.run_id
+        from mlflow.entities import Param
+
+        params = flat_params({"config": cfg.resolved(), "versions": _versions()})
+        c.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        c.log_dict(parent_id, cfg.resolved(), "sweep_config.json")
+        from evaluation.reference import dataset_fingerprint
+        from regvi.sweep.trial import read_data
+
+        adata = read_data(cfg.data_path())
+        c.set_tag(parent_id, "dataset_fingerprint", dataset_fingerprint(adata.X, adata.obs_names))
+        c.set_tag(parent_id, "dataset_shape", f"{adata.n_obs}x{adata.n_vars}")
+        del adata
+        state_path.write_text(
+            json.dumps(
+                {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id}
+            )
+        )
+    callback = MLflowSweepCallback(uri, experiment_id, parent_id, cfg.name, cfg.resolved())
+    static = _static(cfg, sweep_dir)
+    searcher = _searcher(cfg, sweep_dir)
+    if searcher is None:
+        param_space = {"static": static, "params": tune.grid_search(grid(cfg))}
+        num_samples = 1
+    else:
+        param_space = {"static": static}
+        num_samples = cfg.trials
+    a_metric, a_mode = asha_metric(cfg)
+    max_epochs = int(cfg.training.get("max_epochs", 400))
+    if cfg.scheduler["name"] == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=a_metric,
+            mode=a_mode,
+            max_t=max_epochs + 2,
+            grace_period=int(cfg.scheduler.get("grace_period", 5)),
+            reduction_factor=float(cfg.scheduler.get("reduction_factor", 2)),
+        )
+    else:
+        scheduler = FIFOScheduler()
+    concurrency = max(1, int(resources.get("CPU", 1) // (cfg.workers * cfg.cpus_per_worker)))
+    if cfg.gpus_per_worker > 0:
+        concurrency = min(
+            concurrency, int(resources.get("GPU", 0) // (cfg.workers * cfg.gpus_per_worker))
+        )
+    trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
+    if resume:
+        tuner = tune.Tuner.restore(
+            str(sweep_dir),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            param_space=param_space,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=concurrency,
+                time_budget_s=cfg.time_budget_s,
+                metric=None if searcher is not None else a_metric,
+                mode=None if searcher is not None else a_mode,
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=str(cfg.storage_path),
+                callbacks=[callback],
+                verbose=verbose,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    grid_results = tuner.fit()
+    mlflow.set_tracking_uri(uri)
+    from regvi.sweep.summary import summarise
+
+    return summarise(cfg, grid_results, uri, experiment_id, parent_id, sweep_dir)
+
+
+def objective_value(cfg: SweepConfig, metrics: dict[str, Any]) -> float | None:
+    """Scalar objective of a finished trial (first objective for multi-objective sweeps)."""
+    v = metrics.get(cfg.objective_metrics[0])
+    return float(v) if v is not None and math.isfinite(float(v)) else None

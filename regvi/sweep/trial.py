@@ -1,0 +1,220 @@
+"""One sweep trial: a Tune function trainable (the driver) that launches a Ray Train run.
+
+Data flow of a trial::
+
+    Tune driver (run_trial)            Ray Train workers (train_worker), one per CPU/GPU slot
+    ───────────────────────            ─────────────────────────────────────────────────────
+    TorchTrainer(train_worker) ──────▶ read the .h5ad by path, build RegVI, restore checkpoint
+                                       Lightning + RayDDPStrategy, sharded minibatches
+    TuneReportCallback ◀────────────── ray.train.report(epoch metrics, checkpoint) every epoch
+      → ASHA / Optuna see each epoch   rank 0 after training: evaluation on the fixed
+                                       subsample, final model + plots in the last checkpoint
+    raise TrialDiverged on NaN ◀────── {"diverged": 1, "divergence_reason": ...}
+
+The Train V2 pattern is used: no ``Tuner(trainer)``, no ``ray.train.report`` inside Tune.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHECKPOINT_STATE = "trial_state.json"
+LATENT_FILE = "eval_latent.npy"
+EVAL_INDEX_FILE = "eval_indices.npy"
+
+
+class TrialDiverged(RuntimeError):
+    """Training produced NaN/inf; the trial is marked failed with this reason."""
+
+
+def read_data(path: str):
+    """Read the sweep's AnnData by path (``bundled:kang_pbmc_small`` for the bundled data)."""
+    import anndata as ad
+
+    from regvi.sweep.config import BUNDLED_PREFIX
+
+    if path.startswith(BUNDLED_PREFIX):
+        from regvi import datasets
+
+        return datasets.kang_pbmc_small()
+    return ad.read_h5ad(path)
+
+
+def _data_kwargs(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "path"}
+
+
+def _save_state(model, directory: Path, state: dict[str, Any]) -> None:
+    model.save(directory / "model", overwrite=True)
+    (directory / CHECKPOINT_STATE).write_text(json.dumps(state))
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """Per-worker training loop (runs inside a Ray Train worker process).
+
+    ``cfg`` holds: ``data`` (path + keys), ``model_kwargs``, ``train_kwargs``, ``evaluation``,
+    ``cpus_per_worker``, ``use_gpu``, ``seed``.
+    """
+    import ray.train
+    import torch
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+
+    import regvi
+    from regvi.io import attach_data
+    from regvi.sweep.reporting import RayEpochReporter
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    torch.manual_seed(cfg["seed"])
+    adata = read_data(cfg["data"]["path"])
+    model = regvi.RegVI(adata, **_data_kwargs(cfg["data"]), **cfg["model_kwargs"])
+    state: dict[str, Any] = {"training_done": False, "early_stopping": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # worker restart (FailureConfig): continue from the last epoch
+        with checkpoint.as_directory() as d:
+            restored = regvi.load(Path(d) / "model")
+            model.module.load_state_dict(restored.module.state_dict())
+            model.history = restored.history
+            state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
+    train_kwargs = dict(cfg["train_kwargs"])
+    max_epochs = int(train_kwargs.pop("max_epochs", 400))
+    remaining = max_epochs - len(model.history)
+    if not state["training_done"] and remaining > 0:
+        reporter = RayEpochReporter(model, rank)
+        try:
+            model.train(
+                max_epochs=remaining,
+                accelerator="gpu" if cfg["use_gpu"] else "cpu",
+                devices="auto",
+                strategy=RayDDPStrategy(),
+                plugins=[RayLightningEnvironment()],
+                shard=(world, rank),
+                callbacks=[reporter],
+                progress_bar=False,
+                seed=cfg["seed"],
+                early_stopping_state=state.get("early_stopping"),
+                **train_kwargs,
+            )
+        except FloatingPointError as err:
+            ray.train.report({"diverged": 1.0, "divergence_reason": str(err)})
+            return
+    model.module.cpu().eval()
+    final: dict[str, Any] = {"final": 1.0, "epochs_trained": float(len(model.history))}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = Path(tmp)
+        if rank == 0:
+            attach_data(model, adata)
+            final.update(_evaluate(model, adata, cfg, ckpt_dir))
+            _save_state(model, ckpt_dir, {"training_done": True, "early_stopping": None})
+        ray.train.report(
+            final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        )
+
+
+def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
+    """Posterior means of the fixed evaluation subsample → evaluation metrics and plots."""
+    from evaluation.evaluate import evaluate, write_outputs
+    from evaluation.subsample import stratified_subsample
+    from regvi.plotting import plot_training_curves
+
+    ev_cfg = cfg.get("evaluation", {})
+    data = cfg["data"]
+    lib_key = data.get("library_key") or data.get("batch_key") or data.get("library_size_key")
+    label_key = data.get("labels_key")
+    strata = [k for k in (label_key, lib_key) if k]
+    idx = stratified_subsample(adata.obs, strata, ev_cfg.get("n_subsample", 20_000), cfg["seed"])
+    sub = adata[idx].copy()
+    sub.obsm["X_regvi"] = model.get_latent_representation(indices=idx, batch_size=1024)
+    np.save(out / LATENT_FILE, sub.obsm["X_regvi"], allow_pickle=False)
+    np.save(out / EVAL_INDEX_FILE, idx, allow_pickle=False)
+    encode = None
+    if ev_cfg.get("lowcount", False):
+
+        def encode(X, local_idx):
+            thinned = sub.copy()
+            thinned.X = X
+            return model.get_latent_representation(thinned, batch_size=1024)
+
+    ev = evaluate(
+        sub,
+        "X_regvi",
+        lib_key,
+        label_key,
+        data.get("dataset_key"),
+        data.get("technical_covariate_keys") or [],
+        data.get("layer"),
+        ev_cfg.get("markers"),
+        n_subsample=None,
+        seed=cfg["seed"],
+        scib=ev_cfg.get("scib", True) and label_key is not None,
+        neighbourhood=ev_cfg.get("neighbourhood", True),
+        encode=encode,
+        reference_cache=cfg.get("reference_cache"),
+        n_jobs=int(ev_cfg.get("n_jobs", 1)),
+    )
+    plots = out / "plots"
+    keys = [k for k in (label_key, lib_key, data.get("dataset_key")) if k]
+    write_outputs(ev, sub.obs, plots, keys, umap=True)
+    plot_training_curves(model.history, plots / "training_curves.png")
+    return {k: float(v) for k, v in ev.metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one trial = one Ray Train run (+ evaluation in rank 0)."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    static = config["static"]
+    params = config["params"]
+    model_kwargs = {
+        **static["model"],
+        **{k: v for k, v in params.items() if k in static["model_params"]},
+    }
+    train_kwargs = {
+        **static["training"],
+        **{k: v for k, v in params.items() if k in static["train_params"]},
+    }
+    ctx = ray.tune.get_context()
+    trial_id = ctx.get_trial_id()
+    use_gpu = static["gpus_per_worker"] > 0
+    resources = {"CPU": static["cpus_per_worker"]}
+    if use_gpu:
+        resources["GPU"] = static["gpus_per_worker"]
+    os.environ.pop("MLFLOW_RUN_ID", None)  # never let a worker attach to another run
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "data": static["data"],
+            "model_kwargs": model_kwargs,
+            "train_kwargs": train_kwargs,
+            "evaluation": static["evaluation"],
+            "cpus_per_worker": static["cpus_per_worker"],
+            "use_gpu": use_gpu,
+            "seed": static["seed"],
+            "reference_cache": static.get("reference_cache"),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=static["workers"], use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train_{trial_id}",  # stable name so restarts find the same run
+            storage_path=static["train_storage"],
+            failure_config=ray.train.FailureConfig(max_failures=static.get("max_failures", 2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    if metrics.get("diverged"):
+        raise TrialDiverged(metrics.get("divergence_reason", "training diverged (NaN/inf)"))

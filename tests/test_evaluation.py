@@ -1,0 +1,159 @@
+"""evaluation/: shared kNN, subsample, reference PCA, scib wrapper, low-count robustness, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import regvi
+from evaluation.__main__ import main as cli
+from evaluation.knn import compute_neighbours
+from evaluation.reference import dataset_fingerprint, unintegrated_pca
+from evaluation.robustness import binomial_thin, low_count_robustness
+from evaluation.scib import compare_runs
+from evaluation.subsample import stratified_subsample
+
+
+@pytest.fixture(scope="module")
+def small():
+    a = regvi.simulate(n_cells=500, n_genes=80, n_cell_types=4, n_libraries=3, seed=4)
+    a.obsm["X_pca"] = unintegrated_pca(a.X, n_comps=10)
+    return a
+
+
+def test_exact_knn_matches_brute_force():
+    X = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    nb = compute_neighbours(X, k=10, method="exact")
+    d = np.linalg.norm(X[:, None] - X[None], axis=2)
+    expected = np.argsort(d, axis=1, kind="stable")[:, :10]
+    assert (nb.indices[:, 0] == np.arange(300)).all()
+    np.testing.assert_allclose(nb.distances, np.take_along_axis(d, expected, 1), atol=1e-4)
+    assert nb.subset(5).indices.shape == (300, 5)
+    sc = nb.to_scib(5)
+    assert sc.indices.shape == (300, 5)
+    conn = nb.connectivities(10)
+    assert abs(conn - conn.T).max() < 1e-6 and conn.diagonal().max() == 0
+
+
+def test_knn_handles_duplicates_and_bad_input():
+    X = np.zeros((20, 3), dtype=np.float32)  # all duplicates
+    nb = compute_neighbours(X, k=5)
+    assert (nb.indices[:, 0] == np.arange(20)).all()
+    with pytest.raises(ValueError, match="NaN"):
+        compute_neighbours(np.full((5, 2), np.nan))
+
+
+def test_stratified_subsample_is_fixed_and_proportional(small):
+    idx = stratified_subsample(small.obs, ["cell_type", "library"], n=200, seed=0)
+    assert len(idx) == 200 and np.array_equal(idx, np.sort(idx))
+    assert np.array_equal(idx, stratified_subsample(small.obs, ["cell_type", "library"], 200, 0))
+    full = small.obs.groupby(["cell_type", "library"], observed=True).size() / small.n_obs
+    sub = small.obs.iloc[idx].groupby(["cell_type", "library"], observed=True).size() / 200
+    assert (full - sub).abs().max() < 0.01
+    assert len(stratified_subsample(small.obs, ["cell_type"], None)) == small.n_obs
+    with pytest.raises(KeyError, match="nope"):
+        stratified_subsample(small.obs, ["nope"], 10)
+
+
+def test_reference_pca_cached(small, tmp_path):
+    a = unintegrated_pca(small.X, n_comps=10, cache_dir=tmp_path)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and dataset_fingerprint(small.X) in files[0].name
+    b = unintegrated_pca(small.X, n_comps=10, cache_dir=tmp_path)
+    assert np.array_equal(a, b)
+    assert dataset_fingerprint(small.X) != dataset_fingerprint(small.X[:-1])
+
+
+def test_binomial_thinning():
+    X = sp.csr_matrix(np.random.default_rng(0).poisson(20, size=(200, 50)))
+    T = binomial_thin(X, 0.25, seed=1)
+    assert (T.toarray() <= X.toarray()).all()
+    assert T.sum() / X.sum() == pytest.approx(0.25, rel=0.03)
+    with pytest.raises(ValueError, match="q=0"):
+        binomial_thin(X, 0)
+
+
+def test_low_count_robustness_bounds(small):
+    emb = small.obsm["X_pca"]
+    labels = small.obs["cell_type"].to_numpy()
+    perfect = low_count_robustness(lambda X: emb, small.X, emb, labels, qs=(0.5,))
+    assert perfect["lowcount_q0.5_knn_preservation"] == 1.0
+    assert perfect["lowcount_q0.5_displacement"] == 0.0
+    assert perfect["lowcount_q0.5_label_majority"] == 1.0
+    rng = np.random.default_rng(0)
+    noise = low_count_robustness(
+        lambda X: rng.normal(size=emb.shape), small.X, emb, labels, qs=(0.5,)
+    )
+    assert noise["lowcount_q0.5_knn_preservation"] < 0.2
+    assert noise["lowcount_q0.5_displacement"] > 0.5
+
+
+def test_compare_runs_scaling():
+    runs = {
+        "a": {"scib_silhouette_label": 0.5, "scib_bras": 0.2},
+        "b": {"scib_silhouette_label": 0.7, "scib_bras": 0.1},
+    }
+    raw = compare_runs(runs, min_max_scale=False)
+    assert raw.loc["a", "total"] == pytest.approx(0.6 * 0.5 + 0.4 * 0.2)
+    scaled = compare_runs(runs, min_max_scale=True)
+    assert scaled.loc["b", "silhouette_label"] == 1.0 and scaled.loc["b", "bras"] == 0.0
+    assert scaled.attrs["scaling"] == "min-max across runs"
+
+
+@pytest.mark.slow
+def test_scib_metrics_real_and_unscaled(small):
+    from evaluation.scib import scib_metrics
+
+    labels = small.obs["cell_type"].to_numpy()
+    onehot = pd.get_dummies(labels).to_numpy(float)
+    good = onehot * 5 + np.random.default_rng(0).normal(0, 0.3, onehot.shape)
+    res = scib_metrics(good, labels, small.obs["library"].to_numpy(), small.obsm["X_pca"])
+    assert 0.0 <= res["scib_total"] <= 1.0
+    assert res["scib_total"] == pytest.approx(0.6 * res["scib_bio"] + 0.4 * res["scib_batch"])
+    assert res["scib_silhouette_label"] > 0.7
+
+
+def test_cli_bad_inputs(tmp_path, small, capsys):
+    assert (
+        cli([str(tmp_path / "missing.h5ad"), "--embedding", "X", "--library-key", "library"]) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "trunc.h5ad").write_bytes(b"\x89HDF\r\n")
+    assert cli([str(tmp_path / "trunc.h5ad"), "--embedding", "X", "--library-key", "library"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    small.write_h5ad(tmp_path / "d.h5ad")
+    assert cli([str(tmp_path / "d.h5ad"), "--embedding", "X_nope", "--library-key", "library"]) == 2
+    assert "X_nope" in capsys.readouterr().err
+    assert cli([str(tmp_path / "d.h5ad"), "--embedding", "X_pca", "--library-key", "lane"]) == 2
+    assert "lane" in capsys.readouterr().err
+    assert not (tmp_path / "evaluation_results").exists()
+
+
+def test_cli_scores_embeddings(tmp_path, small):
+    small.write_h5ad(tmp_path / "d.h5ad")
+    out = tmp_path / "out"
+    rc = cli(
+        [
+            str(tmp_path / "d.h5ad"),
+            "--embedding",
+            "X_pca",
+            "--library-key",
+            "library",
+            "--label-key",
+            "cell_type",
+            "--no-scib",
+            "--no-umap",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    m = json.loads((out / "X_pca" / "metrics.json").read_text())["metrics"]
+    assert m["eval_n_cells"] == 500
+    assert any(k.startswith("nc_") for k in m)
+    assert (out / "X_pca" / "per_cell.csv").is_file()
+    assert (out / "X_pca" / "neighbourhood_correlation.png").is_file()
