@@ -243,6 +243,22 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
 
         scvi.settings.seed = SEED
         _set_threads()  # scvi's seed setter may touch torch settings; re-pin
+
+        class EpochTimer(lightning.pytorch.Callback):
+            """Wall time per epoch, training plus validation."""
+
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self._t0 = 0.0
+
+            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+                self._t0 = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                # Lightning 2.x runs the validation loop before this hook.
+                self.times.append(time.perf_counter() - self._t0)
+
+        timer = EpochTimer()
         scvi.model.SCVI.setup_anndata(adata, batch_key=BATCH_KEY)
         model = scvi.model.SCVI(
             adata, n_hidden=arch.n_hidden, n_latent=arch.n_latent, n_layers=arch.n_layers
@@ -258,6 +274,7 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
             accelerator="cpu",
             devices=1,
             enable_progress_bar=False,
+            callbacks=[timer],
         )
         train_s = time.perf_counter() - t0
         epochs_run = len(model.history["elbo_train"])
@@ -267,6 +284,7 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
             for k in ("elbo_train", "elbo_validation", "reconstruction_loss_validation")
             if k in model.history
         }
+        epoch_times = timer.times
         z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
         rec.update(
             {
@@ -291,6 +309,9 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
         hist = model.train(max_epochs=epochs, batch_size=BATCH_SIZE, early_stopping=False)
         train_s = time.perf_counter() - t0
         epochs_run = len(hist)
+        epoch_times = (
+            [float(t) for t in hist["epoch_time_s"]] if "epoch_time_s" in hist.columns else []
+        )
         final = {}
         if len(hist):
             last = hist.iloc[-1]
@@ -322,6 +343,8 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
             "epochs_requested": epochs,
             "epochs_run": int(epochs_run),
             "s_per_epoch": train_s / max(int(epochs_run), 1),
+            "epoch_times_s": epoch_times,
+            "median_epoch_s": float(np.median(epoch_times)) if epoch_times else None,
             "rss_before_train_mib": rss_before,
             "peak_rss_mib": peak_rss_mib(),
         }
@@ -488,13 +511,16 @@ def _fmt(v: Any, spec: str) -> str:
 def print_table(rows: list[dict[str, Any]]) -> str:
     """Render the result rows as a fixed-width table (also returned as text)."""
     header = (
-        f"{'tool':<13} {'arch':<10} {'s/epoch':>8} {'regvi/scvi':>10} {'peak MiB':>9} "
+        f"{'tool':<13} {'arch':<10} {'s/epoch':>8} {'median':>7} {'regvi/scvi':>10} {'peak MiB':>9} "
         f"{'Bio':>6} {'Batch':>6} {'Total':>6}"
     )
     lines = [header, "-" * len(header)]
+    # s/epoch = wall time of train() / epochs; median = median per-epoch time (train + val);
+    # regvi/scvi = ratio of s/epoch at equal architecture.
     for r in rows:
         lines.append(
             f"{r['tool']:<13} {r['arch']:<10} {_fmt(r.get('s_per_epoch'), '8.2f')} "
+            f"{_fmt(r.get('median_epoch_s'), '7.2f')} "
             f"{_fmt(r.get('ratio_regvi_over_scvi'), '10.2f')} {_fmt(r.get('peak_rss_mib'), '9.0f')} "
             f"{_fmt(r.get('bio'), '6.3f')} {_fmt(r.get('batch'), '6.3f')} {_fmt(r.get('total'), '6.3f')}"
         )
@@ -598,11 +624,16 @@ def run_parent(args: argparse.Namespace) -> int:
     for r in runs:
         row: dict[str, Any] = {"tool": r["tool"], "arch": r["arch"], "error": r.get("error")}
         row["s_per_epoch"] = r.get("s_per_epoch")
+        row["median_epoch_s"] = r.get("median_epoch_s")
         row["peak_rss_mib"] = r.get("peak_rss_mib")
         if r["tool"] == "regvi":
             other = by_key.get(("scvi", r["arch"]), {})
             if row["s_per_epoch"] and other.get("s_per_epoch"):
                 row["ratio_regvi_over_scvi"] = row["s_per_epoch"] / other["s_per_epoch"]
+            if row["median_epoch_s"] and other.get("median_epoch_s"):
+                row["ratio_median_regvi_over_scvi"] = (
+                    row["median_epoch_s"] / other["median_epoch_s"]
+                )
         sc_row = scib.get(r["name"], {})
         row.update({"bio": sc_row.get("Bio conservation"), "batch": sc_row.get("Batch correction"),
                     "total": sc_row.get("Total")})  # fmt: skip

@@ -69,6 +69,36 @@ def save_model(model: RegVI, path: str | os.PathLike, overwrite: bool = False) -
     return path
 
 
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A local regvi model directory for ``path`` (downloading MLflow model URIs)."""
+    text = str(path)
+    if not text.startswith(MLFLOW_SCHEMES):
+        return Path(path)
+    import mlflow
+    import yaml
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"cannot resolve MLflow model {text!r} (tracking URI {mlflow.get_tracking_uri()}): {err}"
+        ) from None
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        raise ValueError(f"{text!r} is not an MLflow model (no MLmodel file in {local})")
+    spec = yaml.safe_load(mlmodel.read_text())
+    try:
+        rel = spec["flavors"]["python_function"]["artifacts"]["regvi_model"]["path"]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{text!r} is an MLflow model but not a regvi one (no regvi_model artifact)"
+        ) from None
+    return local / rel
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (or is not a directory)")
@@ -97,7 +127,9 @@ def load(path: str | os.PathLike, adata: AnnData | None = None) -> RegVI:
     Parameters
     ----------
     path
-        Model directory.
+        Model directory, or an MLflow model URI: ``runs:/<run_id>/model``,
+        ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``models:/<model_id>``
+        (the tracking URI comes from ``MLFLOW_TRACKING_URI`` / ``mlflow.set_tracking_uri``).
     adata
         Optional data to attach; its genes and categories are checked against the model.
 
@@ -108,7 +140,7 @@ def load(path: str | os.PathLike, adata: AnnData | None = None) -> RegVI:
     """
     from regvi.model import RegVI
 
-    path = Path(path)
+    path = resolve_model_path(path)
     meta = _read_meta(path)
     if meta.get("model_class") != "RegVI":
         raise ValueError(f"{path} holds a {meta.get('model_class')!r} model; expected 'RegVI'")

@@ -157,6 +157,21 @@ def _searcher(cfg: SweepConfig, sweep_dir: Path):
     )
 
 
+def _reporter(cfg: SweepConfig):
+    """Tune's progress table with the columns a user watches."""
+    from ray import tune
+
+    cols = {"epoch": "epoch", "validation_elbo": "val ELBO", "train_loss": "loss"}
+    for m in cfg.objective_metrics:
+        cols.setdefault(m, m)
+    cols.setdefault("scib_total", "scib total")
+    return tune.CLIReporter(
+        metric_columns=cols,
+        parameter_columns=[f"params/{p.name}" for p in cfg.params],
+        max_report_frequency=30,
+    )
+
+
 def run_sweep(
     cfg: SweepConfig, resume: bool = False, address: str | None = None, verbose: int = 1
 ) -> SweepResult:
@@ -271,6 +286,7 @@ def run_sweep(
                 storage_path=str(cfg.storage_path),
                 callbacks=[callback],
                 verbose=verbose,
+                progress_reporter=_reporter(cfg),
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 from regvi.sweep.config import Param, SweepConfig
@@ -27,13 +26,19 @@ def _ordered(params: list[Param]) -> list[Param]:
     return done
 
 
-def define_by_run(cfg: SweepConfig) -> Callable[[Any], None]:
-    """Optuna define-by-run space; suggested values land under ``params/<name>``."""
-    params = _ordered(cfg.params)
+class DefineByRun:
+    """Optuna define-by-run space (picklable, so Tune can checkpoint the searcher).
 
-    def space(trial: Any) -> None:
+    Suggested values land under ``params/<name>``; conditional parameters are only suggested
+    when their ``when`` conditions hold.
+    """
+
+    def __init__(self, params: list[Param]):
+        self.params = _ordered(params)
+
+    def __call__(self, trial: Any) -> None:
         chosen: dict[str, Any] = {}
-        for p in params:
+        for p in self.params:
             if not _active(p, chosen):
                 continue
             name = f"params/{p.name}"
@@ -44,7 +49,10 @@ def define_by_run(cfg: SweepConfig) -> Callable[[Any], None]:
             else:
                 chosen[p.name] = trial.suggest_float(name, float(p.low), float(p.high), log=p.log)
 
-    return space
+
+def define_by_run(cfg: SweepConfig) -> DefineByRun:
+    """The config's search space as an Optuna define-by-run callable."""
+    return DefineByRun(cfg.params)
 
 
 def grid(cfg: SweepConfig) -> list[dict[str, Any]]:

@@ -108,6 +108,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
             return
     model.module.cpu().eval()
     final: dict[str, Any] = {"final": 1.0, "epochs_trained": float(len(model.history))}
+    if len(model.history):  # the final report carries the last epoch's values (objective, ASHA)
+        last = model.history.iloc[-1]
+        final.update({k: float(v) for k, v in last.items() if np.isfinite(v)})
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = Path(tmp)
         if rank == 0:

@@ -1,0 +1,150 @@
+"""Sweep config validation: every bad key/value is refused with a message naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from regvi.sweep.config import ConfigError, load_config, parse_config
+from regvi.sweep.space import DefineByRun, grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _base(**over):
+    cfg = {
+        "name": "t",
+        "data": {
+            "path": "bundled:kang_pbmc_small",
+            "library_key": "condition",
+            "labels_key": "cell_type",
+        },
+        "training": {"max_epochs": 3},
+        "search": {
+            "n_hidden": {"type": "categorical", "values": [16, 32]},
+            "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        },
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_shipped_sweeps_parse():
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.params, path
+
+
+def test_relative_data_path_resolves_against_config_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.h5ad").write_bytes(b"")
+    raw = _base(data={"path": "d.h5ad", "library_key": "x"})
+    (tmp_path / "sub" / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "sub" / "c.yaml")
+    assert cfg.data["path"] == str((tmp_path / "sub" / "d.h5ad").resolve())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda c: c.update(colour="red"), r"unknown key\(s\) \['colour'\]"),
+        (lambda c: c["data"].pop("path"), r"data\.path: missing"),
+        (lambda c: c["data"].update(path="missing.h5ad"), "does not exist"),
+        (lambda c: c["data"].update(path="bundled:nope"), "unknown bundled"),
+        (lambda c: c["data"].pop("library_key"), "needs library_key"),
+        (lambda c: c["data"].update(libary_key="x"), "libary_key"),
+        (lambda c: c["search"].update(n_hiden={"type": "int", "low": 1, "high": 2}), "n_hiden"),
+        (lambda c: c["search"]["lr"].update(low=1e-2, high=1e-4), "empty or inverted range"),
+        (lambda c: c["search"]["lr"].update(low=0), "log scale needs low > 0"),
+        (lambda c: c["search"]["n_hidden"].update(values=[]), "non-empty list"),
+        (lambda c: c["search"]["n_hidden"].update(type="choice"), r"search\.n_hidden\.type"),
+        (lambda c: c["search"].update(n_latent={"type": "int", "low": 1.5, "high": 4}), "integer"),
+        (lambda c: c["training"].update(max_epochs="ten"), r"training\.max_epochs"),
+        (lambda c: c["training"].update(max_epochs=-1), "positive"),
+        (lambda c: c.update(resources={"workers": 0}), r"resources\.workers"),
+        (lambda c: c.update(resources={"gpus_per_worker": 1.5}), "gpus_per_worker"),
+        (
+            lambda c: c.update(objective={"metric": "validation_elbo", "mode": "lowest"}),
+            "objective.mode",
+        ),
+        (lambda c: c.update(search_algorithm={"name": "hyperopt"}), "hyperopt"),
+        (lambda c: c.update(search_algorithm={"name": "grid"}), "grid needs categorical"),
+        (lambda c: c.update(scheduler={"name": "pbt"}), "scheduler.name"),
+        (lambda c: c.update(budget={"trials": 0}), r"budget\.trials"),
+        (lambda c: c.update(name="bad name/../x"), "name"),
+        (lambda c: c["search"]["lr"].update(when={"nope": 1}), "not a searched parameter"),
+        (lambda c: c["training"].update(lr=0.1), r"search\.lr: also fixed"),
+        (lambda c: c.update(mlflow={"uri": "x"}), r"mlflow: unknown key"),
+        (lambda c: c.update(evaluation={"markers": "no_such.csv"}), "markers"),
+        (lambda c: c.update(model=[1, 2]), "model: expected a mapping"),
+    ],
+)
+def test_bad_configs(mutate, match):
+    raw = _base()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw, REPO / "sweeps" / "x.yaml")
+
+
+def test_empty_and_invalid_yaml(tmp_path):
+    (tmp_path / "e.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty config"):
+        load_config(tmp_path / "e.yaml")
+    (tmp_path / "b.yaml").write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "p.yaml").write_text("!!python/object/apply:os.system ['echo pwned']")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "p.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_targets_and_conditional_space():
+    raw = _base()
+    raw["search"]["regularise_background"] = {"type": "categorical", "values": [False, True]}
+    raw["search"]["ambient_prior_beta"] = {
+        "type": "loguniform",
+        "low": 10,
+        "high": 1000,
+        "when": {"regularise_background": True},
+    }
+    cfg = parse_config(raw, REPO / "sweeps" / "x.yaml")
+    targets = {p.name: p.target for p in cfg.params}
+    assert targets == {
+        "n_hidden": "model",
+        "lr": "training",
+        "regularise_background": "model",
+        "ambient_prior_beta": "model",
+    }
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = DefineByRun(cfg.params)
+    seen = []
+    for _ in range(20):
+        t = study.ask()
+        space(t)
+        seen.append(t.params)
+        study.tell(t, 0.0)
+    for params in seen:
+        assert ("params/ambient_prior_beta" in params) == params["params/regularise_background"]
+
+
+def test_grid_expands_conditionals():
+    raw = _base(
+        search={
+            "n_hidden": {"type": "categorical", "values": [16, 32]},
+            "regularise_background": {"type": "categorical", "values": [False, True]},
+            "ambient_prior_beta": {
+                "type": "categorical",
+                "values": [10, 100],
+                "when": {"regularise_background": True},
+            },
+        },
+        search_algorithm={"name": "grid"},
+    )
+    points = grid(parse_config(raw, REPO / "sweeps" / "x.yaml"))
+    assert len(points) == 2 * (1 + 2)
