@@ -9,7 +9,7 @@ Data flow of a trial::
     TuneReportCallback ◀────────────── ray.train.report(epoch metrics, checkpoint) every epoch
       → ASHA / Optuna see each epoch   rank 0 after training: evaluation on the fixed
                                        subsample, final model + plots in the last checkpoint
-    raise TrialDiverged on NaN ◀────── {"diverged": 1, "divergence_reason": ...}
+    raise TrialDiverged on NaN ◀────── reason written to <train run>/DIVERGED (not retried)
 
 The Train V2 pattern is used: no ``Tuner(trainer)``, no ``ray.train.report`` inside Tune.
 """
@@ -104,7 +104,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
                 **train_kwargs,
             )
         except FloatingPointError as err:
-            ray.train.report({"diverged": 1.0, "divergence_reason": str(err)})
+            # not retried (deterministic); the driver turns this into a failed trial
+            if rank == 0:
+                Path(cfg["divergence_file"]).parent.mkdir(parents=True, exist_ok=True)
+                Path(cfg["divergence_file"]).write_text(str(err))
             return
     model.module.cpu().eval()
     final: dict[str, Any] = {"final": 1.0, "epochs_trained": float(len(model.history))}
@@ -194,6 +197,7 @@ def run_trial(config: dict[str, Any]) -> None:
     if use_gpu:
         resources["GPU"] = static["gpus_per_worker"]
     os.environ.pop("MLFLOW_RUN_ID", None)  # never let a worker attach to another run
+    divergence_file = Path(static["train_storage"]) / f"train_{trial_id}" / "DIVERGED"
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -205,6 +209,7 @@ def run_trial(config: dict[str, Any]) -> None:
             "use_gpu": use_gpu,
             "seed": static["seed"],
             "reference_cache": static.get("reference_cache"),
+            "divergence_file": str(divergence_file),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=static["workers"], use_gpu=use_gpu, resources_per_worker=resources
@@ -217,7 +222,6 @@ def run_trial(config: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    result = trainer.fit()
-    metrics = result.metrics or {}
-    if metrics.get("diverged"):
-        raise TrialDiverged(metrics.get("divergence_reason", "training diverged (NaN/inf)"))
+    trainer.fit()
+    if divergence_file.is_file():
+        raise TrialDiverged(divergence_file.read_text())

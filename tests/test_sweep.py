@@ -1,0 +1,174 @@
+"""End-to-end sweeps on real Ray, real Optuna storage and real MLflow (SQLite).
+
+Each sweep runs in a subprocess (as a user would run it), so a killed driver and ``--resume``
+are tested for real. Marked slow; they run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import regvi
+
+pytestmark = pytest.mark.slow
+
+
+def _data(tmp_path: Path) -> Path:
+    a = regvi.simulate(n_cells=600, n_genes=100, n_cell_types=4, n_libraries=3, seed=0)
+    del a.uns["truth"]
+    path = tmp_path / "sim.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+def _config(tmp_path: Path, name: str, **over) -> Path:
+    cfg = {
+        "name": name,
+        "data": {"path": "sim.h5ad", "library_key": "library", "labels_key": "cell_type"},
+        "model": {"n_layers": 1},
+        "training": {"max_epochs": 4, "batch_size": 128, "n_epochs_kl_warmup": 2},
+        "search": {"n_hidden": {"type": "categorical", "values": [16, 32]},
+                   "n_latent": {"type": "int", "low": 3, "high": 6}},
+        "objective": {"metric": "validation_elbo", "mode": "min"},
+        "scheduler": {"name": "fifo"},
+        "budget": {"trials": 2},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "evaluation": {"n_subsample": 300, "scib": False, "neighbourhood": True},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": name,
+                   "register_model": f"{name}-model"},
+        "storage": {"path": str(tmp_path / "runs")},
+        "seed": 0,
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k != "search":
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _sweep(config: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "regvi.sweep", str(config), *args],
+                          cwd=config.parent, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _runs(tmp_path: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(name)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("regvi.role") == "sweep"]
+    children = [r for r in runs if "regvi.trial_id" in r.data.tags]
+    return c, parents, children
+
+
+def test_sweep_end_to_end_with_scib(tmp_path):
+    _data(tmp_path)
+    cfg = _config(tmp_path, "e2e", evaluation={"scib": True}, scheduler={"name": "asha",
+                  "grace_period": 2, "reduction_factor": 2}, budget={"trials": 3})
+    out = _sweep(cfg)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri" in out.stdout
+    c, parents, children = _runs(tmp_path, "e2e")
+    assert len(parents) == 1 and len(children) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert len({r.data.tags["regvi.trial_id"] for r in children}) == 3
+    completed = [r for r in children if r.data.tags.get("regvi.status") == "completed"]
+    assert completed
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    adata = __import__("anndata").read_h5ad(tmp_path / "sim.h5ad")
+    for run in completed:
+        m = run.data.metrics
+        assert {"scib_total", "scib_bio", "scib_batch", "validation_elbo"} <= set(m)
+        assert any(k.startswith("nc_") for k in m)
+        steps = [x.step for x in c.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == sorted(set(steps)) and len(steps) >= 2  # one value per epoch, no duplicates
+        assert "n_hidden" in run.data.params
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation"))
+        latent, idx = np.load(local / "eval_latent.npy"), np.load(local / "eval_indices.npy")
+        model = regvi.load(f"runs:/{run.info.run_id}/model", adata=adata)
+        np.testing.assert_array_equal(model.get_latent_representation(indices=idx), latent)
+        arts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/umap.png", "plots/training_curves.png"} <= arts
+    best = regvi.load("models:/e2e-model@champion")
+    assert best.config.n_latent in range(3, 7)
+    summary = {a.path for a in c.list_artifacts(parents[0].info.run_id, "summary")}
+    assert "summary/trials.csv" in summary
+    if len(completed) > 1:
+        assert {"summary/scib_table.png", "summary/pareto_bio_batch.png"} <= summary
+    assert parents[0].data.tags.get("best_trial_id")
+    # the same sweep again without --resume is refused, nothing written
+    again = _sweep(cfg)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_diverging_trial_is_marked_failed_and_sweep_continues(tmp_path):
+    _data(tmp_path)
+    cfg = _config(tmp_path, "nan", search={"lr": {"type": "categorical", "values": [1e-3, 1e6]}},
+                  search_algorithm={"name": "grid"}, evaluation={"neighbourhood": False})
+    out = _sweep(cfg)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, _, children = _runs(tmp_path, "nan")
+    status = {r.data.params["lr"]: r.data.tags.get("regvi.status") for r in children}
+    assert status == {"0.001": "completed", "1000000.0": "failed"}
+    failed = next(r for r in children if r.data.params["lr"] == "1000000.0")
+    assert "diverged" in failed.data.tags["regvi.error"] and failed.info.status == "FAILED"
+
+
+def test_killed_sweep_resumes_without_duplicates(tmp_path):
+    _data(tmp_path)
+    cfg = _config(tmp_path, "resume", budget={"trials": 3}, evaluation={"neighbourhood": False},
+                  training={"max_epochs": 6})
+    proc = subprocess.Popen([sys.executable, "-m", "regvi.sweep", str(cfg)], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    done_before: set[str] = set()
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(3)
+        try:
+            _, _, children = _runs(tmp_path, "resume")
+        except Exception:
+            continue
+        done_before = {r.data.tags["regvi.trial_id"] for r in children
+                       if r.data.tags.get("regvi.status") == "completed"}
+        if done_before:
+            break
+    assert done_before, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=_env())
+    out = _sweep(cfg, "--resume")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    c, parents, children = _runs(tmp_path, "resume")
+    ids = [r.data.tags["regvi.trial_id"] for r in children]
+    assert len(parents) == 1
+    assert len(ids) == len(set(ids)) == 3  # exactly one MLflow run per trial
+    for r in children:
+        if r.data.tags["regvi.trial_id"] in done_before:
+            # a finished trial was not re-run: its model was logged once
+            assert r.data.tags.get("regvi.status") == "completed"
+            assert len(c.get_metric_history(r.info.run_id, "epochs_trained")) == 1
+    assert all(r.data.tags.get("regvi.status") in ("completed", "failed", "pruned") for r in children)
