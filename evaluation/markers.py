@@ -177,8 +177,11 @@ def marker_indices(genes: Sequence[str], var_names: Sequence[str]) -> np.ndarray
     Returns
     -------
     numpy.ndarray
-        ``(n_markers,)`` int64 indices, in ``genes`` order, unique.
+        ``(n_markers,)`` int64 indices (first occurrence of a duplicated name), in ``genes``
+        order, unique.
     """
-    lookup = {str(g): i for i, g in enumerate(var_names)}
+    lookup: dict[str, int] = {}
+    for i, g in enumerate(map(str, var_names)):  # loop over genes: the first occurrence wins
+        lookup.setdefault(g, i)
     idx = [lookup[g] for g in dict.fromkeys(map(str, genes)) if g in lookup]
     return np.asarray(idx, dtype=np.int64)
