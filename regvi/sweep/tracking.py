@@ -249,6 +249,8 @@ class MLflowSweepCallback(_TuneCallback):
             model_uri = _retry(lambda: log_model_dir(self.tracking_uri, run_id, ckpt / "model"))
             c.set_tag(run_id, "regvi.model_uri", model_uri)
             c.set_tag(run_id, "regvi.checkpoint", str(ckpt))
+        if result.get("worker_node_id"):
+            c.set_tag(run_id, "regvi.worker_node", str(result["worker_node_id"]))
         c.set_tag(run_id, TAG_DONE, "1")
         c.set_tag(run_id, "regvi.status", "completed")
         _retry(lambda: c.set_terminated(run_id, "FINISHED"))

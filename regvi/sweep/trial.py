@@ -62,6 +62,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     ``cfg`` holds: ``data`` (path + keys), ``model_kwargs``, ``train_kwargs``, ``evaluation``,
     ``cpus_per_worker``, ``use_gpu``, ``seed``.
     """
+    import ray
     import ray.train
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
@@ -110,7 +111,11 @@ def train_worker(cfg: dict[str, Any]) -> None:
                 Path(cfg["divergence_file"]).write_text(str(err))
             return
     model.module.cpu().eval()
-    final: dict[str, Any] = {"final": 1.0, "epochs_trained": float(len(model.history))}
+    final: dict[str, Any] = {
+        "final": 1.0,
+        "epochs_trained": float(len(model.history)),
+        "worker_node_id": ray.get_runtime_context().get_node_id(),
+    }
     if len(model.history):  # the final report carries the last epoch's values (objective, ASHA)
         last = model.history.iloc[-1]
         final.update({k: float(v) for k, v in last.items() if np.isfinite(v)})
