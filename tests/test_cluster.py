@@ -20,8 +20,13 @@ PORT = "6391"
 def two_node_cluster():
     env = {**_env(), "RAY_AUTH_MODE": "token"}
     subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
-    out = subprocess.run(["bash", str(REPO / "cluster" / "start_local_cluster.sh"), PORT, "1"],
-                         capture_output=True, text=True, env=env, timeout=180)
+    out = subprocess.run(
+        ["bash", str(REPO / "cluster" / "start_local_cluster.sh"), PORT, "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     yield env
     subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
@@ -29,8 +34,13 @@ def two_node_cluster():
 
 def test_sweep_on_two_node_cluster(tmp_path, two_node_cluster):
     _data(tmp_path)
-    cfg = _config(tmp_path, "cluster", budget={"trials": 2}, evaluation={"neighbourhood": False},
-                  training={"max_epochs": 3})
+    cfg = _config(
+        tmp_path,
+        "cluster",
+        budget={"trials": 2},
+        evaluation={"neighbourhood": False},
+        training={"max_epochs": 3},
+    )
     os.environ["RAY_AUTH_MODE"] = "token"
     try:
         out = _sweep(cfg, "--address", f"127.0.0.1:{PORT}")

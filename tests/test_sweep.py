@@ -36,15 +36,20 @@ def _config(tmp_path: Path, name: str, **over) -> Path:
         "data": {"path": "sim.h5ad", "library_key": "library", "labels_key": "cell_type"},
         "model": {"n_layers": 1},
         "training": {"max_epochs": 4, "batch_size": 128, "n_epochs_kl_warmup": 2},
-        "search": {"n_hidden": {"type": "categorical", "values": [16, 32]},
-                   "n_latent": {"type": "int", "low": 3, "high": 6}},
+        "search": {
+            "n_hidden": {"type": "categorical", "values": [16, 32]},
+            "n_latent": {"type": "int", "low": 3, "high": 6},
+        },
         "objective": {"metric": "validation_elbo", "mode": "min"},
         "scheduler": {"name": "fifo"},
         "budget": {"trials": 2},
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "evaluation": {"n_subsample": 300, "scib": False, "neighbourhood": True},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": name,
-                   "register_model": f"{name}-model"},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "experiment": name,
+            "register_model": f"{name}-model",
+        },
         "storage": {"path": str(tmp_path / "runs")},
         "seed": 0,
     }
@@ -67,9 +72,14 @@ def _env() -> dict[str, str]:
 
 
 def _sweep(config: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "regvi.sweep", str(config), *args],
-                          cwd=config.parent, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "regvi.sweep", str(config), *args],
+        cwd=config.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _runs(tmp_path: Path, name: str):
@@ -85,8 +95,13 @@ def _runs(tmp_path: Path, name: str):
 
 def test_sweep_end_to_end_with_scib(tmp_path):
     _data(tmp_path)
-    cfg = _config(tmp_path, "e2e", evaluation={"scib": True}, scheduler={"name": "asha",
-                  "grace_period": 2, "reduction_factor": 2}, budget={"trials": 3})
+    cfg = _config(
+        tmp_path,
+        "e2e",
+        evaluation={"scib": True},
+        scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2},
+        budget={"trials": 3},
+    )
     out = _sweep(cfg)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in out.stdout
@@ -107,7 +122,9 @@ def test_sweep_end_to_end_with_scib(tmp_path):
         steps = [x.step for x in c.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == sorted(set(steps)) and len(steps) >= 2  # one value per epoch, no duplicates
         assert "n_hidden" in run.data.params
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation"))
+        local = Path(
+            mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation")
+        )
         latent, idx = np.load(local / "eval_latent.npy"), np.load(local / "eval_indices.npy")
         model = regvi.load(f"runs:/{run.info.run_id}/model", adata=adata)
         np.testing.assert_array_equal(model.get_latent_representation(indices=idx), latent)
@@ -127,8 +144,13 @@ def test_sweep_end_to_end_with_scib(tmp_path):
 
 def test_diverging_trial_is_marked_failed_and_sweep_continues(tmp_path):
     _data(tmp_path)
-    cfg = _config(tmp_path, "nan", search={"lr": {"type": "categorical", "values": [1e-3, 1e6]}},
-                  search_algorithm={"name": "grid"}, evaluation={"neighbourhood": False})
+    cfg = _config(
+        tmp_path,
+        "nan",
+        search={"lr": {"type": "categorical", "values": [1e-3, 1e6]}},
+        search_algorithm={"name": "grid"},
+        evaluation={"neighbourhood": False},
+    )
     out = _sweep(cfg)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, _, children = _runs(tmp_path, "nan")
@@ -140,10 +162,21 @@ def test_diverging_trial_is_marked_failed_and_sweep_continues(tmp_path):
 
 def test_killed_sweep_resumes_without_duplicates(tmp_path):
     _data(tmp_path)
-    cfg = _config(tmp_path, "resume", budget={"trials": 3}, evaluation={"neighbourhood": False},
-                  training={"max_epochs": 6})
-    proc = subprocess.Popen([sys.executable, "-m", "regvi.sweep", str(cfg)], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cfg = _config(
+        tmp_path,
+        "resume",
+        budget={"trials": 3},
+        evaluation={"neighbourhood": False},
+        training={"max_epochs": 6},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "regvi.sweep", str(cfg)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     done_before: set[str] = set()
     while time.time() < deadline and proc.poll() is None:
@@ -152,8 +185,11 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
             _, _, children = _runs(tmp_path, "resume")
         except Exception:
             continue
-        done_before = {r.data.tags["regvi.trial_id"] for r in children
-                       if r.data.tags.get("regvi.status") == "completed"}
+        done_before = {
+            r.data.tags["regvi.trial_id"]
+            for r in children
+            if r.data.tags.get("regvi.status") == "completed"
+        }
         if done_before:
             break
     assert done_before, "no trial finished before the deadline"
@@ -171,4 +207,6 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
             # a finished trial was not re-run: its model was logged once
             assert r.data.tags.get("regvi.status") == "completed"
             assert len(c.get_metric_history(r.info.run_id, "epochs_trained")) == 1
-    assert all(r.data.tags.get("regvi.status") in ("completed", "failed", "pruned") for r in children)
+    assert all(
+        r.data.tags.get("regvi.status") in ("completed", "failed", "pruned") for r in children
+    )
