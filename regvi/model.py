@@ -359,7 +359,7 @@ class RegVI:
             strata = pd.Series(["|".join(t) for t in zip(*parts, strict=True)]).to_numpy()
         train_idx, val_idx = train_validation_split(n_cells, validation_fraction, seed, strata)
         self.train_indices, self.validation_indices = train_idx, val_idx
-        data = CountBatches(self._X, self._covariates)
+        data = self._dataset()
         replicas, rank = shard if shard is not None else (1, 0)
         train_loader = make_loader(data, train_idx, batch_size, True, seed, replicas, rank)
         val_loader = (
@@ -428,14 +428,21 @@ class RegVI:
         if adata is None or adata is self.adata:
             if self.adata is None:
                 raise ValueError("this model was loaded without data; pass adata=...")
-            X, cov = self._X, self._covariates
+            data = self._dataset()
         else:
             self.registry.check_var_names(adata)
             X = get_counts(adata, self.registry.layer)
             validate_counts(X, "adata", self.setup_kwargs.get("allow_non_integer", False))
-            cov = self.registry.encode(adata.obs, MODEL_PURPOSES, category_fallback)
-        idx = np.arange(X.shape[0]) if indices is None else np.asarray(indices)
-        return make_loader(CountBatches(X, cov), idx, batch_size, shuffle=False)
+            data = CountBatches(X, self.registry.encode(adata.obs, MODEL_PURPOSES, category_fallback))
+        idx = np.arange(len(data)) if indices is None else np.asarray(indices)
+        return make_loader(data, idx, batch_size, shuffle=False)
+
+    def _dataset(self) -> CountBatches:
+        """The setup data as minibatches, built once (per-cell constants computed once)."""
+        cached = getattr(self, "_cached_dataset", None)
+        if cached is None or cached.X is not self._X:
+            cached = self._cached_dataset = CountBatches(self._X, self._covariates)
+        return cached
 
     @torch.inference_mode()
     def get_latent_representation(

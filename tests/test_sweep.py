@@ -210,3 +210,117 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
     assert all(
         r.data.tags.get("regvi.status") in ("completed", "failed", "pruned") for r in children
     )
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [
+        int(line.split()[0])
+        for line in out.splitlines()[1:]
+        if "RayTrainWorker" in line and "grep" not in line
+    ]
+
+
+def test_killed_train_worker_is_retried_from_checkpoint(tmp_path):
+    _data(tmp_path)
+    cfg = _config(
+        tmp_path,
+        "workerkill",
+        budget={"trials": 1},
+        training={"max_epochs": 12},
+        evaluation={"neighbourhood": False},
+        search={"n_hidden": {"type": "categorical", "values": [256]}},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "regvi.sweep", str(cfg)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    killed = False
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not killed:
+        time.sleep(2)
+        try:
+            c, _, children = _runs(tmp_path, "workerkill")
+        except Exception:
+            continue
+        if children and len(c.get_metric_history(children[0].info.run_id, "train_loss")) >= 3:
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)  # a real worker process death mid-trial
+                killed = True
+    assert killed, "never saw a running Train worker to kill"
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    c, _, children = _runs(tmp_path, "workerkill")
+    assert len(children) == 1
+    run = children[0]
+    assert run.data.tags.get("regvi.status") == "completed", out[-3000:]
+    assert run.data.metrics["epochs_trained"] == 12  # restarted from its checkpoint, not from 0
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(12))  # each epoch logged exactly once across the restart
+
+
+def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
+    import socket
+
+    _data(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server_artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(tracking_uri=uri)
+        for _ in range(60):
+            try:
+                c.search_experiments()
+                break
+            except Exception:
+                time.sleep(1)
+        cfg = _config(
+            tmp_path,
+            "server",
+            evaluation={"neighbourhood": False},
+            mlflow={"tracking_uri": uri, "experiment": "server", "register_model": "srv"},
+        )
+        out = _sweep(cfg)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        exp = c.get_experiment_by_name("server")
+        runs = c.search_runs([exp.experiment_id])
+        children = [r for r in runs if "regvi.trial_id" in r.data.tags]
+        assert len(children) == 2
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        model = regvi.load("models:/srv@champion")
+        assert model.config.n_hidden in (16, 32)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
