@@ -157,3 +157,28 @@ def test_cli_scores_embeddings(tmp_path, small):
     assert any(k.startswith("nc_") for k in m)
     assert (out / "X_pca" / "per_cell.csv").is_file()
     assert (out / "X_pca" / "neighbourhood_correlation.png").is_file()
+
+
+def test_evaluate_with_low_count_robustness_of_a_model(trained, tmp_path):
+    from evaluation.evaluate import evaluate, write_outputs
+
+    adata = trained.adata.copy()
+    adata.obsm["X_regvi"] = trained.get_latent_representation(adata)
+
+    def encode(X, idx):
+        thinned = adata[idx].copy()
+        thinned.X = X
+        return trained.get_latent_representation(thinned)
+
+    ev = evaluate(
+        adata, "X_regvi", "library", "cell_type", scib=False, encode=encode, n_subsample=200
+    )
+    m = ev.metrics
+    for q in ("0.5", "0.25", "0.1"):
+        assert 0 <= m[f"lowcount_q{q}_knn_preservation"] <= 1
+        assert m[f"lowcount_q{q}_displacement"] > 0
+    # thinner cells move further from their deep originals
+    assert m["lowcount_q0.1_displacement"] > m["lowcount_q0.5_displacement"]
+    assert m["lowcount_q0.1_median_umis"] < m["lowcount_q0.5_median_umis"]
+    paths = write_outputs(ev, adata.obs, tmp_path / "out", ["cell_type", "library"], umap=False)
+    assert paths["metrics_json"].is_file() and paths["per_cell"].is_file()
