@@ -23,14 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     from regvi.sweep.space import describe
 
     try:
-        overrides = None
         cfg = load_config(args.config)
         if args.trials is not None:
             cfg.trials = args.trials
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    del overrides
     print(
         f"sweep {cfg.name!r}: {cfg.trials} trials, objective "
         f"{dict(zip(cfg.objective_metrics, cfg.objective_modes, strict=True))}, "

@@ -131,7 +131,6 @@ def _static(cfg: SweepConfig, sweep_dir: Path) -> dict[str, Any]:
 
 def _searcher(cfg: SweepConfig, sweep_dir: Path):
     import optuna
-    from ray.tune.search import ConcurrencyLimiter  # noqa: F401  (limit set in TuneConfig)
     from ray.tune.search.optuna import OptunaSearch
 
     from regvi.sweep.space import define_by_run
