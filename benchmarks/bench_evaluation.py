@@ -22,7 +22,6 @@ import time
 import warnings
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "kang2018_ifnb_pbmc.h5ad"
 MARKERS = REPO.parent / "shared" / "data" / "markers" / "immune_marker_genes.csv"

@@ -433,7 +433,9 @@ class RegVI:
             self.registry.check_var_names(adata)
             X = get_counts(adata, self.registry.layer)
             validate_counts(X, "adata", self.setup_kwargs.get("allow_non_integer", False))
-            data = CountBatches(X, self.registry.encode(adata.obs, MODEL_PURPOSES, category_fallback))
+            data = CountBatches(
+                X, self.registry.encode(adata.obs, MODEL_PURPOSES, category_fallback)
+            )
         idx = np.arange(len(data)) if indices is None else np.asarray(indices)
         return make_loader(data, idx, batch_size, shuffle=False)
 
