@@ -324,3 +324,21 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_two_cpu_workers_per_trial(tmp_path):
+    _data(tmp_path)
+    cfg = _config(
+        tmp_path,
+        "ddp",
+        budget={"trials": 1},
+        resources={"workers": 2},
+        evaluation={"neighbourhood": False},
+        training={"max_epochs": 3},
+    )
+    out = _sweep(cfg)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, _, children = _runs(tmp_path, "ddp")
+    assert len(children) == 1
+    assert children[0].data.tags.get("regvi.status") == "completed"
+    assert children[0].data.metrics["world_size"] == 2  # Lightning DDP over 2 Ray Train workers

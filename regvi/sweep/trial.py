@@ -115,6 +115,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         "final": 1.0,
         "epochs_trained": float(len(model.history)),
         "worker_node_id": ray.get_runtime_context().get_node_id(),
+        "world_size": float(world),
     }
     if len(model.history):  # the final report carries the last epoch's values (objective, ASHA)
         last = model.history.iloc[-1]
