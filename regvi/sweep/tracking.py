@@ -225,7 +225,8 @@ class MLflowSweepCallback(_TuneCallback):
         final = {
             k: v
             for k, v in result.items()
-            if k.startswith(("scib_", "nc_", "lowcount_", "eval_")) or k in ("epochs_trained",)
+            if k.startswith(("scib_", "nc_", "lowcount_", "eval_"))
+            or k in ("epochs_trained", "world_size")
         }
         _log_metrics(c, run_id, final)
         ckpt = result.get("checkpoint_path")
