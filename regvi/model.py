@@ -262,9 +262,7 @@ class RegVI:
                 torch.tensor(mean_expr, dtype=torch.float32), ambient_means, theta
             )
         elif theta is not None:
-            self.module.data_init(
-                self.module.decoder.out.bias.new_full((X.shape[1],), 1.0), None, theta
-            )
+            self.module.data_init(None, None, theta)  # dispersion only; keep default init
 
     # ------------------------------------------------------------------ training
     def train(

@@ -193,7 +193,7 @@ class RegVIModule(nn.Module):
     @torch.no_grad()
     def data_init(
         self,
-        mean_expression: torch.Tensor,
+        mean_expression: torch.Tensor | None,
         ambient_group_means: list[torch.Tensor] | None = None,
         dispersion_init: torch.Tensor | None = None,
     ) -> None:
@@ -202,14 +202,16 @@ class RegVIModule(nn.Module):
         Parameters
         ----------
         mean_expression
-            Mean depth-normalised expression per gene, ``(G,)``: decoder output bias =
+            Mean depth-normalised expression per gene, ``(G,)`` (``None``: keep the bias): decoder
+            output bias =
             softplus⁻¹(max(mean, 0.01)).
         ambient_group_means
             Per ambient key, ``(n_categories, G)`` group means: ambient = 0.2 × mean.
         dispersion_init
             Optional ``(n_disp, G)`` method-of-moments theta (``dispersion_init="data"``).
         """
-        self.decoder.out.bias.copy_(inverse_softplus(mean_expression.clamp_min(0.01)))
+        if mean_expression is not None:
+            self.decoder.out.bias.copy_(inverse_softplus(mean_expression.clamp_min(0.01)))
         if ambient_group_means is not None and self.config.use_ambient:
             n_keys = len(self.ambient_log)
             for param, means in zip(self.ambient_log, ambient_group_means, strict=True):

@@ -220,3 +220,18 @@ def test_gradients_reach_every_parameter(sim):
         if p.grad is None or not torch.isfinite(p.grad).all()
     ]
     assert not missing
+
+
+def test_dispersion_init_from_data(sim):
+    torch.manual_seed(0)
+    m = regvi.RegVI(
+        sim, library_key="library", data_init=False, dispersion_init="data", n_hidden=16, n_latent=3
+    )
+    theta = torch.exp(m.module.log_theta_mean)
+    assert theta.shape == (3, sim.n_vars)
+    assert (theta >= 0.01 - 1e-6).all() and (theta <= 20 + 1e-4).all()
+    assert not torch.allclose(theta, torch.tensor(9.0))
+    torch.manual_seed(0)
+    plain = regvi.RegVI(sim, library_key="library", data_init=False, n_hidden=16, n_latent=3)
+    # data_init=False leaves the decoder bias at its default initialisation
+    assert torch.equal(m.module.decoder.out.bias, plain.module.decoder.out.bias)
