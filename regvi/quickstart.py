@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m regvi.quickstart [--out regvi_runs/quickstart] [--max-epochs 100] [--preset default]
+    python -m regvi.quickstart [--out regvi_runs/quickstart_model] [--max-epochs 100] [--preset default]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="regvi quickstart on bundled real data (Kang 2018 PBMC)"
     )
-    p.add_argument("--out", type=Path, default=Path("regvi_runs/quickstart"))
+    p.add_argument("--out", type=Path, default=Path("regvi_runs/quickstart_model"))
     p.add_argument("--max-epochs", type=int, default=100)
     p.add_argument("--preset", choices=list(regvi.RegVI.PRESETS), default="default")
     p.add_argument(
