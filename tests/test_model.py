@@ -211,3 +211,16 @@ def test_bundled_real_data_trains():
     m = regvi.RegVI(adata, library_key="condition", labels_key="cell_type", n_hidden=32, n_latent=8)
     h = m.train(max_epochs=2, early_stopping=False, progress_bar=False)
     assert np.isfinite(h["validation_elbo"]).all()
+
+
+@pytest.mark.slow
+def test_single_model_quickstart_cli(tmp_path):
+    from regvi.quickstart import main
+
+    out = tmp_path / "qs"
+    main(["--out", str(out), "--max-epochs", "2"])
+    for name in ("model/model.safetensors", "training_curves.png", "umap.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["--out", str(out), "--max-epochs", "1"])
