@@ -35,7 +35,8 @@ from regvi.training import (
 
 logger = logging.getLogger(__name__)
 
-_REGISTRY_ARGS = (
+#: RegVI arguments that set up the covariate registry (the data section of a sweep config).
+REGISTRY_ARGS = (
     "library_key",
     "batch_key",
     "ambient_covariate_keys",
@@ -159,16 +160,7 @@ class RegVI:
     ):
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData; got {type(adata).__name__}")
-        known = set(ModuleConfig.__dataclass_fields__) - {
-            "n_genes",
-            "n_continuous",
-            "n_cats_decoder",
-            "n_cats_encoder",
-            "n_ambient_per_key",
-            "n_dispersion_groups",
-            "n_library_groups",
-            "n_scaling_per_key",
-        }
+        known = ModuleConfig.user_options()
         unknown = sorted(set(model_kwargs) - known)
         if unknown:
             raise TypeError(
@@ -177,7 +169,7 @@ class RegVI:
         if dispersion_init not in ("prior", "data"):
             raise ValueError(f"dispersion_init={dispersion_init!r}; expected 'prior' or 'data'")
         local = locals()
-        registry_kwargs = {k: local[k] for k in _REGISTRY_ARGS}
+        registry_kwargs = {k: local[k] for k in REGISTRY_ARGS}
         self.registry = CovariateRegistry.from_anndata(adata, **registry_kwargs)
         X = get_counts(adata, layer)
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"

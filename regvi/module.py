@@ -45,6 +45,21 @@ def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+#: ModuleConfig fields derived from the data / covariate registry (not user options).
+DERIVED_FIELDS = frozenset(
+    {
+        "n_genes",
+        "n_continuous",
+        "n_cats_decoder",
+        "n_cats_encoder",
+        "n_ambient_per_key",
+        "n_dispersion_groups",
+        "n_library_groups",
+        "n_scaling_per_key",
+    }
+)
+
+
 @dataclass
 class ModuleConfig:
     """Everything needed to rebuild a :class:`RegVIModule` (saved as JSON with the weights).
@@ -90,6 +105,11 @@ class ModuleConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable representation."""
         return asdict(self)
+
+    @classmethod
+    def user_options(cls) -> set[str]:
+        """Fields a user may set (everything not derived from the data)."""
+        return set(cls.__dataclass_fields__) - DERIVED_FIELDS
 
     def __post_init__(self) -> None:
         if self.dispersion not in ("gene-batch", "gene"):

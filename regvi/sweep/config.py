@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from regvi.model import REGISTRY_ARGS
 from regvi.module import ModuleConfig
 
 BUNDLED_PREFIX = "bundled:"
@@ -25,36 +26,8 @@ MODEL_ARGS = {
     "dropout_rate",
     "data_init",
     "dispersion_init",
-} | (
-    set(ModuleConfig.__dataclass_fields__)
-    - {
-        "n_genes",
-        "n_continuous",
-        "n_cats_decoder",
-        "n_cats_encoder",
-        "n_ambient_per_key",
-        "n_dispersion_groups",
-        "n_library_groups",
-        "n_scaling_per_key",
-    }
-)
-DATA_KEYS = {
-    "path",
-    "layer",
-    "library_key",
-    "batch_key",
-    "labels_key",
-    "dataset_key",
-    "technical_covariate_keys",
-    "ambient_covariate_keys",
-    "dispersion_key",
-    "library_size_key",
-    "feature_scaling_covariate_keys",
-    "nn_conditioning_covariate_keys",
-    "encoder_covariate_keys",
-    "continuous_covariate_keys",
-    "allow_non_integer",
-}
+} | ModuleConfig.user_options()
+DATA_KEYS = {"path", "allow_non_integer", *REGISTRY_ARGS}
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
 SECTIONS = {
     "name",
