@@ -57,11 +57,9 @@ class CountBatches(Dataset):
 def log_factorial_rows(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
     """Per-row sum of lgamma(x + 1) (float32), computed over stored non-zeros for CSR."""
     if sp.issparse(X):
-        values = gammaln(X.data.astype(np.float64) + 1.0)
-        per_row = np.zeros(X.shape[0])
-        rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-        np.add.at(per_row, rows, values)
-        return per_row.astype(np.float32)
+        # same sparsity pattern, lgamma(x + 1) as values; a CSR row sum (np.add.at is slow)
+        lf = sp.csr_matrix((gammaln(X.data.astype(np.float64) + 1.0), X.indices, X.indptr), X.shape)
+        return np.asarray(lf.sum(axis=1)).ravel().astype(np.float32)
     return gammaln(np.asarray(X, dtype=np.float64) + 1.0).sum(1).astype(np.float32)
 
 
