@@ -56,6 +56,7 @@ DERIVED_FIELDS = frozenset(
         "n_dispersion_groups",
         "n_library_groups",
         "n_scaling_per_key",
+        "n_latent_decoder",
     }
 )
 
@@ -83,6 +84,9 @@ class ModuleConfig:
     n_dispersion_groups: int = 1
     n_library_groups: int = 1
     n_scaling_per_key: list[int] = field(default_factory=list)
+    #: width of the z fed to the decoder (``None``: ``n_latent``); the multimodal model feeds
+    #: the joint z of all modalities to every decoder
+    n_latent_decoder: int | None = None
     # ambient RNA
     use_ambient: bool = True
     regularise_background: bool = False
@@ -160,7 +164,7 @@ class RegVIModule(nn.Module):
             var_activation=c.var_activation,
         )
         self.decoder = Decoder(
-            c.n_latent + c.n_continuous,
+            (c.n_latent_decoder or c.n_latent) + c.n_continuous,
             G,
             c.n_hidden,
             c.n_layers,
@@ -426,37 +430,15 @@ class RegVIModule(nn.Module):
             ``global``, ``kl_z_per_dim`` and ``theta_mean`` (detached-safe tensors).
         """
         x = batch["x"]
-        n_batch = x.shape[0]
-        if n_obs is None:
-            raise ValueError("loss() needs n_obs = number of training cells (got None)")
-        if not skip_n_obs_check and n_obs < n_batch:
-            raise ValueError(
-                f"n_obs={n_obs} is smaller than the minibatch ({n_batch} cells): n_obs must be the "
-                "number of TRAINING cells (N_train), not the batch size. Pass "
-                "skip_n_obs_check=True if this is intended."
-            )
+        check_n_obs(n_obs, x.shape[0], skip_n_obs_check)
         inf = self.inference(batch, sample=sample)
         gen = self.generative(inf["z"], inf["library"], batch, sample_theta=sample)
+        local = self.local_terms(batch, inf, gen)
         # local (cell plate) terms: summed over non-batch dims, MEANED over the minibatch
-        # x ~ GammaPoisson(theta, theta / mu); lgamma(x + 1) is precomputed per cell (non-zeros)
-        log_lik = gamma_poisson_log_prob_unnormalised(
-            x, gen["mu"], gen["theta"], gen["log_theta_cell"], gen["lgamma_theta_cell"]
-        )
-        reconstruction = (batch["log_x_factorial"] - log_lik.sum(-1)).mean()
-        kl_z_per_dim = normal_kl(
-            inf["qz_mean"],
-            inf["qz_var"],
-            torch.zeros_like(inf["qz_mean"]),
-            torch.ones_like(inf["qz_var"]),
-        )
+        reconstruction = local["reconstruction"].mean()
+        kl_z_per_dim = local["kl_z_per_dim"]
         kl_z = kl_z_per_dim.sum(-1).mean()
-        lib_group = batch["library_size"][:, 0]
-        kl_library = normal_kl(
-            inf["ql_mean"][:, 0],
-            inf["ql_var"][:, 0],
-            self.library_prior_mean[lib_group],
-            self.config.library_variance_weight * self.library_prior_var[lib_group],
-        ).mean()
+        kl_library = local["kl_library"].mean()
         # global (gene / group plate) terms: divided by n_obs = N_train, never the batch size
         penalties = self.global_penalties(gen["log_theta"], inf)
         global_total = sum(penalties.values())
@@ -474,5 +456,54 @@ class RegVIModule(nn.Module):
             "theta_mean": torch.exp(gen["log_theta"]).mean(),
         }
         if return_per_gene:
-            out["reconstruction_per_gene"] = (torch.lgamma(x + 1.0) - log_lik).mean(0)
+            out["reconstruction_per_gene"] = (torch.lgamma(x + 1.0) - local["log_lik"]).mean(0)
         return out
+
+    def local_terms(
+        self, batch: dict[str, torch.Tensor], inf: dict[str, Any], gen: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Per-cell (cell-plate) terms, before averaging over the minibatch.
+
+        Returns
+        -------
+        dict
+            ``reconstruction`` ``(B,)`` = −log p(x | z, l) summed over features,
+            ``kl_z_per_dim`` ``(B, D)``, ``kl_library`` ``(B,)`` and ``log_lik`` ``(B, G)``
+            (without the lgamma(x + 1) constant).
+        """
+        x = batch["x"]
+        # x ~ GammaPoisson(theta, theta / mu); lgamma(x + 1) is precomputed per cell (non-zeros)
+        log_lik = gamma_poisson_log_prob_unnormalised(
+            x, gen["mu"], gen["theta"], gen["log_theta_cell"], gen["lgamma_theta_cell"]
+        )
+        kl_z_per_dim = normal_kl(
+            inf["qz_mean"],
+            inf["qz_var"],
+            torch.zeros_like(inf["qz_mean"]),
+            torch.ones_like(inf["qz_var"]),
+        )
+        lib_group = batch["library_size"][:, 0]
+        kl_library = normal_kl(
+            inf["ql_mean"][:, 0],
+            inf["ql_var"][:, 0],
+            self.library_prior_mean[lib_group],
+            self.config.library_variance_weight * self.library_prior_var[lib_group],
+        )
+        return {
+            "reconstruction": batch["log_x_factorial"] - log_lik.sum(-1),
+            "kl_z_per_dim": kl_z_per_dim,
+            "kl_library": kl_library,
+            "log_lik": log_lik,
+        }
+
+
+def check_n_obs(n_obs: int | None, n_batch: int, skip: bool = False) -> None:
+    """Refuse a missing ``n_obs`` or one smaller than the minibatch (the plate rule, spec §4)."""
+    if n_obs is None:
+        raise ValueError("loss() needs n_obs = number of training cells (got None)")
+    if not skip and n_obs < n_batch:
+        raise ValueError(
+            f"n_obs={n_obs} is smaller than the minibatch ({n_batch} cells): n_obs must be the "
+            "number of TRAINING cells (N_train), not the batch size. Pass "
+            "skip_n_obs_check=True if this is intended."
+        )

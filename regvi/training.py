@@ -56,10 +56,15 @@ class TrainSettings:
 class _EpochAccumulator:
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.keys: list[str] = list(LOGGED_TERMS)
         self.n = 0
 
     def add(self, out: dict[str, torch.Tensor], n: int) -> None:
-        for k in (*LOGGED_TERMS, "kl_z_per_dim"):
+        if not self.sums:
+            # LOGGED_TERMS first, then any further scalar terms (e.g. per-modality ones)
+            extra = [k for k, v in out.items() if k not in LOGGED_TERMS and v.dim() == 0]
+            self.keys = [*LOGGED_TERMS, *extra]
+        for k in (*self.keys, "kl_z_per_dim"):
             v = out[k].detach() * n
             self.sums[k] = v if k not in self.sums else self.sums[k] + v
         self.n += n
@@ -69,8 +74,8 @@ class _EpochAccumulator:
             return {}
         means = {k: v / self.n for k, v in self.sums.items()}
         per_dim = means.pop("kl_z_per_dim")
-        stacked = torch.stack([means[k] for k in LOGGED_TERMS]).cpu().numpy()
-        res = {f"{prefix}_{k}": float(v) for k, v in zip(LOGGED_TERMS, stacked, strict=True)}
+        stacked = torch.stack([means[k] for k in self.keys]).cpu().numpy()
+        res = {f"{prefix}_{k}": float(v) for k, v in zip(self.keys, stacked, strict=True)}
         res[f"{prefix}_n_active_dims"] = float((per_dim > 0.01).sum().item())
         return res
 
@@ -81,14 +86,14 @@ class TrainingPlan(pl.LightningModule):
     Parameters
     ----------
     module
-        The generative model.
+        The generative model (:class:`RegVIModule` or the multimodal module).
     n_obs_train
         N_train, used to scale global priors in training AND validation.
     settings
         Optimiser and warmup settings.
     """
 
-    def __init__(self, module: RegVIModule, n_obs_train: int, settings: TrainSettings):
+    def __init__(self, module: RegVIModule | Any, n_obs_train: int, settings: TrainSettings):
         super().__init__()
         self.module = module
         self.n_obs_train = int(n_obs_train)
@@ -109,9 +114,14 @@ class TrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         s = self.settings
-        return torch.optim.Adam(
-            self.module.parameters(), lr=s.effective_lr(), weight_decay=s.weight_decay, eps=s.eps
+        lr = s.effective_lr()
+        # the multimodal module gives one parameter group per modality (lr multipliers)
+        groups = (
+            self.module.parameter_groups(lr)
+            if hasattr(self.module, "parameter_groups")
+            else self.module.parameters()
         )
+        return torch.optim.Adam(groups, lr=lr, weight_decay=s.weight_decay, eps=s.eps)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -119,7 +129,7 @@ class TrainingPlan(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.module.loss(batch, self.n_obs_train, kl_weight=self.kl_weight)
-        self._train_acc.add(out, batch["x"].shape[0])
+        self._train_acc.add(out, batch["index"].shape[0])
         return out["loss"]
 
     def on_validation_epoch_start(self) -> None:
@@ -130,7 +140,7 @@ class TrainingPlan(pl.LightningModule):
         out = self.module.loss(
             batch, self.n_obs_train, kl_weight=self.kl_weight, skip_n_obs_check=True
         )
-        self._val_acc.add(out, batch["x"].shape[0])
+        self._val_acc.add(out, batch["index"].shape[0])
 
     def on_train_epoch_end(self) -> None:
         self.finish_epoch()

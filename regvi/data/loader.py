@@ -54,6 +54,56 @@ class CountBatches(Dataset):
         return batch
 
 
+class MultiCountBatches(Dataset):
+    """Batched view of several count modalities of the same cells plus shared covariates.
+
+    Each batch holds the shared covariates and ``batch["modalities"][m]`` with ``x`` (dense
+    float32), ``log_x_factorial`` and ``observed`` (cells with any count in ``m``).
+
+    Parameters
+    ----------
+    Xs
+        Modality → counts (CSR or dense), all with the same cells in the same order.
+    covariates
+        Purpose → array with one row per cell, shared by all modalities.
+    """
+
+    def __init__(
+        self,
+        Xs: Mapping[str, np.ndarray | sp.csr_matrix],
+        covariates: Mapping[str, np.ndarray],
+    ):
+        self.parts = {m: CountBatches(X, {}) for m, X in Xs.items()}
+        n = {m: len(p) for m, p in self.parts.items()}
+        if len(set(n.values())) != 1:
+            raise ValueError(f"modalities have different numbers of cells: {n}")
+        self.n_cells = next(iter(n.values()))
+        self.covariates = {
+            k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
+        }
+        self.observed = {
+            m: torch.from_numpy(np.asarray(X.sum(axis=1)).ravel() > 0) for m, X in Xs.items()
+        }
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def __getitem__(self, idx: np.ndarray) -> dict:
+        idx = np.asarray(idx)
+        tidx = torch.from_numpy(idx)
+        batch: dict = {"index": tidx, "modalities": {}}
+        for k, v in self.covariates.items():
+            batch[k] = v[tidx]
+        for m, part in self.parts.items():
+            sub = part[idx]
+            batch["modalities"][m] = {
+                "x": sub["x"],
+                "log_x_factorial": sub["log_x_factorial"],
+                "observed": self.observed[m][tidx],
+            }
+        return batch
+
+
 def log_factorial_rows(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
     """Per-row sum of lgamma(x + 1) (float32), computed over stored non-zeros for CSR."""
     if sp.issparse(X):
@@ -128,7 +178,7 @@ class BatchIndexSampler(Sampler[np.ndarray]):
 
 
 def make_loader(
-    data: CountBatches,
+    data: CountBatches | MultiCountBatches,
     indices: np.ndarray,
     batch_size: int,
     shuffle: bool,

@@ -1,0 +1,276 @@
+"""The multimodal regvi model (spec §6), assembled from one :class:`RegVIModule` per modality.
+
+Every modality keeps the single-modal building blocks — encoder, library encoder, decoder,
+ambient, feature scaling, dispersion prior and GammaPoisson likelihood — so there is one
+implementation of each. What this module adds is the wiring:
+
+* modalities are sorted alphabetically; modality m's encoder gives the latent block z_m with its
+  own N(0, I) prior, and the joint z = [z_m1 ; z_m2 ; ...] feeds EVERY decoder;
+* a cell with no counts in modality m (missing modality) has that modality's local terms masked
+  (reconstruction, KL(q(z_m) || p(z_m)), KL(q(l_m) || p(l_m))) and its block z_m drawn from the
+  prior p(z_m) = N(0, I) (its posterior given no data) — the prior mean at inference;
+* loss = sum over modalities of local terms meaned over cells + sum of global terms / N_train;
+* per-modality switches turn purpose-based covariates off (one group / no input for that
+  modality), and per-modality learning-rate multipliers become optimiser parameter groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from regvi.module import ModuleConfig, RegVIModule, check_n_obs
+
+#: Covariate purposes a modality can switch off.
+SWITCHABLE_PURPOSES = (
+    "ambient",
+    "dispersion",
+    "library_size",
+    "feature_scaling",
+    "nn_conditioning",
+    "encoder",
+    "continuous",
+)
+#: Purposes whose codes index parameter groups (switched off = everything in group 0).
+_GROUP_PURPOSES = ("ambient", "dispersion", "library_size", "feature_scaling")
+
+
+@dataclass
+class MultiModuleConfig:
+    """Configuration of :class:`RegMultiVIModule` (saved as JSON with the weights).
+
+    Attributes
+    ----------
+    modalities
+        Modality names, sorted alphabetically (the latent order).
+    configs
+        Modality → its :class:`ModuleConfig` (``n_latent_decoder`` = joint latent size).
+    disabled_covariates
+        Modality → purposes switched off for it.
+    lr_multipliers
+        Modality → multiplier of the learning rate of its parameters.
+    """
+
+    modalities: list[str]
+    configs: dict[str, ModuleConfig]
+    disabled_covariates: dict[str, list[str]] = field(default_factory=dict)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if list(self.modalities) != sorted(self.modalities):
+            raise ValueError(f"modalities must be sorted alphabetically; got {self.modalities}")
+        if len(self.modalities) < 2:
+            raise ValueError(f"the multimodal model needs 2+ modalities; got {self.modalities}")
+        if set(self.configs) != set(self.modalities):
+            raise ValueError(
+                f"configs for {sorted(self.configs)} do not match modalities {self.modalities}"
+            )
+        total = self.n_latent
+        for m, c in self.configs.items():
+            if c.n_latent_decoder != total:
+                raise ValueError(
+                    f"modality {m!r}: n_latent_decoder={c.n_latent_decoder}; expected the joint "
+                    f"latent size {total}"
+                )
+        for m, purposes in self.disabled_covariates.items():
+            bad = sorted(set(purposes) - set(SWITCHABLE_PURPOSES))
+            if m not in self.configs or bad:
+                raise ValueError(
+                    f"disabled_covariates[{m!r}]={purposes}: unknown modality or purposes {bad}; "
+                    f"modalities {self.modalities}, purposes {list(SWITCHABLE_PURPOSES)}"
+                )
+        for m, mult in self.lr_multipliers.items():
+            if m not in self.configs or not float(mult) > 0:
+                raise ValueError(
+                    f"lr_multipliers[{m!r}]={mult!r}: expected a known modality and a positive "
+                    f"number (modalities {self.modalities})"
+                )
+
+    @property
+    def n_latent(self) -> int:
+        """Size of the joint latent z."""
+        return sum(self.configs[m].n_latent for m in self.modalities)
+
+    def latent_slices(self) -> dict[str, slice]:
+        """Modality → its block of the joint latent."""
+        out, start = {}, 0
+        for m in self.modalities:
+            n = self.configs[m].n_latent
+            out[m] = slice(start, start + n)
+            start += n
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable representation."""
+        return {
+            "modalities": list(self.modalities),
+            "configs": {m: c.to_dict() for m, c in self.configs.items()},
+            "disabled_covariates": {m: list(v) for m, v in self.disabled_covariates.items()},
+            "lr_multipliers": {m: float(v) for m, v in self.lr_multipliers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MultiModuleConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            modalities=list(d["modalities"]),
+            configs={m: ModuleConfig(**c) for m, c in d["configs"].items()},
+            disabled_covariates={m: list(v) for m, v in d.get("disabled_covariates", {}).items()},
+            lr_multipliers=dict(d.get("lr_multipliers", {})),
+        )
+
+
+class RegMultiVIModule(nn.Module):
+    """Joint generative model over several count modalities (spec §6).
+
+    A minibatch holds the shared covariate codes (``index``, ``ambient``, ``dispersion``, ...)
+    and ``batch["modalities"][m]`` with ``x``, ``log_x_factorial`` and ``observed`` (bool,
+    ``(B,)``) for every modality m.
+    """
+
+    def __init__(self, config: MultiModuleConfig):
+        super().__init__()
+        self.config = config
+        self.modalities = list(config.modalities)
+        self.slices = config.latent_slices()
+        self.mods = nn.ModuleDict({m: RegVIModule(config.configs[m]) for m in self.modalities})
+
+    # ------------------------------------------------------------------ data views
+    def modality_batch(self, batch: dict[str, Any], m: str) -> dict[str, Any]:
+        """The single-modal view of ``batch`` for modality ``m`` (covariate switches applied)."""
+        view = {k: v for k, v in batch.items() if k != "modalities"}
+        view.update(batch["modalities"][m])
+        for purpose in self.config.disabled_covariates.get(m, ()):
+            if purpose in _GROUP_PURPOSES and purpose in view:
+                view[purpose] = torch.zeros_like(view[purpose][:, :1])
+            elif purpose == "continuous":
+                view["continuous"] = view["continuous"][:, :0]
+            else:
+                view.pop(purpose, None)
+        return view
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups, one per modality, with the modality's lr multiplier."""
+        return [
+            {
+                "params": list(self.mods[m].parameters()),
+                "lr": lr * float(self.config.lr_multipliers.get(m, 1.0)),
+                "name": m,
+            }
+            for m in self.modalities
+        ]
+
+    # ------------------------------------------------------------------ three steps
+    def inference(self, batch: dict[str, Any], sample: bool = True) -> dict[str, Any]:
+        """Encode every modality; the joint z concatenates the blocks in modality order.
+
+        A block of a cell without that modality is replaced by a prior draw (``sample``) or the
+        prior mean 0, and its posterior moments by the prior's (mean 0, variance 1).
+        """
+        per: dict[str, dict[str, Any]] = {}
+        zs, means, variances = [], [], []
+        for m in self.modalities:
+            view = self.modality_batch(batch, m)
+            inf = self.mods[m].inference(view, sample=sample)
+            observed = view["observed"][:, None]
+            prior_z = torch.randn_like(inf["z"]) if sample else torch.zeros_like(inf["z"])
+            zs.append(torch.where(observed, inf["z"], prior_z))
+            means.append(torch.where(observed, inf["qz_mean"], torch.zeros_like(inf["qz_mean"])))
+            variances.append(torch.where(observed, inf["qz_var"], torch.ones_like(inf["qz_var"])))
+            per[m] = inf
+        return {
+            "z": torch.cat(zs, dim=-1),
+            "qz_mean": torch.cat(means, dim=-1),
+            "qz_var": torch.cat(variances, dim=-1),
+            "modalities": per,
+        }
+
+    def generative(
+        self, z: torch.Tensor, inf: dict[str, Any], batch: dict[str, Any], sample_theta: bool = True
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Decode the joint z with every modality's decoder and observation model."""
+        return {
+            m: self.mods[m].generative(
+                z, inf["modalities"][m]["library"], self.modality_batch(batch, m), sample_theta
+            )
+            for m in self.modalities
+        }
+
+    def decoder_rates(self, z: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Decoder output rate rho_m(z) of every modality (no library, ambient or scaling)."""
+        out = {}
+        for m in self.modalities:
+            mod, view = self.mods[m], self.modality_batch(batch, m)
+            cont = view["continuous"]
+            dec_in = torch.cat([z, cont], dim=-1) if cont.shape[-1] else z
+            out[m] = mod.decoder(dec_in, mod.decoder_cats(view.get("nn_conditioning"), z.dtype))
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def loss(
+        self,
+        batch: dict[str, Any],
+        n_obs: int,
+        kl_weight: float = 1.0,
+        sample: bool = True,
+        skip_n_obs_check: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Negative ELBO: per-modality local terms meaned over cells + global terms / N_train.
+
+        Returns the same totals as :meth:`RegVIModule.loss` plus ``reconstruction_<m>``,
+        ``kl_z_<m>``, ``kl_library_<m>``, ``global_<m>`` and ``theta_mean_<m>`` per modality.
+        """
+        n_batch = batch["index"].shape[0]
+        check_n_obs(n_obs, n_batch, skip_n_obs_check)
+        inf = self.inference(batch, sample=sample)
+        gen = self.generative(inf["z"], inf, batch, sample_theta=sample)
+        out: dict[str, torch.Tensor] = {}
+        zero = inf["z"].new_zeros(())
+        totals = {"reconstruction": zero, "kl_z": zero, "kl_library": zero}
+        penalties_total: dict[str, torch.Tensor] = {}
+        kl_dims, theta_sum, n_theta = [], zero, 0
+        for m in self.modalities:
+            mod, view = self.mods[m], self.modality_batch(batch, m)
+            local = mod.local_terms(view, inf["modalities"][m], gen[m])
+            mask = view["observed"].to(inf["z"].dtype)
+            # masked cells contribute 0; the mean is over all B cells (the plate rule)
+            recon = (local["reconstruction"] * mask).mean()
+            kl_z_dims = local["kl_z_per_dim"] * mask[:, None]
+            kl_z = kl_z_dims.sum(-1).mean()
+            kl_l = (local["kl_library"] * mask).mean()
+            penalties = mod.global_penalties(gen[m]["log_theta"], inf["modalities"][m])
+            for k, v in penalties.items():
+                penalties_total[k] = penalties_total.get(k, zero) + v
+            theta = torch.exp(gen[m]["log_theta"])
+            theta_sum, n_theta = theta_sum + theta.sum(), n_theta + theta.numel()
+            out.update(
+                {
+                    f"reconstruction_{m}": recon,
+                    f"kl_z_{m}": kl_z,
+                    f"kl_library_{m}": kl_l,
+                    f"global_{m}": sum(penalties.values()) / n_obs,
+                    f"theta_mean_{m}": theta.mean(),
+                }
+            )
+            totals["reconstruction"] = totals["reconstruction"] + recon
+            totals["kl_z"] = totals["kl_z"] + kl_z
+            totals["kl_library"] = totals["kl_library"] + kl_l
+            kl_dims.append(kl_z_dims.mean(0))
+        global_total = sum(penalties_total.values())
+        elbo = totals["reconstruction"] + totals["kl_z"] + totals["kl_library"]
+        out.update(
+            loss=totals["reconstruction"]
+            + kl_weight * totals["kl_z"]
+            + totals["kl_library"]
+            + global_total / n_obs,
+            elbo=elbo,
+            **totals,
+            **{"global": global_total / n_obs},
+            **{k: v / n_obs for k, v in penalties_total.items()},
+            kl_z_per_dim=torch.cat(kl_dims),
+            theta_mean=theta_sum / n_theta,
+        )
+        return out
