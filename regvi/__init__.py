@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from regvi import datasets
 from regvi.io import load
 from regvi.model import RegVI
+from regvi.multimodal import RegMultiVI
 from regvi.simulate import simulate
 
-__all__ = ["RegVI", "__version__", "datasets", "load", "simulate"]
+__all__ = ["RegMultiVI", "RegVI", "__version__", "datasets", "load", "simulate"]

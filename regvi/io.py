@@ -26,6 +26,7 @@ from regvi.module import ModuleConfig, RegVIModule
 
 if TYPE_CHECKING:
     from regvi.model import RegVI
+    from regvi.multimodal import RegMultiVI
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -33,11 +34,12 @@ HISTORY = "history.csv"
 FORMAT_VERSION = 1
 
 
-def save_model(model: RegVI, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_model(model: RegVI | RegMultiVI, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` to directory ``path`` atomically (temp dir, then rename)."""
     from regvi import __version__
 
     path = Path(path)
+    multimodal = type(model).__name__ == "RegMultiVI"
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,7 @@ def save_model(model: RegVI, path: str | os.PathLike, overwrite: bool = False) -
             "model_class": type(model).__name__,
             "module_config": model.config.to_dict(),
             "registry": model.registry.to_dict(),
+            **({"var_names": model.var_names, "layers": model.layers} if multimodal else {}),
             "setup_kwargs": model.setup_kwargs,
             "is_trained": model.is_trained,
         }
@@ -121,8 +124,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load(path: str | os.PathLike, adata: AnnData | None = None) -> RegVI:
-    """Load a model saved with :meth:`regvi.RegVI.save`.
+def load(path: str | os.PathLike, adata: Any = None) -> RegVI | RegMultiVI:
+    """Load a model saved with :meth:`regvi.RegVI.save` or :meth:`regvi.RegMultiVI.save`.
 
     Parameters
     ----------
@@ -131,22 +134,33 @@ def load(path: str | os.PathLike, adata: AnnData | None = None) -> RegVI:
         ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``models:/<model_id>``
         (the tracking URI comes from ``MLFLOW_TRACKING_URI`` / ``mlflow.set_tracking_uri``).
     adata
-        Optional data to attach; its genes and categories are checked against the model.
+        Optional data to attach (AnnData; MuData or dict of AnnData for a multimodal model);
+        its features and categories are checked against the model.
 
     Returns
     -------
-    RegVI
+    RegVI or RegMultiVI
         The model in eval mode.
     """
     from regvi.model import RegVI
 
     path = resolve_model_path(path)
     meta = _read_meta(path)
-    if meta.get("model_class") != "RegVI":
-        raise ValueError(f"{path} holds a {meta.get('model_class')!r} model; expected 'RegVI'")
-    config = ModuleConfig(**meta["module_config"])
-    registry = CovariateRegistry.from_dict(meta["registry"])
-    module = RegVIModule(config)
+    model_class = meta.get("model_class")
+    if model_class not in ("RegVI", "RegMultiVI"):
+        raise ValueError(f"{path} holds a {model_class!r} model; expected 'RegVI' or 'RegMultiVI'")
+    try:
+        registry = CovariateRegistry.from_dict(meta["registry"])
+        if model_class == "RegMultiVI":
+            from regvi.multimodule import MultiModuleConfig, RegMultiVIModule
+
+            config: Any = MultiModuleConfig.from_dict(meta["module_config"])
+            module: Any = RegMultiVIModule(config)
+        else:
+            config = ModuleConfig(**meta["module_config"])
+            module = RegVIModule(config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path / CONFIG} has an invalid model config: {err}") from None
     try:
         state = load_file(path / WEIGHTS)
     except Exception as err:  # safetensors raises its own error types on corrupt files
@@ -160,6 +174,8 @@ def load(path: str | os.PathLike, adata: AnnData | None = None) -> RegVI:
         )
     module.load_state_dict(state, strict=True)
     module.eval()
+    if model_class == "RegMultiVI":
+        return _load_multimodal(meta, config, registry, module, path, adata)
     model = RegVI.__new__(RegVI)
     model.registry = registry
     model.config = config
@@ -187,3 +203,35 @@ def attach_data(model: RegVI, adata: AnnData) -> None:
     model._covariates = model.registry.encode(adata.obs, MODEL_PURPOSES)
     model._X = X
     model.adata = adata
+
+
+def _load_multimodal(
+    meta: dict[str, Any],
+    config: Any,
+    registry: CovariateRegistry,
+    module: Any,
+    path: Path,
+    mdata: Any,
+) -> RegMultiVI:
+    from regvi.multimodal import RegMultiVI
+
+    model = RegMultiVI.__new__(RegMultiVI)
+    model.registry = registry
+    model.config = config
+    model.module = module
+    model.var_names = {m: list(v) for m, v in meta["var_names"].items()}
+    model.layers = dict(meta.get("layers", {}))
+    model.setup_kwargs = meta.get("setup_kwargs", {})
+    model.is_trained = bool(meta.get("is_trained", False))
+    model.history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
+    model.train_indices = model.validation_indices = None
+    model.count_summary = {}
+    model.mdata = None
+    model._Xs = None
+    model._covariates = None
+    model._obs = None
+    model._cached_dataset = None
+    model.attribution_ = None
+    if mdata is not None:
+        model.attach(mdata)
+    return model

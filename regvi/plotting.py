@@ -1,13 +1,15 @@
-"""PNG plots of training: loss curves per epoch (matplotlib, Agg)."""
+"""PNG plots of training (loss curves per epoch) and modality attribution (matplotlib, Agg)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 
@@ -41,3 +43,102 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def umap_2d(latent: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """2-d UMAP of a latent (scanpy neighbours + UMAP)."""
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(X=np.zeros((latent.shape[0], 1), dtype=np.float32))
+    tmp.obsm["X_latent"] = np.asarray(latent, dtype=np.float32)
+    sc.pp.neighbors(tmp, use_rep="X_latent", n_neighbors=n_neighbors, random_state=seed)
+    sc.tl.umap(tmp, random_state=seed)
+    return np.asarray(tmp.obsm["X_umap"])
+
+
+def plot_attribution(
+    attribution: Any,
+    coords: np.ndarray,
+    labels: Any = None,
+    path: str | Path | None = None,
+) -> Any:
+    """UMAP coloured by log2 attribution ratio (2 modalities) or the leading block (3+).
+
+    A second panel shows ``labels`` (cell types) when given, and a third the ratio's
+    distribution per label, so one sees which cell types each modality's latent drives.
+    """
+    per_cell = attribution.per_cell
+    mods = attribution.modalities
+    n_panels = 1 + (labels is not None) * 2
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.8 * n_panels, 4.8), squeeze=False)
+    axes = axes[0]
+    order = np.random.default_rng(0).permutation(len(coords))
+    ax = axes[0]
+    if "log2_ratio" in per_cell:
+        r = per_cell["log2_ratio"].to_numpy()
+        lim = float(np.nanpercentile(np.abs(r - np.nanmedian(r)), 98)) or 1.0
+        centre = float(np.nanmedian(r))
+        sc_ = ax.scatter(
+            coords[order, 0],
+            coords[order, 1],
+            c=r[order],
+            cmap="coolwarm",
+            vmin=centre - lim,
+            vmax=centre + lim,
+            s=3,
+            linewidths=0,
+            rasterized=True,
+        )
+        fig.colorbar(sc_, ax=ax, label=f"log2 ||J_{mods[0]}|| / ||J_{mods[1]}||")
+        ax.set_title(f"attribution: {mods[0]} (red) vs {mods[1]} (blue)")
+    else:
+        blocks = np.stack([per_cell[f"jacobian_{m}"] for m in mods], axis=1)
+        lead = blocks.argmax(1)
+        cmap = plt.get_cmap("tab10")
+        ax.scatter(coords[order, 0], coords[order, 1], c=cmap(lead[order]), s=3, linewidths=0)
+        ax.legend(
+            handles=[
+                plt.Line2D([], [], marker="o", ls="", color=cmap(i), label=m)
+                for i, m in enumerate(mods)
+            ],
+            frameon=False,
+        )
+        ax.set_title("leading latent block per cell")
+    if labels is not None:
+        cats = pd.Categorical(np.asarray(labels).astype(str))
+        cmap = plt.get_cmap("tab20")
+        axes[1].scatter(
+            coords[order, 0],
+            coords[order, 1],
+            c=cmap(cats.codes[order] % cmap.N),
+            s=3,
+            linewidths=0,
+            rasterized=True,
+        )
+        for i, c in enumerate(cats.categories):
+            sel = cats.codes == i
+            if sel.sum():
+                x, y = np.median(coords[sel], axis=0)
+                axes[1].text(x, y, c, fontsize=6, ha="center", va="center")
+        axes[1].set_title("cell type")
+        value = (
+            per_cell["log2_ratio"].to_numpy()
+            if "log2_ratio" in per_cell
+            else per_cell[f"jacobian_{mods[0]}"].to_numpy()
+        )
+        df = pd.DataFrame({"label": cats.astype(str), "v": value})
+        med = df.groupby("label")["v"].median().sort_values()
+        data = [df.loc[df.label == lab, "v"].to_numpy() for lab in med.index]
+        axes[2].boxplot(data, vert=False, showfliers=False)
+        axes[2].set_yticks(range(1, len(med) + 1), med.index, fontsize=6)
+        axes[2].set_xlabel("log2 ratio" if "log2_ratio" in per_cell else f"||J_{mods[0]}||")
+        axes[2].set_title("attribution per cell type")
+    for a in axes[: 1 + (labels is not None)]:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
