@@ -8,6 +8,14 @@ from regvi import datasets
 from regvi.io import load
 from regvi.model import RegVI
 from regvi.multimodal import RegMultiVI
-from regvi.simulate import simulate
+from regvi.simulate import simulate, simulate_multiome
 
-__all__ = ["RegMultiVI", "RegVI", "__version__", "datasets", "load", "simulate"]
+__all__ = [
+    "RegMultiVI",
+    "RegVI",
+    "__version__",
+    "datasets",
+    "load",
+    "simulate",
+    "simulate_multiome",
+]

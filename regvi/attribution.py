@@ -16,6 +16,8 @@ O(batch × features), independent of the latent size.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +118,8 @@ def modality_attribution(module: Any, z: torch.Tensor, batch: dict[str, Any]) ->
         out = module.decoder_rates(z_, batch)
         return tuple(out[m] for m in mods)
 
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*get_attr Node with no underlying reference.*")
         z = z.clone()
         # linearize: the primal pass is computed once and reused by every column's JVP
         _, jvp_fn = torch.func.linearize(rates, z)

@@ -297,6 +297,8 @@ class BaseModel:
         with warnings.catch_warnings(), _quiet_lightning():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            # inference leaves the module in eval mode; Lightning keeps submodule modes as found
+            self.module.train()
             trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
         self.module.eval()
         new = pd.DataFrame(plan.history)

@@ -130,7 +130,7 @@ def plot_attribution(
         df = pd.DataFrame({"label": cats.astype(str), "v": value})
         med = df.groupby("label")["v"].median().sort_values()
         data = [df.loc[df.label == lab, "v"].to_numpy() for lab in med.index]
-        axes[2].boxplot(data, vert=False, showfliers=False)
+        axes[2].boxplot(data, orientation="horizontal", showfliers=False)
         axes[2].set_yticks(range(1, len(med) + 1), med.index, fontsize=6)
         axes[2].set_xlabel("log2 ratio" if "log2_ratio" in per_cell else f"||J_{mods[0]}||")
         axes[2].set_title("attribution per cell type")

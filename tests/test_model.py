@@ -224,3 +224,20 @@ def test_single_model_quickstart_cli(tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
     with pytest.raises(SystemExit, match="not empty"):
         main(["--out", str(out), "--max-epochs", "1"])
+
+
+def test_training_after_inference_uses_train_mode(sim):
+    """Inference sets eval mode; a later train() must switch dropout back on."""
+    import lightning.pytorch as pl
+
+    class Probe(pl.Callback):
+        modes: list[bool] = []
+
+        def on_train_batch_start(self, trainer, plan, batch, batch_idx):
+            self.modes.append(all(m.training for m in plan.module.modules()))
+
+    model = regvi.RegVI(sim, library_key="library", n_hidden=16, n_latent=2)
+    model.get_latent_representation()
+    probe = Probe()
+    model.train(max_epochs=1, early_stopping=False, progress_bar=False, callbacks=[probe])
+    assert probe.modes and all(probe.modes)
