@@ -17,7 +17,6 @@ O(batch × features), independent of the latent size.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any

@@ -231,7 +231,8 @@ def test_training_after_inference_uses_train_mode(sim):
     import lightning.pytorch as pl
 
     class Probe(pl.Callback):
-        modes: list[bool] = []
+        def __init__(self):
+            self.modes: list[bool] = []
 
         def on_train_batch_start(self, trainer, plan, batch, batch_idx):
             self.modes.append(all(m.training for m in plan.module.modules()))

@@ -305,7 +305,7 @@ def test_bad_multimodal_input(paired):
         regvi.RegMultiVI({"atac": atac[::-1].copy(), "rna": rna}, **kw)
     frac = atac.copy()
     frac.X = frac.X.astype(np.float32) * 0.5
-    with pytest.raises(ValueError, match="modality 'atac' X.*non-integer"):
+    with pytest.raises(ValueError, match=r"modality 'atac' X.*non-integer"):
         regvi.RegMultiVI({"atac": frac, "rna": rna}, **kw)
     with pytest.raises(KeyError, match="unknown modalities \\['protein'\\]"):
         regvi.RegMultiVI(paired, library_key="library", n_latent={"protein": 3})

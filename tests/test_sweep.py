@@ -54,7 +54,8 @@ def _config(tmp_path: Path, name: str, **over) -> Path:
         "seed": 0,
     }
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k != "search":
+        replace = k == "search" or (k == "data" and "modalities" in v)
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and not replace:
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v
@@ -342,3 +343,63 @@ def test_two_cpu_workers_per_trial(tmp_path):
     assert len(children) == 1
     assert children[0].data.tags.get("regvi.status") == "completed"
     assert children[0].data.metrics["world_size"] == 2  # Lightning DDP over 2 Ray Train workers
+
+
+def test_multimodal_sweep_logs_joint_evaluation_and_attribution(tmp_path):
+    data = regvi.simulate_multiome(
+        n_cells=500, n_genes=60, n_peaks=200, n_cell_types=4, n_libraries=3, seed=1
+    )
+    for m, a in data.items():
+        a.uns.pop("truth", None)
+        a.write_h5ad(tmp_path / f"sim_{m}.h5ad")
+    cfg = _config(
+        tmp_path,
+        "mm",
+        data={
+            "modalities": {"rna": "sim_rna.h5ad", "atac": "sim_atac.h5ad"},
+            "library_key": "library",
+            "labels_key": "cell_type",
+        },
+        model={"n_hidden": {"atac": 16, "rna": 32}},
+        search={
+            "n_latent.rna": {"type": "categorical", "values": [3, 4]},
+            "lr_multipliers.atac": {"type": "loguniform", "low": 0.5, "high": 2.0},
+        },
+        evaluation={"scib": True, "n_subsample": 500},
+    )
+    out = _sweep(cfg)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    c, parents, children = _runs(tmp_path, "mm")
+    assert len(parents) == 1 and len(children) == 2
+    assert "atac:500x200+rna:500x60" == parents[0].data.tags["dataset_shape"]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run in children:
+        assert run.data.tags["regvi.status"] == "completed"
+        m = run.data.metrics
+        assert {"scib_total", "validation_reconstruction_atac", "validation_kl_z_rna"} <= set(m)
+        assert {"attribution_median_atac", "attribution_log2_ratio_median"} <= set(m)
+        assert m["attribution_share_led_atac"] + m["attribution_share_led_rna"] == pytest.approx(1)
+        arts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/attribution.png", "plots/umap.png"} <= arts
+        model = regvi.load(f"runs:/{run.info.run_id}/model", adata=data)
+        assert isinstance(model, regvi.RegMultiVI)
+        assert model.config.configs["rna"].n_latent == int(run.data.params["n_latent.rna"])
+        lr_atac = float(run.data.params["lr_multipliers.atac"])
+        assert model.config.lr_multipliers["atac"] == pytest.approx(lr_atac)
+        local = Path(
+            mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation")
+        )
+        latent, idx = np.load(local / "eval_latent.npy"), np.load(local / "eval_indices.npy")
+        np.testing.assert_array_equal(model.get_latent_representation(indices=idx), latent)
+
+
+def test_sweep_refuses_bad_data_keys_before_any_work(tmp_path):
+    _data(tmp_path)
+    cfg = _config(tmp_path, "badkey", data={"library_key": "lane"})
+    out = _sweep(cfg)
+    assert out.returncode == 2
+    assert "data check" in out.stderr and "'lane'" in out.stderr
+    assert not (tmp_path / "runs" / "badkey").exists()
+    assert not (tmp_path / "mlflow.db").exists()

@@ -27,7 +27,9 @@ MODEL_ARGS = {
     "data_init",
     "dispersion_init",
 } | ModuleConfig.user_options()
-DATA_KEYS = {"path", "allow_non_integer", *REGISTRY_ARGS}
+DATA_KEYS = {"path", "modalities", "counts_modality", "allow_non_integer", *REGISTRY_ARGS}
+#: Model arguments only the multimodal model takes (modality → value mappings).
+MULTIMODAL_MODEL_ARGS = {"disabled_covariates", "lr_multipliers"}
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
 SECTIONS = {
     "name",
@@ -94,6 +96,7 @@ class Param:
     log: bool = False
     when: dict[str, Any] = field(default_factory=dict)
     target: str = "model"  # "model" (RegVI kwargs) or "training" (train kwargs)
+    modality: str | None = None  # multimodal: "n_latent.rna" sets n_latent of modality rna
 
 
 @dataclass
@@ -127,9 +130,14 @@ class SweepConfig:
         """Two objectives (bio vs batch) instead of one."""
         return len(self.objective_metrics) > 1
 
-    def data_path(self) -> str:
-        """Absolute data path, or ``bundled:<name>``."""
-        return self.data["path"]
+    @property
+    def multimodal(self) -> bool:
+        """Paired modalities (``data.modalities``) → :class:`regvi.RegMultiVI` trials."""
+        return "modalities" in self.data
+
+    def data_path(self) -> str | dict[str, str]:
+        """Absolute data path, ``bundled:<name>``, or modality → path (multimodal)."""
+        return self.data["modalities"] if self.multimodal else self.data["path"]
 
     def resolved(self) -> dict[str, Any]:
         """A JSON-able summary of the resolved configuration (for --dry-run and MLflow)."""
@@ -164,9 +172,24 @@ class SweepConfig:
         }
 
 
-def _parse_param(name: str, spec: Any, train_args: set[str]) -> Param:
+def _parse_param(
+    name: str, spec: Any, train_args: set[str], modalities: list[str] | None = None
+) -> Param:
     where = f"search.{name}"
-    if name in MODEL_ARGS:
+    modality = None
+    if modalities and "." in name:
+        base, modality = name.split(".", 1)
+        if modality not in modalities:
+            raise ConfigError(
+                f"{where}: modality {modality!r} is not in data.modalities {modalities}"
+            )
+        if base not in MODEL_ARGS | {"lr_multipliers"} or base == "disabled_covariates":
+            raise ConfigError(
+                f"{where}: {base!r} cannot be set per modality; use a model option such as "
+                "n_latent.<modality> or lr_multipliers.<modality>"
+            )
+        target = "model"
+    elif name in MODEL_ARGS:
         target = "model"
     elif name in train_args:
         target = "training"
@@ -181,7 +204,14 @@ def _parse_param(name: str, spec: Any, train_args: set[str]) -> Param:
     if ptype not in PARAM_TYPES:
         raise ConfigError(f"{where}.type: {ptype!r}; expected one of {sorted(PARAM_TYPES)}")
     when = _require_mapping(spec.get("when"), f"{where}.when")
-    p = Param(name=name, type=ptype, when=when, target=target, log=bool(spec.get("log", False)))
+    p = Param(
+        name=name,
+        type=ptype,
+        when=when,
+        target=target,
+        log=bool(spec.get("log", False)),
+        modality=modality,
+    )
     if ptype == "categorical":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
@@ -200,6 +230,21 @@ def _parse_param(name: str, spec: Any, train_args: set[str]) -> Param:
         if ptype == "loguniform":
             p.log = True
     return p
+
+
+def _resolve_file(value: Any, base: Path, where: str) -> str:
+    """Absolute path of an existing .h5ad file (relative paths resolve against ``base``)."""
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"{where}: expected a file path, got {value!r}")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else (base / p)
+    if not p.is_file():
+        raise ConfigError(
+            f"{where}: file {p} does not exist (relative paths resolve against {base})"
+        )
+    if p.suffix != ".h5ad":
+        raise ConfigError(f"{where}: {p} is not an .h5ad file")
+    return str(p.resolve())
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepConfig:
@@ -227,29 +272,57 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
     # data
     data = dict(_require_mapping(raw.get("data"), "data"))
     _unknown(data, DATA_KEYS, "data")
-    if "path" not in data:
-        raise ConfigError("data.path: missing; give an .h5ad path or 'bundled:kang_pbmc_small'")
-    dpath = str(data["path"])
-    if dpath.startswith(BUNDLED_PREFIX):
-        if dpath[len(BUNDLED_PREFIX) :] != "kang_pbmc_small":
+    modalities: list[str] | None = None
+    if "modalities" in data:
+        if "path" in data:
+            raise ConfigError("data: give either path (one modality) or modalities, not both")
+        mods = _require_mapping(data["modalities"], "data.modalities")
+        if len(mods) < 2:
             raise ConfigError(
-                f"data.path: unknown bundled dataset {dpath!r}; have 'bundled:kang_pbmc_small'"
+                f"data.modalities: {sorted(mods)}; the multimodal model needs 2+ modalities "
+                "(modality name → .h5ad path)"
             )
+        data["modalities"] = {
+            str(m): _resolve_file(v, base, f"data.modalities.{m}") for m, v in mods.items()
+        }
+        modalities = sorted(data["modalities"])
+        cm = data.get("counts_modality")
+        if cm is not None and cm not in modalities:
+            raise ConfigError(
+                f"data.counts_modality: {cm!r} is not one of data.modalities {modalities}"
+            )
+    elif "counts_modality" in data:
+        raise ConfigError("data.counts_modality: only for multimodal data (data.modalities)")
+    elif "path" not in data:
+        raise ConfigError(
+            "data.path: missing; give an .h5ad path or 'bundled:kang_pbmc_small' (or "
+            "data.modalities for paired multimodal data)"
+        )
     else:
-        p = Path(dpath).expanduser()
-        p = p if p.is_absolute() else (base / p)
-        if not p.is_file():
-            raise ConfigError(
-                f"data.path: file {p} does not exist (relative paths resolve against {base})"
-            )
-        if p.suffix != ".h5ad":
-            raise ConfigError(f"data.path: {p} is not an .h5ad file")
-        data["path"] = str(p.resolve())
+        dpath = str(data["path"])
+        if dpath.startswith(BUNDLED_PREFIX):
+            if dpath[len(BUNDLED_PREFIX) :] != "kang_pbmc_small":
+                raise ConfigError(
+                    f"data.path: unknown bundled dataset {dpath!r}; have 'bundled:kang_pbmc_small'"
+                )
+        else:
+            data["path"] = _resolve_file(dpath, base, "data.path")
     if not any(k in data for k in ("library_key", "batch_key", "ambient_covariate_keys")):
         raise ConfigError("data: needs library_key (or batch_key, or the explicit purpose keys)")
     # model / training
     model = dict(_require_mapping(raw.get("model"), "model"))
-    _unknown(model, MODEL_ARGS, "model")
+    _unknown(model, MODEL_ARGS | (MULTIMODAL_MODEL_ARGS if modalities else set()), "model")
+    for k, v in model.items():
+        if isinstance(v, dict) and k not in ("disabled_covariates",):
+            if not modalities:
+                raise ConfigError(
+                    f"model.{k}: a per-modality mapping needs data.modalities; got {v!r}"
+                )
+            bad = sorted(set(v) - set(modalities))
+            if bad:
+                raise ConfigError(
+                    f"model.{k}: unknown modalities {bad}; data.modalities: {modalities}"
+                )
     training = dict(_require_mapping(raw.get("training"), "training"))
     _unknown(training, train_args, "training")
     for k in ("max_epochs", "batch_size", "patience"):
@@ -257,13 +330,16 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
             _number(training[k], f"training.{k}", positive=True, integer=True)
     # search
     search = _require_mapping(raw.get("search"), "search")
-    params = [_parse_param(n, s, train_args) for n, s in search.items()]
+    params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
     names = {p.name for p in params}
     for p in params:
         for dep in p.when:
             if dep not in names:
                 raise ConfigError(f"search.{p.name}.when: {dep!r} is not a searched parameter")
         clash = p.name in model or p.name in training
+        if p.modality is not None:
+            base_value = model.get(p.name.split(".", 1)[0])
+            clash = isinstance(base_value, dict) and p.modality in base_value
         if clash:
             raise ConfigError(f"search.{p.name}: also fixed in model/training; keep one")
     # objective

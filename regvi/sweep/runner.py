@@ -171,6 +171,27 @@ def _reporter(cfg: SweepConfig):
     )
 
 
+def check_data(cfg: SweepConfig) -> Any:
+    """Read the data and set up a model with the fixed options: covariate keys, counts and
+    modalities are validated in the driver before Ray, MLflow or any file is touched."""
+    import warnings
+
+    from regvi.sweep.trial import build_model, read_data
+
+    try:
+        data = read_data(cfg.data_path())
+    except OSError as err:
+        raise ValueError(f"data: cannot read {cfg.data_path()}: {err}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_model(data, cfg.data, dict(cfg.model))
+    except (KeyError, TypeError, ValueError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ValueError(f"data check ({cfg.config_path or 'config'}): {msg}") from None
+    return data
+
+
 def run_sweep(
     cfg: SweepConfig, resume: bool = False, address: str | None = None, verbose: int = 1
 ) -> SweepResult:
@@ -194,6 +215,7 @@ def run_sweep(
             "change 'name' / 'storage.path'"
         )
     uri = resolve_tracking_uri(cfg.tracking_uri, Path.cwd())
+    data = None if resume else check_data(cfg)  # bad keys / counts fail before any work
     resources = init_ray(address, cfg)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -218,12 +240,14 @@ def run_sweep(
         c.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         c.log_dict(parent_id, cfg.resolved(), "sweep_config.json")
         from evaluation.reference import dataset_fingerprint
-        from regvi.sweep.trial import read_data
 
-        adata = read_data(cfg.data_path())
-        c.set_tag(parent_id, "dataset_fingerprint", dataset_fingerprint(adata.X, adata.obs_names))
-        c.set_tag(parent_id, "dataset_shape", f"{adata.n_obs}x{adata.n_vars}")
-        del adata
+        adata = data
+        mods = adata if isinstance(adata, dict) else {"": adata}
+        fingerprint = "+".join(dataset_fingerprint(a.X, a.obs_names) for a in mods.values())
+        shape = "+".join(f"{m + ':' if m else ''}{a.n_obs}x{a.n_vars}" for m, a in mods.items())
+        c.set_tag(parent_id, "dataset_fingerprint", fingerprint)
+        c.set_tag(parent_id, "dataset_shape", shape)
+        del adata, mods
         state_path.write_text(
             json.dumps(
                 {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id}

@@ -225,7 +225,7 @@ class MLflowSweepCallback(_TuneCallback):
         final = {
             k: v
             for k, v in result.items()
-            if k.startswith(("scib_", "nc_", "lowcount_", "eval_"))
+            if k.startswith(("scib_", "nc_", "lowcount_", "eval_", "attribution_"))
             or k in ("epochs_trained", "world_size")
         }
         _log_metrics(c, run_id, final)

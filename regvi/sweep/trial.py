@@ -34,12 +34,15 @@ class TrialDiverged(RuntimeError):
     """Training produced NaN/inf; the trial is marked failed with this reason."""
 
 
-def read_data(path: str):
-    """Read the sweep's AnnData by path (``bundled:kang_pbmc_small`` for the bundled data)."""
+def read_data(path: str | dict[str, str]):
+    """Read the sweep's data: an AnnData by path (``bundled:kang_pbmc_small`` for the bundled
+    data), or for multimodal sweeps a dict modality → AnnData."""
     import anndata as ad
 
     from regvi.sweep.config import BUNDLED_PREFIX
 
+    if isinstance(path, dict):
+        return {m: ad.read_h5ad(p) for m, p in sorted(path.items())}
     if path.startswith(BUNDLED_PREFIX):
         from regvi import datasets
 
@@ -48,7 +51,36 @@ def read_data(path: str):
 
 
 def _data_kwargs(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k != "path"}
+    return {k: v for k, v in data.items() if k not in ("path", "modalities", "counts_modality")}
+
+
+def build_model(data: Any, data_cfg: dict[str, Any], model_kwargs: dict[str, Any]):
+    """RegVI for one modality, RegMultiVI for ``data.modalities``."""
+    import regvi
+
+    if "modalities" in data_cfg:
+        return regvi.RegMultiVI(data, **_data_kwargs(data_cfg), **model_kwargs)
+    return regvi.RegVI(data, **_data_kwargs(data_cfg), **model_kwargs)
+
+
+def counts_modality(data_cfg: dict[str, Any]) -> str:
+    """The modality whose counts the evaluation uses (default: the RNA-like one)."""
+    from regvi.multimodal import modality_kind
+
+    if data_cfg.get("counts_modality"):
+        return data_cfg["counts_modality"]
+    mods = sorted(data_cfg["modalities"])
+    rna = [m for m in mods if modality_kind(m) == "rna"]
+    return rna[0] if rna else mods[0]
+
+
+def _attach(model, data) -> None:
+    from regvi.io import attach_data
+
+    if hasattr(model, "attach"):
+        model.attach(data)
+    else:
+        attach_data(model, data)
 
 
 def _save_state(model, directory: Path, state: dict[str, Any]) -> None:
@@ -68,15 +100,15 @@ def train_worker(cfg: dict[str, Any]) -> None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
     import regvi
-    from regvi.io import attach_data
     from regvi.sweep.reporting import RayEpochReporter
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
     torch.manual_seed(cfg["seed"])
-    adata = read_data(cfg["data"]["path"])
-    model = regvi.RegVI(adata, **_data_kwargs(cfg["data"]), **cfg["model_kwargs"])
+    data_cfg = cfg["data"]
+    adata = read_data(data_cfg.get("modalities") or data_cfg["path"])
+    model = build_model(adata, data_cfg, cfg["model_kwargs"])
     state: dict[str, Any] = {"training_done": False, "early_stopping": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # worker restart (FailureConfig): continue from the last epoch
@@ -123,7 +155,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = Path(tmp)
         if rank == 0:
-            attach_data(model, adata)
+            _attach(model, adata)
             final.update(_evaluate(model, adata, cfg, ckpt_dir))
             _save_state(model, ckpt_dir, {"training_done": True, "early_stopping": None})
         ray.train.report(
@@ -139,11 +171,14 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
 
     ev_cfg = cfg.get("evaluation", {})
     data = cfg["data"]
+    multimodal = isinstance(adata, dict)
+    # multimodal: the joint latent is evaluated with the counts of one modality (RNA)
+    counts = adata[counts_modality(data)] if multimodal else adata
     lib_key = data.get("library_key") or data.get("batch_key") or data.get("library_size_key")
     label_key = data.get("labels_key")
     strata = [k for k in (label_key, lib_key) if k]
-    idx = stratified_subsample(adata.obs, strata, ev_cfg.get("n_subsample", 20_000), cfg["seed"])
-    sub = adata[idx].copy()
+    idx = stratified_subsample(counts.obs, strata, ev_cfg.get("n_subsample", 20_000), cfg["seed"])
+    sub = counts[idx].copy()
     sub.obsm["X_regvi"] = model.get_latent_representation(indices=idx, batch_size=1024)
     np.save(out / LATENT_FILE, sub.obsm["X_regvi"], allow_pickle=False)
     np.save(out / EVAL_INDEX_FILE, idx, allow_pickle=False)
@@ -153,6 +188,10 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
         def encode(X, local_idx):
             thinned = sub.copy()
             thinned.X = X
+            if multimodal:  # thin the evaluated modality only; the others as observed
+                name = counts_modality(data)
+                other = {m: a[idx].copy() for m, a in adata.items() if m != name}
+                return model.get_latent_representation({name: thinned, **other}, batch_size=1024)
             return model.get_latent_representation(thinned, batch_size=1024)
 
     ev = evaluate(
@@ -176,7 +215,51 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
     keys = [k for k in (label_key, lib_key, data.get("dataset_key")) if k]
     write_outputs(ev, sub.obs, plots, keys, umap=True)
     plot_training_curves(model.history, plots / "training_curves.png")
-    return {k: float(v) for k, v in ev.metrics.items() if v is not None and math.isfinite(float(v))}
+    metrics = {
+        k: float(v) for k, v in ev.metrics.items() if v is not None and math.isfinite(float(v))
+    }
+    if multimodal:
+        metrics.update(_attribution(model, idx, sub.obsm["X_regvi"], label_key, sub.obs, plots))
+    return metrics
+
+
+def _attribution(model, idx, latent, label_key, obs, plots: Path) -> dict[str, float]:
+    """Jacobian modality attribution on the evaluation subsample: summary + table + PNG."""
+    from evaluation.plots import umap_coords
+
+    attr = model.get_modality_attribution(indices=idx, batch_size=256)
+    attr.per_cell.to_csv(plots / "attribution_per_cell.csv")
+    labels = obs[label_key] if label_key else None
+    model.plot_attribution_scatter(
+        path=str(plots / "attribution.png"),
+        attribution=attr,
+        coords=umap_coords(latent),
+        labels=labels,
+    )
+    return {k: float(v) for k, v in attr.summary().items() if math.isfinite(v)}
+
+
+def model_arguments(static: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Fixed model arguments + this trial's sampled ones; ``name.modality`` entries set one
+    modality's value of a per-modality option (scalars are expanded to every modality)."""
+    kwargs = dict(static["model"])
+    modalities = sorted(static["data"].get("modalities", {}))
+    for k, v in params.items():
+        if k not in static["model_params"]:
+            continue
+        if "." in k and modalities:
+            base, modality = k.split(".", 1)
+            current = kwargs.get(base)
+            if not isinstance(current, dict):
+                current = (
+                    {}
+                    if current is None or base == "lr_multipliers"
+                    else {m: current for m in modalities}
+                )
+            kwargs[base] = {**current, modality: v}
+        else:
+            kwargs[k] = v
+    return kwargs
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -188,10 +271,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     static = config["static"]
     params = config["params"]
-    model_kwargs = {
-        **static["model"],
-        **{k: v for k, v in params.items() if k in static["model_params"]},
-    }
+    model_kwargs = model_arguments(static, params)
     train_kwargs = {
         **static["training"],
         **{k: v for k, v in params.items() if k in static["train_params"]},

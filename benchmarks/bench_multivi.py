@@ -1,0 +1,799 @@
+"""Benchmark regvi ``RegMultiVI`` against scvi-tools ``MULTIVI`` on paired RNA + ATAC data.
+
+The data are the SNARE-seq2 mouse primary motor cortex cells (10,309 cells, 1,677 genes,
+25,734 peaks, 12 libraries in ``obs["batch"]``, 23 labels in ``obs["cell_type"]``). The
+benchmark compares speed (seconds per epoch), peak memory (peak RSS of the training
+process) and integration quality (scib-metrics) at (as far as the tools allow) equal
+architecture: 128 hidden units, one hidden layer, a 20-dimensional latent space.
+
+Runs
+----
+``regvi-multi``
+    ``regvi.RegMultiVI({"rna": rna, "atac": atac}, library_key="batch",
+    n_latent={"atac": 10, "rna": 10}, n_hidden=128)``; latent = joint
+    z = [z_atac ; z_rna] (20 dims).
+``regvi-rna``
+    ``regvi.RegVI(rna, library_key="batch", n_latent=20, n_hidden=128)``: the RNA-only
+    baseline.
+``multivi``
+    ``scvi.model.MULTIVI`` on a MuData (``setup_mudata(batch_key="batch",
+    modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"})``) with
+    ``n_hidden=128, n_latent=20, n_layers_encoder=1, n_layers_decoder=1``; latent = the
+    joint posterior mean (the mixture of the expression and accessibility posteriors).
+    MultiVI's own optimiser defaults stay (AdamW, lr 1e-4, weight decay 1e-3, adversarial
+    modality mixing on). Should MultiVI fail, the script falls back to ``peakvi+scvi``
+    (PeakVI on ATAC with 10 latent dims next to SCVI on RNA with 10, latents
+    concatenated) and records that in the JSON.
+
+Every run trains in its own subprocess (so the peak RSS is per run) with
+``torch.set_num_threads(2)``, batch size 128, a 90 / 10 train / validation split, a fixed
+number of epochs, no early stopping, validation after every epoch and a linear KL warmup
+over ``--kl-warmup`` epochs (default 50, MultiVI's and regvi's default; passed explicitly
+to every tool, so all of them use the same KL weight ``epoch / 50``). Seconds per epoch =
+wall time of the ``train`` call / epochs run. The child writes the latent posterior mean to
+``.npy``. Finally one scib-metrics ``Benchmarker`` scores all latents plus an
+"Unintegrated" reference: scanpy PCA of the log-normalised RNA matrix, computed the way
+``Benchmarker.prepare`` computes its pre-integration embedding.
+
+Usage
+-----
+::
+
+    .venv/bin/python benchmarks/bench_multivi.py --epochs 20
+
+The scvi-tools interpreter is ``--scvi-python`` (default ``/work/venv-scvi/bin/python``).
+The script file is also the child entry point (``--child RUN``); at module level it
+imports only the standard library, so it runs under either interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+RNA_FILE = "mop_snareseq2_rna.h5ad"
+ATAC_FILE = "mop_snareseq2_atac.h5ad"
+DEFAULT_SCVI_PYTHON = Path("/work/venv-scvi/bin/python")
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "bench_multivi.json"
+
+BATCH_KEY = "batch"
+LABEL_KEY = "cell_type"
+N_HIDDEN = 128
+N_LATENT = 20  # total; the two-modality models split it 10 + 10
+N_LAYERS = 1
+BATCH_SIZE = 128
+TRAIN_SIZE = 0.9
+VALIDATION_FRACTION = 0.1  # regvi: 1 - TRAIN_SIZE
+KL_WARMUP = 50  # epochs; the default of MULTIVI.train, PEAKVI.train and regvi
+N_THREADS = 2
+LATENT_BATCH_SIZE = 1024
+SEED = 0
+RUNS = ("regvi-multi", "regvi-rna", "multivi")
+FALLBACK = "peakvi+scvi"
+SCVI_RUNS = ("multivi", FALLBACK)
+REFERENCE = "multivi"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """Read a ``kB`` field (``VmHWM``, ``VmRSS``) from ``/proc/self/status``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB.
+
+    Returns
+    -------
+    float
+        ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux), or ``VmHWM`` when
+        ``getrusage`` reports nothing.
+    """
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not kib:
+        kib = _proc_status_kib("VmHWM") or 0
+    return kib / 1024.0
+
+
+def current_rss_mib() -> float | None:
+    """Current resident set size of this process in MiB (``None`` if unknown)."""
+    rss = _proc_status_kib("VmRSS")
+    return None if rss is None else rss / 1024.0
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _set_threads() -> None:
+    """Pin torch to ``N_THREADS`` intra-op threads and one inter-op thread."""
+    import torch
+
+    torch.set_num_threads(N_THREADS)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set by an imported library
+        pass
+
+
+def _epoch_timer() -> Any:
+    """A Lightning callback recording the wall time of every epoch (training + validation)."""
+    import lightning
+
+    class EpochTimer(lightning.pytorch.Callback):
+        """Wall time per epoch, training plus validation."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            # Lightning 2.x runs the validation loop before this hook.
+            self.times.append(time.perf_counter() - self._t0)
+
+    return EpochTimer()
+
+
+def _scvi_train_kwargs(epochs: int, timer: Any) -> dict[str, Any]:
+    """``train`` arguments shared by the scvi-tools models (fixed epochs, CPU, quiet)."""
+    return {
+        "max_epochs": epochs,
+        "batch_size": BATCH_SIZE,
+        "train_size": TRAIN_SIZE,
+        "early_stopping": False,
+        "check_val_every_n_epoch": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "callbacks": [timer],
+    }
+
+
+def _scvi_final(model: Any) -> dict[str, float]:
+    """Last-epoch values of the scalar histories of an scvi-tools model."""
+    final = {}
+    for k, df in model.history.items():
+        try:
+            final[str(k)] = float(df.iloc[-1, 0])
+        except (TypeError, ValueError, IndexError):
+            continue
+    return final
+
+
+def _regvi_final(hist: Any) -> dict[str, float]:
+    """Last-epoch numeric values of a regvi history ``DataFrame``."""
+    final: dict[str, float] = {}
+    if len(hist):
+        for k, v in hist.iloc[-1].items():
+            try:
+                final[str(k)] = float(v)
+            except (TypeError, ValueError):
+                continue
+    return final
+
+
+def child_train(
+    run: str, rna_path: Path, atac_path: Path, epochs: int, warmup: int, latent_out: Path
+) -> dict[str, Any]:
+    """Train one model in this process and save its latent posterior mean.
+
+    Parameters
+    ----------
+    run
+        One of ``RUNS`` or ``FALLBACK``.
+    rna_path, atac_path
+        Paired RNA and ATAC ``.h5ad`` files (raw counts in ``X``, same cells in the same order).
+    epochs
+        Number of epochs (fixed, no early stopping).
+    warmup
+        Linear KL warmup length in epochs.
+    latent_out
+        ``.npy`` path for the ``(n_cells, N_LATENT)`` latent mean.
+
+    Returns
+    -------
+    dict
+        Timing, memory, epochs run, model settings and library versions.
+    """
+    import anndata as ad
+    import numpy as np
+    import torch
+
+    _set_threads()
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
+    rna = ad.read_h5ad(rna_path)
+    atac = ad.read_h5ad(atac_path) if run != "regvi-rna" else None
+    if atac is not None and not np.array_equal(rna.obs_names, atac.obs_names):
+        raise ValueError("RNA and ATAC files must hold the same cells in the same order")
+    rec: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "n_cells": int(rna.n_obs),
+        "n_genes": int(rna.n_vars),
+        "n_regions": None if atac is None else int(atac.n_vars),
+        "kl_warmup_epochs": warmup,
+    }
+
+    if run in SCVI_RUNS:
+        import lightning
+        import scvi
+
+        scvi.settings.seed = SEED
+        _set_threads()  # scvi's seed setter may touch torch settings; re-pin
+        timer = _epoch_timer()
+        rec.update({"scvi-tools": scvi.__version__, "lightning": lightning.__version__})
+        if run == "multivi":
+            import mudata as md
+
+            rec["mudata"] = md.__version__
+            # batch_key is read from the RNA modality's obs (modalities["batch_key"] = "rna")
+            mdata = md.MuData({"rna": rna, "atac": atac})
+            scvi.model.MULTIVI.setup_mudata(
+                mdata,
+                batch_key=BATCH_KEY,
+                modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
+            )
+            model = scvi.model.MULTIVI(
+                mdata,
+                n_genes=rna.n_vars,
+                n_regions=atac.n_vars,
+                n_hidden=N_HIDDEN,
+                n_latent=N_LATENT,
+                n_layers_encoder=N_LAYERS,
+                n_layers_decoder=N_LAYERS,
+            )
+            rec["model"] = {
+                "class": "scvi.model.MULTIVI",
+                "setup": "setup_mudata(batch_key='batch', modalities={'rna_layer': 'rna', "
+                "'atac_layer': 'atac', 'batch_key': 'rna'})",
+                "n_hidden": N_HIDDEN,
+                "n_latent": N_LATENT,
+                "n_layers_encoder": N_LAYERS,
+                "n_layers_decoder": N_LAYERS,
+                "train": "MULTIVI.train defaults otherwise: AdamW lr 1e-4, weight_decay 1e-3, "
+                "eps 1e-8, adversarial_mixing=True, modality_weights='equal', "
+                "modality_penalty='Jeffreys', gene_likelihood='zinb'",
+                "latent": "get_latent_representation(modality='joint') posterior mean",
+            }
+            rss_before = current_rss_mib()
+            t0 = time.perf_counter()
+            model.train(
+                **_scvi_train_kwargs(epochs, timer),
+                n_epochs_kl_warmup=warmup,
+            )
+            train_s = time.perf_counter() - t0
+            epochs_run = len(timer.times) or len(model.history["elbo_train"])
+            final = _scvi_final(model)
+            z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
+        else:  # FALLBACK: PeakVI on ATAC + SCVI on RNA, latents concatenated
+            n_half = N_LATENT // 2
+            scvi.model.PEAKVI.setup_anndata(atac, batch_key=BATCH_KEY)
+            peakvi = scvi.model.PEAKVI(
+                atac,
+                n_hidden=N_HIDDEN,
+                n_latent=n_half,
+                n_layers_encoder=N_LAYERS,
+                n_layers_decoder=N_LAYERS,
+            )
+            scvi.model.SCVI.setup_anndata(rna, batch_key=BATCH_KEY)
+            scvi_model = scvi.model.SCVI(
+                rna, n_hidden=N_HIDDEN, n_latent=N_LATENT - n_half, n_layers=N_LAYERS
+            )
+            rec["model"] = {
+                "class": "scvi.model.PEAKVI + scvi.model.SCVI (fallback for MULTIVI)",
+                "n_hidden": N_HIDDEN,
+                "n_latent": {"atac": n_half, "rna": N_LATENT - n_half},
+                "latent": "[z_peakvi ; z_scvi] posterior means",
+            }
+            timer_scvi = _epoch_timer()
+            rss_before = current_rss_mib()
+            t0 = time.perf_counter()
+            peakvi.train(**_scvi_train_kwargs(epochs, timer), n_epochs_kl_warmup=warmup)
+            scvi_model.train(
+                **_scvi_train_kwargs(epochs, timer_scvi),
+                plan_kwargs={"n_epochs_kl_warmup": warmup},
+            )
+            train_s = time.perf_counter() - t0
+            epochs_run = len(timer.times) or epochs
+            timer.times = [a + b for a, b in zip(timer.times, timer_scvi.times, strict=False)]
+            final = {f"peakvi_{k}": v for k, v in _scvi_final(peakvi).items()}
+            final.update({f"scvi_{k}": v for k, v in _scvi_final(scvi_model).items()})
+            z = np.concatenate(
+                [
+                    peakvi.get_latent_representation(batch_size=LATENT_BATCH_SIZE),
+                    scvi_model.get_latent_representation(batch_size=LATENT_BATCH_SIZE),
+                ],
+                axis=1,
+            )
+        epoch_times = list(timer.times)
+        rec["final"] = final
+    elif run in ("regvi-multi", "regvi-rna"):
+        import regvi
+
+        if run == "regvi-multi":
+            n_latent: Any = {"atac": N_LATENT // 2, "rna": N_LATENT - N_LATENT // 2}
+            model = regvi.RegMultiVI(
+                {"rna": rna, "atac": atac},
+                library_key=BATCH_KEY,
+                n_latent=n_latent,
+                n_hidden=N_HIDDEN,
+                n_layers=N_LAYERS,
+            )
+            cls = "regvi.RegMultiVI"
+            latent_desc = "joint z = [z_atac ; z_rna] posterior mean"
+        else:
+            n_latent = N_LATENT
+            model = regvi.RegVI(
+                rna, library_key=BATCH_KEY, n_latent=N_LATENT, n_hidden=N_HIDDEN, n_layers=N_LAYERS
+            )
+            cls = "regvi.RegVI"
+            latent_desc = "z posterior mean (RNA only)"
+        rec["model"] = {
+            "class": cls,
+            "library_key": BATCH_KEY,
+            "n_hidden": N_HIDDEN,
+            "n_latent": n_latent,
+            "n_layers": N_LAYERS,
+            "train": "regvi defaults otherwise: Adam lr 1e-3, weight_decay 1e-6, eps 0.01",
+            "latent": latent_desc,
+        }
+        rss_before = current_rss_mib()
+        t0 = time.perf_counter()
+        hist = model.train(
+            max_epochs=epochs,
+            batch_size=BATCH_SIZE,
+            validation_fraction=VALIDATION_FRACTION,
+            early_stopping=False,
+            n_epochs_kl_warmup=warmup,
+            seed=SEED,
+            progress_bar=False,
+        )
+        train_s = time.perf_counter() - t0
+        epochs_run = len(hist)
+        epoch_times = (
+            [float(t) for t in hist["epoch_time_s"]] if "epoch_time_s" in hist.columns else []
+        )
+        z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
+        rec.update(
+            {
+                "regvi": getattr(regvi, "__version__", "unknown"),
+                "history_columns": [str(c) for c in hist.columns],
+                "final": _regvi_final(hist),
+            }
+        )
+    else:
+        raise ValueError(f"unknown run {run!r}")
+
+    z = np.asarray(z, dtype=np.float32)
+    if z.shape != (rna.n_obs, N_LATENT):
+        raise ValueError(f"latent has shape {z.shape}, expected {(rna.n_obs, N_LATENT)}")
+    if not np.isfinite(z).all():
+        raise ValueError("latent contains non-finite values")
+    np.save(latent_out, z)
+    rec.update(
+        {
+            "train_s": train_s,
+            "epochs_requested": epochs,
+            "epochs_run": int(epochs_run),
+            "s_per_epoch": train_s / max(int(epochs_run), 1),
+            "epoch_times_s": epoch_times,
+            "median_epoch_s": float(np.median(epoch_times)) if epoch_times else None,
+            "min_epoch_s": float(np.min(epoch_times)) if epoch_times else None,
+            "rss_before_train_mib": rss_before,
+            "peak_rss_mib": peak_rss_mib(),
+        }
+    )
+    return rec
+
+
+def run_child_main(args: argparse.Namespace) -> int:
+    """Entry point of a child process; writes its record as JSON to ``--record``."""
+    rec = child_train(
+        args.child,
+        Path(args.rna),
+        Path(args.atac),
+        args.epochs,
+        args.kl_warmup,
+        Path(args.latent_out),
+    )
+    rec["python"] = sys.executable
+    Path(args.record).write_text(json.dumps(rec, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _child_env() -> dict[str, str]:
+    """Environment for child processes: thread caps, quiet logs."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(N_THREADS)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def launch(python: str, child_args: list[str], log: Path, record: Path) -> dict[str, Any]:
+    """Run this script as a child under ``python`` and collect its JSON record.
+
+    Parameters
+    ----------
+    python
+        Interpreter to run the child with.
+    child_args
+        Arguments after the script path.
+    log
+        File receiving the child's stdout and stderr.
+    record
+        JSON file the child writes on success.
+
+    Returns
+    -------
+    dict
+        The child's record, or ``{"error": ..., "log_tail": ...}`` on failure.
+    """
+    cmd = [python, str(Path(__file__).resolve()), *child_args, "--record", str(record)]
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO_ROOT, check=False
+        )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not record.exists():
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
+        return {"error": f"exit code {proc.returncode}", "log_tail": tail, "wall_s": wall}
+    rec = json.loads(record.read_text())
+    rec["wall_s"] = wall
+    return rec
+
+
+def run_scib(rna_path: Path, latents: dict[str, Path], n_jobs: int) -> dict[str, dict[str, float]]:
+    """Score all latents with one scib-metrics ``Benchmarker`` on the RNA cells.
+
+    Parameters
+    ----------
+    rna_path
+        RNA ``.h5ad`` (raw counts; supplies ``batch`` and ``cell_type``).
+    latents
+        Mapping embedding name → ``.npy`` path.
+    n_jobs
+        Jobs for the neighbour search.
+
+    Returns
+    -------
+    dict
+        Embedding name → {metric: value}, including ``Bio conservation``,
+        ``Batch correction`` and ``Total`` (unscaled), and the "Unintegrated" PCA row.
+    """
+    import anndata as ad
+    import numpy as np
+    import scanpy as sc
+    from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
+
+    adata = ad.read_h5ad(rna_path)
+    # Benchmarker expects a normalised, non-integrated X for its PCA reference.
+    adata.X = adata.X.astype(np.float32)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    # Same call Benchmarker.prepare() makes when no pre-integrated key is given; stored
+    # under "Unintegrated" as well so that the PCA reference gets its own row.
+    sc.tl.pca(adata, svd_solver="arpack", mask_var=None)
+    adata.obsm["Unintegrated"] = adata.obsm["X_pca"]
+    keys = ["Unintegrated"]
+    for name, path in latents.items():
+        adata.obsm[name] = np.load(path)
+        keys.append(name)
+    bm = Benchmarker(
+        adata,
+        batch_key=BATCH_KEY,
+        label_key=LABEL_KEY,
+        embedding_obsm_keys=keys,
+        bio_conservation_metrics=BioConservation(),
+        batch_correction_metrics=BatchCorrection(),
+        pre_integrated_embedding_obsm_key="X_pca",
+        n_jobs=n_jobs,
+        progress_bar=False,
+    )
+    bm.benchmark()
+    df = bm.get_results(min_max_scale=False)
+    df = df.loc[df.index != "Metric Type"]
+    return {str(emb): {str(k): float(v) for k, v in row.items()} for emb, row in df.iterrows()}
+
+
+def _versions(scvi_python: str) -> dict[str, str | None]:
+    """Library versions in this interpreter (regvi side) and in the scvi venv."""
+    from importlib import metadata
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "torch": ver("torch"),
+        "regvi": ver("regvi"),
+        "scib-metrics": ver("scib-metrics"),
+        "scanpy": ver("scanpy"),
+        "anndata": ver("anndata"),
+        "lightning": ver("lightning"),
+    }
+    code = (
+        "import json, platform; from importlib import metadata as m; "
+        "print(json.dumps({**{p: m.version(p) for p in "
+        "('scvi-tools', 'torch', 'lightning', 'mudata', 'anndata')}, "
+        "'python': platform.python_version()}))"
+    )
+    if Path(scvi_python).exists():
+        res = subprocess.run([scvi_python, "-c", code], capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+            other = json.loads(res.stdout.strip().splitlines()[-1])
+            out["scvi-tools"] = other["scvi-tools"]
+            for k in ("torch", "lightning", "mudata", "anndata", "python"):
+                out[f"{k}_scvi_venv"] = other[k]
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    """Format a number, or a right-aligned ``-`` of the same width when missing."""
+    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
+    return "-".rjust(width) if v is None else format(v, spec)
+
+
+def print_table(rows: list[dict[str, Any]], reference: str) -> str:
+    """Render the result rows as a fixed-width table (also returned as text)."""
+    ratio = f"/{reference}"
+    header = (
+        f"{'run':<13} {'s/epoch':>8} {'median':>7} {ratio:>12} {'peak MiB':>9} "
+        f"{'Bio':>6} {'Batch':>6} {'Total':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    # s/epoch = wall time of train() / epochs; median = median per-epoch time (train + val);
+    # /reference = ratio of s/epoch to the MultiVI run (or to its fallback).
+    for r in rows:
+        lines.append(
+            f"{r['run']:<13} {_fmt(r.get('s_per_epoch'), '8.2f')} "
+            f"{_fmt(r.get('median_epoch_s'), '7.2f')} "
+            f"{_fmt(r.get('ratio_to_reference'), '12.2f')} "
+            f"{_fmt(r.get('peak_rss_mib'), '9.0f')} "
+            f"{_fmt(r.get('bio'), '6.3f')} {_fmt(r.get('batch'), '6.3f')} {_fmt(r.get('total'), '6.3f')}"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def _train_run(
+    run: str, python: str, args: argparse.Namespace, paths: dict[str, Path], workdir: Path
+) -> tuple[dict[str, Any], Path]:
+    """Train one run in a subprocess; returns its record and latent path."""
+    print(f"[bench] training {run} ({args.epochs} epochs) ...", flush=True)
+    tag = run.replace("+", "_")
+    latent = workdir / f"{tag}.npy"
+    rec = launch(
+        python,
+        [
+            "--child", run, "--rna", str(paths["rna"]), "--atac", str(paths["atac"]),
+            "--epochs", str(args.epochs), "--kl-warmup", str(args.kl_warmup),
+            "--latent-out", str(latent),
+        ],
+        workdir / f"{tag}.log",
+        workdir / f"{tag}.json",
+    )  # fmt: skip
+    rec["run"] = run
+    if "error" in rec:
+        print(f"[bench] {run} FAILED ({rec['error']}); log tail:\n{rec['log_tail']}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        print(
+            f"[bench] {run}: {rec['s_per_epoch']:.2f} s/epoch over {rec['epochs_run']} epochs, "
+            f"peak RSS {rec['peak_rss_mib']:.0f} MiB (child wall {rec['wall_s']:.0f}s)",
+            flush=True,
+        )
+    return rec, latent
+
+
+def run_parent(args: argparse.Namespace) -> int:
+    """Run the full benchmark: all training children, scib, report."""
+    t_start = time.perf_counter()
+    data_dir = Path(args.data_dir).resolve()
+    paths = {"rna": data_dir / RNA_FILE, "atac": data_dir / ATAC_FILE}
+    for p in paths.values():
+        if not p.exists():
+            sys.exit(f"data file not found: {p} (use --data-dir)")
+    scvi_python = str(args.scvi_python)
+    if "multivi" in args.runs and not Path(scvi_python).exists():
+        sys.exit(f"scvi-tools interpreter not found: {scvi_python} (pass --scvi-python)")
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    if args.workdir:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="bench_multivi_"))
+    print(f"[bench] workdir {workdir}", flush=True)
+
+    runs: list[dict[str, Any]] = []
+    latents: dict[str, Path] = {}
+    fallback_used = None
+    for run in args.runs:
+        python = scvi_python if run in SCVI_RUNS else sys.executable
+        rec, latent = _train_run(run, python, args, paths, workdir)
+        runs.append(rec)
+        if "error" not in rec:
+            latents[run] = latent
+        elif run == "multivi" and not args.no_fallback:
+            fallback_used = f"MULTIVI failed ({rec['error']}); fell back to PEAKVI + SCVI"
+            print(f"[bench] {fallback_used}", flush=True)
+            fb, fb_latent = _train_run(FALLBACK, python, args, paths, workdir)
+            fb["fallback_for"] = "multivi"
+            runs.append(fb)
+            if "error" not in fb:
+                latents[FALLBACK] = fb_latent
+
+    scib: dict[str, dict[str, float]] = {}
+    scib_error = None
+    scib_s = None
+    if not args.skip_scib and latents:
+        print(f"[bench] scib-metrics on {len(latents)} latents + Unintegrated ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            scib = run_scib(paths["rna"], latents, args.n_jobs)
+            scib_s = time.perf_counter() - t0
+            print(f"[bench] scib done in {scib_s:.0f}s", flush=True)
+        except Exception as err:  # report and keep the timing results
+            scib_error = f"{type(err).__name__}: {err}"
+            print(f"[bench] scib FAILED: {scib_error}", file=sys.stderr, flush=True)
+
+    by_run = {r["run"]: r for r in runs}
+    reference = FALLBACK if fallback_used else REFERENCE
+    ref_s = by_run.get(reference, {}).get("s_per_epoch")
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        row: dict[str, Any] = {"run": r["run"], "error": r.get("error")}
+        for k in ("s_per_epoch", "median_epoch_s", "min_epoch_s", "peak_rss_mib", "epochs_run"):
+            row[k] = r.get(k)
+        if row["s_per_epoch"] and ref_s:
+            row["ratio_to_reference"] = row["s_per_epoch"] / ref_s
+        sc_row = scib.get(r["run"], {})
+        row.update({"bio": sc_row.get("Bio conservation"), "batch": sc_row.get("Batch correction"),
+                    "total": sc_row.get("Total")})  # fmt: skip
+        rows.append(row)
+    if "Unintegrated" in scib:
+        u = scib["Unintegrated"]
+        rows.append({"run": "Unintegrated", "bio": u.get("Bio conservation"),
+                     "batch": u.get("Batch correction"), "total": u.get("Total")})  # fmt: skip
+    print()
+    table = print_table(rows, reference)
+
+    child_only = ("child", "rna", "atac", "record", "latent_out")
+    args_rec = {k: v for k, v in vars(args).items() if k not in child_only}
+    result = {
+        "benchmark": "regvi RegMultiVI vs scvi-tools MULTIVI (paired RNA + ATAC)",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": {k: str(v) for k, v in paths.items()},
+        "args": args_rec,
+        "settings": {
+            "epochs": args.epochs,
+            "batch_size": BATCH_SIZE,
+            "train_size": TRAIN_SIZE,
+            "validation": "every epoch",
+            "early_stopping": False,
+            "kl_warmup_epochs": args.kl_warmup,
+            "torch_threads": N_THREADS,
+            "n_hidden": N_HIDDEN,
+            "n_latent_total": N_LATENT,
+            "n_layers": N_LAYERS,
+            "batch_key": BATCH_KEY,
+            "label_key": LABEL_KEY,
+            "ratio_reference": reference,
+            "fallback": fallback_used,
+            "scib": None
+            if args.skip_scib
+            else {
+                "min_max_scale": False,
+                "metrics": "BioConservation() and BatchCorrection() defaults",
+                "n_jobs": args.n_jobs,
+                "adata": "RNA cells",
+                "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) RNA X",
+            },
+        },
+        "host": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+        },
+        "versions": _versions(scvi_python),
+        "summary": rows,
+        "runs": runs,
+        "scib": scib,
+        "scib_s": scib_s,
+        "scib_error": scib_error,
+        "total_wall_s": time.perf_counter() - t_start,
+        "table": table,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n[bench] wrote {out} (total {result['total_wall_s']:.0f}s)")
+    if not args.workdir and not args.keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    failed = [r["run"] for r in runs if "error" in r and not fallback_used]
+    if fallback_used and "error" in by_run.get(FALLBACK, {}):
+        failed.append(FALLBACK)
+    return 1 if failed or scib_error else 0
+
+
+def _parse_runs(spec: str) -> list[str]:
+    """Parse ``--runs``: a comma-separated subset of ``RUNS``."""
+    runs = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [r for r in runs if r not in (*RUNS, FALLBACK)]
+    if bad or not runs:
+        raise argparse.ArgumentTypeError(f"bad --runs {spec!r}; choose from {','.join(RUNS)}")
+    return runs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface (parent options and hidden child options)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
+                   help=f"folder with {RNA_FILE} and {ATAC_FILE}")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=20, help="fixed number of epochs (default 20)")
+    p.add_argument("--runs", type=_parse_runs, default=list(RUNS),
+                   help=f"comma-separated subset of {','.join(RUNS)} (default all)")  # fmt: skip
+    p.add_argument("--scvi-python", default=str(DEFAULT_SCVI_PYTHON),
+                   help="interpreter of the scvi-tools venv")  # fmt: skip
+    p.add_argument("--kl-warmup", type=int, default=KL_WARMUP,
+                   help=f"KL warmup epochs for every tool (default {KL_WARMUP})")  # fmt: skip
+    p.add_argument("--no-fallback", action="store_true",
+                   help="do not fall back to PEAKVI + SCVI when MULTIVI fails")  # fmt: skip
+    p.add_argument("--skip-scib", action="store_true", help="skip the scib-metrics evaluation")
+    p.add_argument("--n-jobs", type=int, default=2, help="scib neighbour-search jobs")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results path")
+    p.add_argument("--workdir", default=None, help="keep intermediate files here")
+    p.add_argument("--keep-workdir", action="store_true", help="do not delete the temp workdir")
+    # child-only options
+    p.add_argument("--child", choices=(*RUNS, FALLBACK), help=argparse.SUPPRESS)
+    p.add_argument("--rna", help=argparse.SUPPRESS)
+    p.add_argument("--atac", help=argparse.SUPPRESS)
+    p.add_argument("--record", help=argparse.SUPPRESS)
+    p.add_argument("--latent-out", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to the parent benchmark or to a child step."""
+    args = build_parser().parse_args(argv)
+    if args.child:
+        return run_child_main(args)
+    return run_parent(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
