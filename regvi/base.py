@@ -148,6 +148,11 @@ class BaseModel:
     def _dataset(self) -> Any:
         raise NotImplementedError
 
+    def _validation_batch_size(self, batch_size: int) -> int:
+        """Large validation batches (fewer steps), capped at ~4M dense entries per batch so wide
+        data (e.g. 25k ATAC peaks) does not multiply peak memory."""
+        return max(batch_size, min(1024, (1 << 22) // max(1, self._n_features())))
+
     def _setup_obs(self) -> pd.DataFrame:
         raise NotImplementedError
 
@@ -252,7 +257,7 @@ class BaseModel:
         replicas, rank = shard if shard is not None else (1, 0)
         train_loader = make_loader(data, train_idx, batch_size, True, seed, replicas, rank)
         val_loader = (
-            make_loader(data, val_idx, max(batch_size, 1024), shuffle=False)
+            make_loader(data, val_idx, self._validation_batch_size(batch_size), shuffle=False)
             if len(val_idx)
             else None
         )

@@ -32,6 +32,7 @@ from regvi.nn import (
     Encoder,
     LibraryEncoder,
     gamma_log_prob,
+    gamma_poisson_log_prob_rows,
     gamma_poisson_log_prob_unnormalised,
     normal_kl,
 )
@@ -433,7 +434,7 @@ class RegVIModule(nn.Module):
         check_n_obs(n_obs, x.shape[0], skip_n_obs_check)
         inf = self.inference(batch, sample=sample)
         gen = self.generative(inf["z"], inf["library"], batch, sample_theta=sample)
-        local = self.local_terms(batch, inf, gen)
+        local = self.local_terms(batch, inf, gen, per_gene=return_per_gene)
         # local (cell plate) terms: summed over non-batch dims, MEANED over the minibatch
         reconstruction = local["reconstruction"].mean()
         kl_z_per_dim = local["kl_z_per_dim"]
@@ -460,7 +461,11 @@ class RegVIModule(nn.Module):
         return out
 
     def local_terms(
-        self, batch: dict[str, torch.Tensor], inf: dict[str, Any], gen: dict[str, torch.Tensor]
+        self,
+        batch: dict[str, torch.Tensor],
+        inf: dict[str, Any],
+        gen: dict[str, torch.Tensor],
+        per_gene: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Per-cell (cell-plate) terms, before averaging over the minibatch.
 
@@ -469,12 +474,15 @@ class RegVIModule(nn.Module):
         dict
             ``reconstruction`` ``(B,)`` = −log p(x | z, l) summed over features,
             ``kl_z_per_dim`` ``(B, D)``, ``kl_library`` ``(B,)`` and ``log_lik`` ``(B, G)``
-            (without the lgamma(x + 1) constant).
+            (without the lgamma(x + 1) constant; only with ``per_gene``).
         """
         x = batch["x"]
         # x ~ GammaPoisson(theta, theta / mu); lgamma(x + 1) is precomputed per cell (non-zeros)
-        log_lik = gamma_poisson_log_prob_unnormalised(
-            x, gen["mu"], gen["theta"], gen["log_theta_cell"], gen["lgamma_theta_cell"]
+        args = (x, gen["mu"], gen["theta"], gen["log_theta_cell"], gen["lgamma_theta_cell"])
+        log_lik = gamma_poisson_log_prob_unnormalised(*args) if per_gene else None
+        # the per-cell sum skips lgamma at zero counts (same value, see its docstring)
+        log_lik_rows = (
+            log_lik.sum(-1) if log_lik is not None else gamma_poisson_log_prob_rows(*args)
         )
         kl_z_per_dim = normal_kl(
             inf["qz_mean"],
@@ -490,7 +498,7 @@ class RegVIModule(nn.Module):
             self.config.library_variance_weight * self.library_prior_var[lib_group],
         )
         return {
-            "reconstruction": batch["log_x_factorial"] - log_lik.sum(-1),
+            "reconstruction": batch["log_x_factorial"] - log_lik_rows,
             "kl_z_per_dim": kl_z_per_dim,
             "kl_library": kl_library,
             "log_lik": log_lik,

@@ -3,6 +3,7 @@
 from regvi.nn.distributions import (
     gamma_log_prob,
     gamma_poisson_log_prob,
+    gamma_poisson_log_prob_rows,
     gamma_poisson_log_prob_unnormalised,
     normal_kl,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "LibraryEncoder",
     "gamma_log_prob",
     "gamma_poisson_log_prob",
+    "gamma_poisson_log_prob_rows",
     "gamma_poisson_log_prob_unnormalised",
     "normal_kl",
 ]

@@ -64,6 +64,40 @@ def gamma_poisson_log_prob_unnormalised(
     )
 
 
+def gamma_poisson_log_prob_rows(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    log_theta: torch.Tensor,
+    lgamma_theta: torch.Tensor,
+) -> torch.Tensor:
+    """Per-cell sum over features of :func:`gamma_poisson_log_prob_unnormalised`, ``(B,)``.
+
+    Same equation, split by where it is non-zero. For x = 0 the log-probability is
+    theta · (log theta − log(theta + mu)); the terms x · (log mu − log(theta + mu)) and
+    lgamma(x + theta) − lgamma(theta) vanish, so they are computed only at the non-zero
+    counts (a few percent of entries in single-cell data, < 1 % for ATAC). This skips most
+    lgamma / digamma evaluations, which dominate the dense likelihood's cost.
+    """
+    eps = 1e-8
+    log_theta_mu = torch.log(theta + mu + eps)
+    dense = (theta * (log_theta - log_theta_mu)).sum(-1)
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    xv = x[rows, cols]
+
+    def at(t: torch.Tensor) -> torch.Tensor:
+        # per-(group, gene) tensors are (1, G) or (B, G); gather at the non-zeros
+        return t[0, cols] if t.shape[0] == 1 else t[rows, cols]
+
+    theta_v = at(theta)
+    sparse = (
+        xv * (torch.log(mu[rows, cols] + eps) - log_theta_mu[rows, cols])
+        + torch.lgamma(xv + theta_v)
+        - at(lgamma_theta)
+    )
+    return dense.index_add(0, rows, sparse)
+
+
 def normal_kl(
     q_mean: torch.Tensor, q_var: torch.Tensor, p_mean: torch.Tensor, p_var: torch.Tensor
 ) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """MLflow "model from code": a pyfunc wrapping a regvi safetensors directory.
 
-``predict(AnnData)`` returns the latent (posterior mean). Nothing is pickled: MLflow stores this
+``predict(AnnData)`` returns the latent (posterior mean); a multimodal model takes a MuData or a
+dict modality → AnnData and returns the joint latent. Nothing is pickled: MLflow stores this
 file and the model directory (``artifacts["regvi_model"]``).
 """
 
@@ -22,6 +23,8 @@ class RegVIPyfunc(mlflow.pyfunc.PythonModel):
         import numpy as np
         from anndata import AnnData
 
+        if isinstance(self.model, __import__("regvi").RegMultiVI):
+            return np.asarray(self.model.get_latent_representation(model_input))
         if not isinstance(model_input, AnnData):
             raise TypeError(
                 f"predict expects an AnnData with the model's genes; got {type(model_input).__name__}"
