@@ -393,6 +393,9 @@ def test_multimodal_sweep_logs_joint_evaluation_and_attribution(tmp_path):
         )
         latent, idx = np.load(local / "eval_latent.npy"), np.load(local / "eval_indices.npy")
         np.testing.assert_array_equal(model.get_latent_representation(indices=idx), latent)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{children[0].info.run_id}/model")
+    joint = pyfunc.predict(data)  # dict modality -> AnnData in, joint latent out
+    assert joint.shape[0] == 500
 
 
 def test_sweep_refuses_bad_data_keys_before_any_work(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from regvi.sweep.config import ConfigError, load_config, parse_config
+from regvi.sweep.config import ConfigError, load_config, parse_config, redact_uri
 from regvi.sweep.space import DefineByRun, grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_shipped_sweeps_parse():
             cfg = load_config(path)
         except ConfigError as err:
             # configs on the shared real data need ../shared/data next to the checkout
-            assert "data.path" in str(err) and "does not exist" in str(err), (path, err)
+            assert "data." in str(err) and "does not exist" in str(err), (path, err)
             continue
         assert cfg.params, path
         parsed += 1
@@ -156,3 +156,83 @@ def test_grid_expands_conditionals():
     )
     points = grid(parse_config(raw, REPO / "sweeps" / "x.yaml"))
     assert len(points) == 2 * (1 + 2)
+
+
+def test_credentials_are_redacted_in_resolved_config():
+    uri = "https://bob:s3cret@mlflow.example.org/?token=abc&x=1"
+    cfg = parse_config(_base(mlflow={"tracking_uri": uri}))
+    assert cfg.tracking_uri == uri  # used to connect
+    shown = str(cfg.resolved())
+    assert "s3cret" not in shown and "abc" not in shown and "bob" not in shown
+    assert redact_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+    assert redact_uri("postgresql://u:p@db/x") == "postgresql://***@db/x"
+
+
+def _multimodal(tmp_path, **over):
+    for m in ("atac", "rna"):
+        (tmp_path / f"{m}.h5ad").write_bytes(b"")
+    cfg = _base(
+        data={
+            "modalities": {"atac": "atac.h5ad", "rna": "rna.h5ad"},
+            "library_key": "batch",
+            "labels_key": "cell_type",
+        },
+        search={"n_latent.rna": {"type": "categorical", "values": [5, 10]}},
+    )
+    cfg.update(over)
+    return cfg
+
+
+def test_multimodal_config(tmp_path):
+    cfg = parse_config(
+        _multimodal(tmp_path, model={"n_hidden": {"atac": 64}, "lr_multipliers": {"atac": 2}}),
+        tmp_path / "c.yaml",
+    )
+    assert cfg.multimodal and set(cfg.data_path()) == {"atac", "rna"}
+    assert cfg.data_path()["rna"] == str((tmp_path / "rna.h5ad").resolve())
+    (p,) = cfg.params
+    assert (p.name, p.modality, p.target) == ("n_latent.rna", "rna", "model")
+    from regvi.sweep.trial import model_arguments
+
+    static = {"model": {"n_latent": 8}, "model_params": ["n_latent.rna"], "data": cfg.data}
+    assert model_arguments(static, {"n_latent.rna": 5}) == {"n_latent": {"atac": 8, "rna": 5}}
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (
+            {"search": {"n_latent.protein": {"type": "int", "low": 2, "high": 5}}},
+            "modality 'protein'",
+        ),
+        (
+            {"model": {"n_hidden": {"protein": 3}}},
+            r"model.n_hidden: unknown modalities \['protein'\]",
+        ),
+        (
+            {"search": {"disabled_covariates.rna": {"type": "categorical", "values": [[]]}}},
+            "cannot be set per modality",
+        ),
+    ],
+)
+def test_bad_multimodal_configs(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(_multimodal(tmp_path, **over), tmp_path / "c.yaml")
+
+
+def test_bad_multimodal_data_sections(tmp_path):
+    base = _multimodal(tmp_path)
+    cases = [
+        ({**base["data"], "path": "x.h5ad"}, "either path"),
+        ({**base["data"], "modalities": {"rna": "rna.h5ad"}}, "needs 2\\+ modalities"),
+        (
+            {**base["data"], "modalities": {"rna": "rna.h5ad", "atac": "nope.h5ad"}},
+            "data.modalities.atac: file .* does not exist",
+        ),
+        ({**base["data"], "counts_modality": "protein"}, "counts_modality: 'protein'"),
+    ]
+    for data, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            parse_config({**base, "data": data}, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"per-modality mapping needs data\.modalities"):
+        parse_config(_base(model={"n_latent": {"rna": 3}}))

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--trials", type=int, default=None, help="override budget.trials")
     args = p.parse_args(argv)
-    from regvi.sweep.config import ConfigError, load_config
+    from regvi.sweep.config import ConfigError, load_config, redact_uri
     from regvi.sweep.space import describe
 
     try:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         obj = cfg.objective_metrics[0]
         print(f"best trial {result.best_trial_id}: {obj} = {result.best_metrics.get(obj)}")
     print(
-        f"MLflow: {result.tracking_uri}  (experiment {cfg.experiment!r}, parent run {result.parent_run_id})"
+        f"MLflow: {redact_uri(result.tracking_uri)}  (experiment {cfg.experiment!r}, parent run {result.parent_run_id})"
     )
     if result.tracking_uri.startswith("sqlite"):
         print(

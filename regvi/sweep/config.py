@@ -56,6 +56,18 @@ def _train_args() -> set[str]:
     return params - {"epoch_callback", "progress_bar", "accelerator", "devices", "seed"}
 
 
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` with any credentials replaced by ``***`` (user:password@, token/password query
+    parameters), for printing and logging. The unredacted URI is only used to connect."""
+    import re
+
+    if not uri:
+        return uri
+    out = re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1***@", uri)
+    secret = r"(?:token|password|passwd|secret|key|sig|signature|credential)[\w-]*"
+    return re.sub(rf"([?&]\w*{secret}=)[^&#]*", r"\1***", out, flags=re.IGNORECASE)
+
+
 class ConfigError(ValueError):
     """A sweep config problem; the message names the key and what was expected."""
 
@@ -163,7 +175,7 @@ class SweepConfig:
             },
             "evaluation": self.evaluation,
             "mlflow": {
-                "tracking_uri": self.tracking_uri,
+                "tracking_uri": redact_uri(self.tracking_uri),
                 "experiment": self.experiment,
                 "register_model": self.register_model,
             },
