@@ -256,7 +256,12 @@ class Case:
 CASES = [
     Case("negative counts", negative_counts, ValueError, r"adata.X contains 1 negative values"),
     Case("NaN counts", nan_counts, ValueError, r"adata.X contains 1 NaN/inf values"),
-    Case("non-integer counts", non_integer_counts, ValueError, r"adata.X contains \d+ non-integer values \(e.g."),
+    Case(
+        "non-integer counts",
+        non_integer_counts,
+        ValueError,
+        r"adata.X contains \d+ non-integer values \(e.g.",
+    ),
     Case("empty AnnData", empty_anndata, ValueError, r"shape \(0, 30\); expected at least one"),
     Case("every cell has zero counts", all_cells_zero, ValueError, r"all 120 cells have zero"),
     Case("missing obs key", missing_obs_key, KeyError, r"no column 'lane' \(for library"),
