@@ -366,6 +366,7 @@ def test_multimodal_sweep_logs_joint_evaluation_and_attribution(tmp_path):
             "lr_multipliers.atac": {"type": "loguniform", "low": 0.5, "high": 2.0},
         },
         evaluation={"scib": True, "n_subsample": 500},
+        objective={"metric": "scib_total", "mode": "max"},  # final-only objective with Optuna
     )
     out = _sweep(cfg)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -393,6 +394,13 @@ def test_multimodal_sweep_logs_joint_evaluation_and_attribution(tmp_path):
         )
         latent, idx = np.load(local / "eval_latent.npy"), np.load(local / "eval_indices.npy")
         np.testing.assert_array_equal(model.get_latent_representation(indices=idx), latent)
+    import optuna
+
+    study = optuna.load_study(
+        study_name="mm", storage=f"sqlite:///{tmp_path / 'runs' / 'mm' / 'optuna.db'}"
+    )
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.value for t in done) == sorted(r.data.metrics["scib_total"] for r in children)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{children[0].info.run_id}/model")
     joint = pyfunc.predict(data)  # dict modality -> AnnData in, joint latent out
     assert joint.shape[0] == 500

@@ -129,9 +129,17 @@ def _static(cfg: SweepConfig, sweep_dir: Path) -> dict[str, Any]:
     }
 
 
+#: Metrics that exist only in a trial's final report (evaluation after training).
+FINAL_ONLY_PREFIXES = ("scib_", "nc_", "lowcount_", "attribution_", "eval_")
+
+
+def final_only_objective(cfg: SweepConfig) -> bool:
+    """The objective is an evaluation metric, absent from the per-epoch reports."""
+    return any(m.startswith(FINAL_ONLY_PREFIXES) for m in cfg.objective_metrics)
+
+
 def _searcher(cfg: SweepConfig, sweep_dir: Path):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     from regvi.sweep.space import define_by_run
 
@@ -145,7 +153,9 @@ def _searcher(cfg: SweepConfig, sweep_dir: Path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}")
     metric = cfg.objective_metrics if cfg.multi_objective else cfg.objective_metrics[0]
     mode = cfg.objective_modes if cfg.multi_objective else cfg.objective_modes[0]
-    return OptunaSearch(
+    from regvi.sweep.searcher import FinalResultOptunaSearch
+
+    return FinalResultOptunaSearch(
         space=define_by_run(cfg),
         metric=metric,
         mode=mode,
@@ -216,6 +226,9 @@ def run_sweep(
         )
     uri = resolve_tracking_uri(cfg.tracking_uri, Path.cwd())
     data = None if resume else check_data(cfg)  # bad keys / counts fail before any work
+    if final_only_objective(cfg):
+        # the objective is reported once, after evaluation; ASHA's metric is per epoch
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     resources = init_ray(address, cfg)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if resume:
