@@ -80,5 +80,6 @@ def describe(cfg: SweepConfig) -> str:
                 " (log)" if p.log and p.type != "loguniform" else ""
             )
         cond = f"  when {p.when}" if p.when else ""
-        lines.append(f"  {p.name:<28} {p.target:<9} {dom}{cond}")
+        width = max([28, *(len(q.name) + 1 for q in cfg.params)])
+        lines.append(f"  {p.name:<{width}} {p.target:<9} {dom}{cond}")
     return "\n".join(lines)
