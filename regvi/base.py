@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from regvi.data import make_loader, train_validation_split
+from regvi.data.counts import iter_row_blocks, row_totals
 from regvi.module import RegVIModule
 from regvi.training import (
     EarlyStopping,
@@ -30,7 +31,10 @@ logger = logging.getLogger(__name__)
 def _depth_normalised_stats(
     X: np.ndarray | sp.csr_matrix, log_offset: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell relative size factor exp(log total − offset) and the depth-normalised matrix."""
+    """Per-cell relative size factor exp(log total − offset) and the depth-normalised matrix.
+
+    Row-wise, so it applies to a row block of the counts just as to the whole matrix.
+    """
     totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
     size = np.exp(np.log(np.maximum(totals, 1.0)) - log_offset)
     inv = 1.0 / size
@@ -38,14 +42,33 @@ def _depth_normalised_stats(
     return size, Xn
 
 
-def _group_means(Xn: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Mean of rows of ``Xn`` per group, ``(n_groups, G)``."""
+def _group_sums(Xn: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum of rows of ``Xn`` per group, dense ``(n_groups, G)``."""
     n = Xn.shape[0]
     onehot = sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_groups, n))
-    counts = np.asarray(onehot.sum(axis=1)).ravel()
     sums = onehot @ Xn
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return sums / np.maximum(counts, 1)[:, None]
+    return sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+
+
+def _group_means(Xn: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Mean of rows of ``Xn`` per group, ``(n_groups, G)``."""
+    counts = np.bincount(codes, minlength=n_groups)
+    return _group_sums(Xn, codes, n_groups) / np.maximum(counts, 1)[:, None]
+
+
+class _GroupMeans:
+    """Per-group column means accumulated over row blocks (chunk by chunk)."""
+
+    def __init__(self, codes: np.ndarray, n_groups: int, n_cols: int):
+        self.codes, self.n_groups = np.asarray(codes), n_groups
+        self.sums = np.zeros((n_groups, n_cols))
+        self.counts = np.bincount(self.codes, minlength=n_groups)
+
+    def add(self, start: int, stop: int, block: Any) -> None:
+        self.sums += _group_sums(block, self.codes[start:stop], self.n_groups)
+
+    def result(self) -> np.ndarray:
+        return self.sums / np.maximum(self.counts, 1)[:, None]
 
 
 def initialise_from_data(
@@ -54,8 +77,13 @@ def initialise_from_data(
     cov: Mapping[str, np.ndarray],
     data_init: bool,
     dispersion_init: str,
+    chunk_nnz: int | None = None,
 ) -> None:
     """Library prior (always) and data-dependent init (spec §3) of one modality's module.
+
+    Every statistic is accumulated over row chunks of ``X`` (``chunk_nnz`` stored values per
+    chunk, default :data:`regvi.data.counts.CHUNK_NNZ`), so a large or memory-mapped matrix
+    needs no full-size temporaries; a matrix below one chunk is processed in one piece.
 
     Parameters
     ----------
@@ -69,8 +97,10 @@ def initialise_from_data(
         Decoder bias and ambient from the data.
     dispersion_init
         ``"data"``: method-of-moments theta.
+    chunk_nnz
+        Stored values per row chunk.
     """
-    totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+    totals = row_totals(X, chunk_nnz)
     nonzero = totals > 0
     log_lib = np.log(np.maximum(totals, 1.0))
     lib_codes = cov["library_size"][:, 0]
@@ -87,21 +117,40 @@ def initialise_from_data(
     if not (data_init or dispersion_init == "data"):
         return
     offset = float(module.library_log_offset)
-    _, Xn = _depth_normalised_stats(X, offset)
-    mean_expr = np.asarray(Xn.mean(axis=0)).ravel()
-    ambient_means = None
+    n_cells, n_genes = X.shape
+    col_sum = np.zeros(n_genes)  # CSR: sum of Xn / n (scipy's mean); dense: sum of Xn
+    ambient = []
     if module.config.use_ambient:
-        ambient_means = [
-            torch.tensor(_group_means(Xn, cov["ambient"][:, k], n), dtype=torch.float32)
+        ambient = [
+            _GroupMeans(cov["ambient"][:, k], n, n_genes)
             for k, n in enumerate(module.config.n_ambient_per_key)
         ]
-    theta = None
+    disp_mean = disp_sq = None
     if dispersion_init == "data":
         n_disp = module.log_theta_mean.shape[0]
-        codes = cov["dispersion"][:, 0] if n_disp > 1 else np.zeros(X.shape[0], dtype=np.int64)
-        m = _group_means(Xn, codes, n_disp)
-        sq = Xn.multiply(Xn) if sp.issparse(Xn) else Xn**2
-        v = _group_means(sq, codes, n_disp) - m**2
+        codes = cov["dispersion"][:, 0] if n_disp > 1 else np.zeros(n_cells, dtype=np.int64)
+        disp_mean = _GroupMeans(codes, n_disp, n_genes)
+        disp_sq = _GroupMeans(codes, n_disp, n_genes)
+    for start, stop, block in iter_row_blocks(X, chunk_nnz):
+        _, Xn = _depth_normalised_stats(block, offset)
+        if sp.issparse(Xn):
+            col_sum += np.asarray((Xn * (1.0 / n_cells)).sum(axis=0)).ravel()
+        else:
+            col_sum += Xn.sum(axis=0)
+        for acc in ambient:
+            acc.add(start, stop, Xn)
+        if disp_mean is not None and disp_sq is not None:
+            disp_mean.add(start, stop, Xn)
+            disp_sq.add(start, stop, Xn.multiply(Xn) if sp.issparse(Xn) else Xn**2)
+        del Xn
+    mean_expr = col_sum if sp.issparse(X) else col_sum / n_cells
+    ambient_means = None
+    if module.config.use_ambient:
+        ambient_means = [torch.tensor(acc.result(), dtype=torch.float32) for acc in ambient]
+    theta = None
+    if disp_mean is not None and disp_sq is not None:
+        m = disp_mean.result()
+        v = disp_sq.result() - m**2
         excess = np.maximum(v - m, 1e-8)
         # 90% of the excess variance is biological (explained by z), 10% technical
         theta = torch.tensor(m**2 / (0.1 * excess), dtype=torch.float32)
@@ -184,6 +233,7 @@ class BaseModel:
         callbacks: Sequence[Any] | None = None,
         shard: tuple[int, int] | None = None,
         early_stopping_state: Mapping[str, float] | None = None,
+        optimizer_state: Mapping[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> pd.DataFrame:
         """Train with Adam and (optionally) early stopping on the validation ELBO.
@@ -226,6 +276,9 @@ class BaseModel:
             decisions agree across replicas). ``n_obs`` stays N_train.
         early_stopping_state
             ``{"best", "best_epoch", "wait"}`` to continue early stopping after a restart.
+        optimizer_state
+            An Adam ``state_dict()`` to continue from (moments and step counts), e.g. after a
+            worker restart; see :func:`regvi.io.load_optimizer_state`.
         **trainer_kwargs
             Passed to ``lightning.Trainer`` (e.g. ``strategy``, ``plugins``, ``precision``).
 
@@ -266,6 +319,7 @@ class BaseModel:
         )
         plan = TrainingPlan(self.module, n_obs_train=len(train_idx), settings=settings)
         plan.epoch_offset = len(self.history)
+        plan.optimizer_state = dict(optimizer_state) if optimizer_state is not None else None
         all_callbacks: list[pl.Callback] = [EpochProgressBar(max_epochs, progress_bar)]
         self.early_stopping = None
         if early_stopping and val_loader is not None:

@@ -72,6 +72,44 @@ def save_model(model: RegVI | RegMultiVI, path: str | os.PathLike, overwrite: bo
     return path
 
 
+OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+
+
+def save_optimizer_state(state: dict[str, Any], directory: str | os.PathLike) -> None:
+    """Write a torch optimizer ``state_dict()`` as safetensors (tensors) + JSON (the rest).
+
+    Used by sweep checkpoints so a restarted worker resumes Adam's moments, not only weights.
+    """
+    import torch
+
+    directory = Path(directory)
+    tensors, scalars = {}, {}
+    for idx, param_state in state["state"].items():
+        for name, value in param_state.items():
+            key = f"{idx}/{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().contiguous().cpu()
+            else:
+                scalars[key] = value
+    save_file(tensors, directory / OPTIMIZER_WEIGHTS, metadata={"format": "regvi-optimizer"})
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    (directory / OPTIMIZER_META).write_text(json.dumps(meta))
+
+
+def load_optimizer_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """Inverse of :func:`save_optimizer_state`; ``None`` when ``directory`` has no state."""
+    directory = Path(directory)
+    if not (directory / OPTIMIZER_WEIGHTS).is_file() or not (directory / OPTIMIZER_META).is_file():
+        return None
+    meta = json.loads((directory / OPTIMIZER_META).read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*load_file(directory / OPTIMIZER_WEIGHTS).items(), *meta["scalars"].items()]:
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 

@@ -103,6 +103,8 @@ class TrainingPlan(pl.LightningModule):
         self._val_acc = _EpochAccumulator()
         self._epoch_start = 0.0
         self.epoch_offset = 0
+        #: optimizer ``state_dict`` to resume from (a restarted sweep worker)
+        self.optimizer_state: dict[str, Any] | None = None
 
     @property
     def kl_weight(self) -> float:
@@ -121,7 +123,10 @@ class TrainingPlan(pl.LightningModule):
             if hasattr(self.module, "parameter_groups")
             else self.module.parameters()
         )
-        return torch.optim.Adam(groups, lr=lr, weight_decay=s.weight_decay, eps=s.eps)
+        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=s.weight_decay, eps=s.eps)
+        if self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        return optimizer
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()

@@ -242,3 +242,44 @@ def test_training_after_inference_uses_train_mode(sim):
     probe = Probe()
     model.train(max_epochs=1, early_stopping=False, progress_bar=False, callbacks=[probe])
     assert probe.modes and all(probe.modes)
+
+
+def test_optimizer_state_round_trip_and_resume(sim, tmp_path):
+    """Adam moments survive a checkpoint (safetensors + JSON) and are loaded on resume."""
+    import lightning.pytorch as pl
+
+    from regvi.io import load_optimizer_state, save_optimizer_state
+
+    class Grab(pl.Callback):
+        state = None
+
+        def on_train_end(self, trainer, plan):
+            Grab.state = trainer.optimizers[0].state_dict()
+
+    model = regvi.RegVI(sim, library_key="library", n_hidden=16, n_latent=2)
+    model.train(max_epochs=2, early_stopping=False, progress_bar=False, callbacks=[Grab()])
+    saved = Grab.state
+    save_optimizer_state(saved, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.json", "optimizer.safetensors"]
+    loaded = load_optimizer_state(tmp_path)
+    assert loaded["param_groups"][0]["lr"] == saved["param_groups"][0]["lr"]
+    for idx, st in saved["state"].items():
+        for k, v in st.items():
+            assert torch.equal(loaded["state"][idx][k], v), (idx, k)
+    assert load_optimizer_state(tmp_path / "nothing") is None
+
+    class Check(pl.Callback):
+        steps = None
+
+        def on_train_start(self, trainer, plan):
+            Check.steps = [float(s["step"]) for s in trainer.optimizers[0].state.values()]
+
+    model.train(
+        max_epochs=1,
+        early_stopping=False,
+        progress_bar=False,
+        optimizer_state=loaded,
+        callbacks=[Check()],
+    )
+    n_steps = float(saved["state"][0]["step"])
+    assert n_steps > 0 and Check.steps and all(s == n_steps for s in Check.steps)

@@ -261,6 +261,7 @@ def test_killed_train_worker_is_retried_from_checkpoint(tmp_path):
     run = children[0]
     assert run.data.tags.get("regvi.status") == "completed", out[-3000:]
     assert run.data.metrics["epochs_trained"] == 12  # restarted from its checkpoint, not from 0
+    assert run.data.metrics["resumed_optimizer_state"] == 1.0  # with Adam's moments
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == list(range(12))  # each epoch logged exactly once across the restart
 

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 
 
 class RayEpochReporter(pl.Callback):
-    """After each epoch: rank 0 writes a checkpoint (model + early-stopping state); every rank
+    """After each epoch: rank 0 writes a checkpoint (model, Adam state, early-stopping state); every rank
     calls ``ray.train.report`` (a barrier in Train V2; rank 0's metrics are attached).
 
     Must be the last callback so early stopping has updated its state for this epoch.
@@ -26,6 +26,7 @@ class RayEpochReporter(pl.Callback):
         import pandas as pd
         import ray.train
 
+        from regvi.io import save_optimizer_state
         from regvi.sweep.trial import CHECKPOINT_STATE
 
         row = plan.finish_epoch()
@@ -49,6 +50,8 @@ class RayEpochReporter(pl.Callback):
                     self.model.save(Path(tmp) / "model", overwrite=True)
                 finally:
                     self.model.history = prior
+                if trainer.optimizers:  # Adam moments too, so a restart resumes exactly
+                    save_optimizer_state(trainer.optimizers[0].state_dict(), tmp)
                 (Path(tmp) / CHECKPOINT_STATE).write_text(
                     json.dumps({"training_done": False, "early_stopping": es_state})
                 )

@@ -100,6 +100,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
     import regvi
+    from regvi.io import load_optimizer_state
     from regvi.sweep.reporting import RayEpochReporter
 
     ctx = ray.train.get_context()
@@ -110,6 +111,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     adata = read_data(data_cfg.get("modalities") or data_cfg["path"])
     model = build_model(adata, data_cfg, cfg["model_kwargs"])
     state: dict[str, Any] = {"training_done": False, "early_stopping": None}
+    optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # worker restart (FailureConfig): continue from the last epoch
         with checkpoint.as_directory() as d:
@@ -117,6 +119,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
             model.module.load_state_dict(restored.module.state_dict())
             model.history = restored.history
             state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
+            optimizer_state = load_optimizer_state(d)
     train_kwargs = dict(cfg["train_kwargs"])
     max_epochs = int(train_kwargs.pop("max_epochs", 400))
     remaining = max_epochs - len(model.history)
@@ -134,6 +137,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
                 progress_bar=False,
                 seed=cfg["seed"],
                 early_stopping_state=state.get("early_stopping"),
+                optimizer_state=optimizer_state,
                 **train_kwargs,
             )
         except FloatingPointError as err:
@@ -148,6 +152,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         "epochs_trained": float(len(model.history)),
         "worker_node_id": ray.get_runtime_context().get_node_id(),
         "world_size": float(world),
+        "resumed_optimizer_state": float(optimizer_state is not None),
     }
     if len(model.history):  # the final report carries the last epoch's values (objective, ASHA)
         last = model.history.iloc[-1]
