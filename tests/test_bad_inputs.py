@@ -190,6 +190,14 @@ def config_missing_data_file(tmp: Path) -> Callable[[], object]:
 
 
 # ---------------------------------------------------------------- files
+def unwritable_output_folder(tmp: Path) -> Callable[[], object]:
+    from regvi.sweep.runner import run_sweep
+
+    (tmp / "runs").write_text("a file where the output folder should go")
+    cfg = load_config(_config(tmp, storage={"path": str(tmp / "runs" / "sub")}))
+    return lambda: run_sweep(cfg)
+
+
 def truncated_h5ad(tmp: Path) -> Callable[[], object]:
     from regvi.sweep.runner import check_data
 
@@ -343,6 +351,12 @@ CASES = [
         config_missing_data_file,
         ConfigError,
         r"data.path: file .*atlas.h5ad does not exist",
+    ),
+    Case(
+        "unwritable output folder",
+        unwritable_output_folder,
+        ValueError,
+        r"storage.path: cannot write the sweep folder .*runs/sub/bad",
     ),
     Case("truncated h5ad", truncated_h5ad, ValueError, r"data: cannot read .*atlas.h5ad"),
     Case(

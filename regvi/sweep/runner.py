@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -181,6 +182,29 @@ def _reporter(cfg: SweepConfig):
     )
 
 
+def check_writable(sweep_dir: Path) -> None:
+    """Refuse an output folder that cannot be written (before Ray or MLflow start).
+
+    Probes with a temporary file that is removed again; a folder created only for the probe is
+    removed too, so a refused sweep leaves nothing behind.
+    """
+    import tempfile
+
+    missing = [p for p in (sweep_dir, *sweep_dir.parents) if not p.exists()]
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=sweep_dir, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"storage.path: cannot write the sweep folder {sweep_dir}: {err.strerror or err}"
+        ) from None
+    finally:
+        for p in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 def check_data(cfg: SweepConfig) -> Any:
     """Read the data and set up a model with the fixed options: covariate keys, counts and
     modalities are validated in the driver before Ray, MLflow or any file is touched."""
@@ -225,6 +249,7 @@ def run_sweep(
             "change 'name' / 'storage.path'"
         )
     uri = resolve_tracking_uri(cfg.tracking_uri, Path.cwd())
+    check_writable(sweep_dir)
     data = None if resume else check_data(cfg)  # bad keys / counts fail before any work
     if final_only_objective(cfg):
         # the objective is reported once, after evaluation; ASHA's metric is per epoch
