@@ -266,13 +266,18 @@ def test_killed_train_worker_is_retried_from_checkpoint(tmp_path):
     assert sorted(steps) == list(range(12))  # each epoch logged exactly once across the restart
 
 
-def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
+def _free_port() -> int:
     import socket
 
-    _data(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifacts); waits until up."""
+    from mlflow.tracking import MlflowClient
+
     server = subprocess.Popen(
         [
             sys.executable,
@@ -295,17 +300,31 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
         env=_env(),
         start_new_session=True,
     )
+    c = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+    for _ in range(90):
+        try:
+            c.search_experiments()
+            return server
+        except Exception:
+            time.sleep(1)
+    raise RuntimeError("mlflow server did not start")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
+    _data(tmp_path)
+    port = _free_port()
+    server = _mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     try:
         from mlflow.tracking import MlflowClient
 
         c = MlflowClient(tracking_uri=uri)
-        for _ in range(60):
-            try:
-                c.search_experiments()
-                break
-            except Exception:
-                time.sleep(1)
         cfg = _config(
             tmp_path,
             "server",
@@ -324,8 +343,67 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
         model = regvi.load("models:/srv@champion")
         assert model.config.n_hidden in (16, 32)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        _stop(server)
+
+
+def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
+    """The tracking server goes down mid-sweep and comes back: logging is retried, nothing lost."""
+    from mlflow.tracking import MlflowClient
+
+    _data(tmp_path)
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    cfg = _config(
+        tmp_path,
+        "outage",
+        training={"max_epochs": 8},
+        evaluation={"neighbourhood": False},
+        mlflow={"tracking_uri": uri, "experiment": "outage", "register_model": None},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "regvi.sweep", str(cfg)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    c = MlflowClient(tracking_uri=uri)
+    try:
+        down_at = None
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            try:
+                exp = c.get_experiment_by_name("outage")
+                runs = c.search_runs([exp.experiment_id]) if exp else []
+                child = [r for r in runs if "regvi.trial_id" in r.data.tags]
+                if child and len(c.get_metric_history(child[0].info.run_id, "train_loss")) >= 2:
+                    _stop(server)  # the outage: trials keep training, the driver must wait
+                    down_at = time.time()
+                    break
+            except Exception:
+                continue
+        assert down_at is not None, "the sweep never logged two epochs"
+        time.sleep(20)
+        server = _mlflow_server(tmp_path, port)  # same port, same store
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-4000:]
+        exp = c.get_experiment_by_name("outage")
+        runs = c.search_runs([exp.experiment_id])
+        children = [r for r in runs if "regvi.trial_id" in r.data.tags]
+        assert len(children) == 2  # one run per trial, no duplicate from a retried create
+        for run in children:
+            assert run.data.tags.get("regvi.status") == "completed", out[-3000:]
+            steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
+            assert sorted(set(steps)) == list(range(8)), steps  # every epoch, logged once
+            assert len(steps) == 8
+            assert "validation_elbo" in run.data.metrics and "epochs_trained" in run.data.metrics
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _stop(server)
 
 
 def test_two_cpu_workers_per_trial(tmp_path):

@@ -171,8 +171,11 @@ class MLflowSweepCallback(_TuneCallback):
             hist = _retry(lambda: c.get_metric_history(run_id, "train_loss"))
             self._last_step[tid] = max((m.step for m in hist), default=-1)
         else:
-            run = _retry(
-                lambda: c.create_run(
+
+            def create():
+                # idempotent under retries: a create whose reply was lost is found by its tag
+                found = find_child(c, self.experiment_id, self.parent_run_id, tid)
+                return found or c.create_run(
                     self.experiment_id,
                     run_name=f"{self.sweep_name}-{tid}",
                     tags={
@@ -181,8 +184,8 @@ class MLflowSweepCallback(_TuneCallback):
                         TAG_SWEEP: self.sweep_name,
                     },
                 )
-            )
-            run_id = run.info.run_id
+
+            run_id = _retry(create).info.run_id
             params = flat_params(trial.config.get("params", {}), "")
             from mlflow.entities import Param
 
