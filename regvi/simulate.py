@@ -13,12 +13,18 @@ Generative story (matching the regvi model family)::
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+
+logger = logging.getLogger(__name__)
 
 
 def simulate(
@@ -72,6 +78,41 @@ def simulate(
         ``library_depth``, ``theta`` (genes), ``feature_scaling`` (technologies × genes).
     """
     rng = np.random.default_rng(seed)
+    truth = _draw_truth(
+        rng,
+        n_genes,
+        n_cell_types,
+        n_libraries,
+        depth_range,
+        ambient_fraction,
+        theta,
+        programme_strength,
+    )
+    counts, codes = _draw_cells(rng, truth, n_cells, depth_sd, n_technologies, feature_scaling_sd)
+    if sparse_format == "csr":
+        X = sp.csr_matrix(counts)
+    elif sparse_format == "csc":
+        X = sp.csc_matrix(counts)
+    elif sparse_format == "dense":
+        X = counts
+    else:
+        raise ValueError(f"sparse_format={sparse_format!r}; expected 'csr', 'csc' or 'dense'")
+    adata = AnnData(X=X, obs=_obs_frame(codes), var=_var_frame(n_genes))
+    adata.uns["truth"] = truth
+    return adata
+
+
+def _draw_truth(
+    rng: np.random.Generator,
+    n_genes: int,
+    n_cell_types: int,
+    n_libraries: int,
+    depth_range: tuple[float, float],
+    ambient_fraction: float | tuple[float, float],
+    theta: float | tuple[float, float],
+    programme_strength: float,
+) -> dict[str, Any]:
+    """Type profiles, ambient profiles, depths, ambient fractions and theta (drawn once)."""
     base = rng.normal(0.0, 1.0, n_genes)
     # each gene is "on" in a random subset of types and strongly down elsewhere, so that
     # (as for real marker genes) the minimum over types is low and ambient is identifiable
@@ -90,45 +131,149 @@ def simulate(
         thetas = np.full(n_genes, float(theta))
     else:
         thetas = np.exp(rng.uniform(np.log(theta[0]), np.log(theta[1]), n_genes))
-    cell_type = rng.integers(0, n_cell_types, n_cells)
-    library = rng.integers(0, n_libraries, n_cells)
-    size = depths[library] * np.exp(rng.normal(0.0, depth_sd, n_cells))
-    frac = fractions[library][:, None]
-    mu = size[:, None] * ((1 - frac) * type_profiles[cell_type] + frac * ambient_profiles[library])
-    scaling = np.ones((max(n_technologies, 1), n_genes))
-    obs = {
-        "cell_type": pd.Categorical([f"type_{k}" for k in cell_type]),
-        "library": pd.Categorical([f"lib_{b}" for b in library]),
-    }
-    if n_technologies > 0:
-        scaling = np.exp(rng.normal(0.0, feature_scaling_sd, (n_technologies, n_genes)))
-        tech = rng.integers(0, n_technologies, n_cells)
-        mu = mu * scaling[tech]
-        obs["technology"] = pd.Categorical([f"tech_{t}" for t in tech])
-    # NB(mean mu, inverse dispersion theta) as a Gamma–Poisson mixture
-    rate = rng.gamma(shape=thetas[None, :], scale=mu / thetas[None, :])
-    counts = rng.poisson(rate).astype(np.int32)
-    if sparse_format == "csr":
-        X = sp.csr_matrix(counts)
-    elif sparse_format == "csc":
-        X = sp.csc_matrix(counts)
-    elif sparse_format == "dense":
-        X = counts
-    else:
-        raise ValueError(f"sparse_format={sparse_format!r}; expected 'csr', 'csc' or 'dense'")
-    adata = AnnData(
-        X=X,
-        obs=pd.DataFrame(obs, index=[f"cell_{i}" for i in range(n_cells)]),
-        var=pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)]),
-    )
-    adata.uns["truth"] = {
+    return {
         "type_profiles": type_profiles,
         "ambient_profiles": ambient_profiles,
         "ambient_fraction": fractions,
         "library_depth": depths,
         "theta": thetas,
-        "feature_scaling": scaling,
+        "feature_scaling": None,  # drawn with the first cells (as simulate always has)
     }
+
+
+def _draw_cells(
+    rng: np.random.Generator,
+    truth: dict[str, Any],
+    n_cells: int,
+    depth_sd: float,
+    n_technologies: int,
+    feature_scaling_sd: float,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Dense int32 counts and codes of ``n_cells`` cells; sets ``truth["feature_scaling"]``
+    on the first call (after the first cells' types, libraries and sizes)."""
+    type_profiles, ambient_profiles = truth["type_profiles"], truth["ambient_profiles"]
+    n_cell_types, n_genes = type_profiles.shape
+    n_libraries = ambient_profiles.shape[0]
+    thetas = truth["theta"]
+    cell_type = rng.integers(0, n_cell_types, n_cells)
+    library = rng.integers(0, n_libraries, n_cells)
+    size = truth["library_depth"][library] * np.exp(rng.normal(0.0, depth_sd, n_cells))
+    frac = truth["ambient_fraction"][library][:, None]
+    mu = size[:, None] * ((1 - frac) * type_profiles[cell_type] + frac * ambient_profiles[library])
+    codes = {"cell_type": cell_type, "library": library}
+    if truth["feature_scaling"] is None:
+        truth["feature_scaling"] = (
+            np.exp(rng.normal(0.0, feature_scaling_sd, (n_technologies, n_genes)))
+            if n_technologies > 0
+            else np.ones((1, n_genes))
+        )
+    if n_technologies > 0:
+        tech = rng.integers(0, n_technologies, n_cells)
+        mu = mu * truth["feature_scaling"][tech]
+        codes["technology"] = tech
+    # NB(mean mu, inverse dispersion theta) as a Gamma–Poisson mixture
+    rate = rng.gamma(shape=thetas[None, :], scale=mu / thetas[None, :])
+    del mu
+    return rng.poisson(rate).astype(np.int32), codes
+
+
+def _obs_frame(codes: dict[str, np.ndarray]) -> pd.DataFrame:
+    prefixes = {"cell_type": "type", "library": "lib", "technology": "tech"}
+    n_cells = len(codes["cell_type"])
+    return pd.DataFrame(
+        {
+            key: pd.Categorical([f"{prefixes[key]}_{c}" for c in values])
+            for key, values in codes.items()
+        },
+        index=[f"cell_{i}" for i in range(n_cells)],
+    )
+
+
+def _var_frame(n_genes: int) -> pd.DataFrame:
+    return pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)])
+
+
+def simulate_to_mmap(
+    path: str | os.PathLike,
+    n_cells: int = 100_000,
+    n_genes: int = 2000,
+    chunk_cells: int = 50_000,
+    seed: int = 0,
+    overwrite: bool = False,
+    n_cell_types: int = 5,
+    n_libraries: int = 4,
+    depth_range: tuple[float, float] = (1000.0, 4000.0),
+    depth_sd: float = 0.3,
+    ambient_fraction: float | tuple[float, float] = (0.05, 0.2),
+    theta: float | tuple[float, float] = (3.0, 20.0),
+    programme_strength: float = 2.0,
+    n_technologies: int = 0,
+    feature_scaling_sd: float = 0.3,
+) -> AnnData:
+    """:func:`simulate` straight to a memory-mapped CSR directory, ``chunk_cells`` cells at a time.
+
+    Profiles, ambient, depths and theta are drawn once from ``seed`` exactly as in
+    :func:`simulate`; cells are drawn chunk by chunk from the same generator, so with
+    ``chunk_cells >= n_cells`` the result equals ``simulate(..., seed=seed)`` (otherwise it is
+    the same model, with different cell draws). Memory: a few dense ``chunk_cells × n_genes``
+    float64 arrays at a time. (With ``n_technologies > 0`` the technology biases are drawn
+    after the first chunk's cells, as in :func:`simulate`, so they depend on ``chunk_cells``.)
+
+    Writes to ``path``: the matrix (``data.npy``, ``indices.npy``, ``indptr.npy``,
+    ``meta.json``, see :mod:`regvi.data.mmap`), ``obs.csv`` (``cell_type``, ``library``
+    [, ``technology``]), ``var.csv`` and ``truth.npz`` (the ground truth of ``uns["truth"]``).
+    No pickle. Reopen with :func:`regvi.data.mmap.open_mmap_anndata`.
+
+    Returns
+    -------
+    AnnData
+        ``X`` = the memory-mapped CSR (int32 counts), ``obs`` / ``var`` / ``uns["truth"]`` in
+        memory, as :func:`simulate` returns them.
+    """
+    from regvi.data.mmap import _annotations_to_csv, open_mmap_csr, write_mmap_csr
+
+    if chunk_cells < 1:
+        raise ValueError(f"chunk_cells={chunk_cells}; expected a positive integer")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    truth = _draw_truth(
+        rng,
+        n_genes,
+        n_cell_types,
+        n_libraries,
+        depth_range,
+        ambient_fraction,
+        theta,
+        programme_strength,
+    )
+    codes: list[dict[str, np.ndarray]] = []
+
+    def chunks():
+        t0 = time.perf_counter()
+        for start in range(0, n_cells, chunk_cells):
+            n = min(chunk_cells, n_cells - start)
+            counts, chunk_codes = _draw_cells(
+                rng, truth, n, depth_sd, n_technologies, feature_scaling_sd
+            )
+            codes.append(chunk_codes)
+            yield sp.csr_matrix(counts)
+            logger.info(
+                "simulate_to_mmap: %d / %d cells (%.0f s)",
+                start + n,
+                n_cells,
+                time.perf_counter() - t0,
+            )
+
+    write_mmap_csr(path, chunks(), n_genes, dtype=np.int32, overwrite=overwrite)
+    all_codes = {k: np.concatenate([c[k] for c in codes]) for k in codes[0]} if codes else {}
+    if not all_codes:
+        all_codes = {"cell_type": np.zeros(0, np.int64), "library": np.zeros(0, np.int64)}
+    obs, var = _obs_frame(all_codes), _var_frame(n_genes)
+    _annotations_to_csv(obs, path / "obs.csv")
+    _annotations_to_csv(var, path / "var.csv")
+    np.savez(path / "truth.npz", **truth)
+    adata = AnnData(X=open_mmap_csr(path), obs=obs, var=var)
+    adata.uns["truth"] = truth
     return adata
 
 

@@ -15,6 +15,8 @@ import torch
 from scipy.special import gammaln
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from regvi.data.counts import iter_row_blocks, row_totals
+
 
 class CountBatches(Dataset):
     """Batched view of counts plus encoded covariates.
@@ -41,10 +43,14 @@ class CountBatches(Dataset):
         return self.X.shape[0]
 
     def __getitem__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Return the batch of rows ``idx`` (an integer array), counts densified as float32."""
+        """Return the batch of rows ``idx`` (an integer array), counts densified as float32.
+
+        Sparse rows are sliced in increasing row order (sequential pages of a memory-mapped
+        matrix) and put back in the order of ``idx``: row ``i`` of ``x`` is cell ``idx[i]``.
+        """
         idx = np.asarray(idx)
         if self.sparse:
-            x = self.X[idx].toarray().astype(np.float32, copy=False)
+            x = _sorted_rows(self.X, idx)
         else:
             x = np.asarray(self.X[idx], dtype=np.float32)
         tidx = torch.from_numpy(idx)
@@ -81,9 +87,7 @@ class MultiCountBatches(Dataset):
         self.covariates = {
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
         }
-        self.observed = {
-            m: torch.from_numpy(np.asarray(X.sum(axis=1)).ravel() > 0) for m, X in Xs.items()
-        }
+        self.observed = {m: torch.from_numpy(row_totals(X) > 0) for m, X in Xs.items()}
 
     def __len__(self) -> int:
         return self.n_cells
@@ -104,8 +108,26 @@ class MultiCountBatches(Dataset):
         return batch
 
 
-def log_factorial_rows(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
-    """Per-row sum of lgamma(x + 1) (float32), computed over stored non-zeros for CSR."""
+def _sorted_rows(X: sp.csr_matrix, idx: np.ndarray) -> np.ndarray:
+    """Dense float32 rows ``X[idx]`` (in the order of ``idx``), sliced in sorted row order."""
+    if len(idx) < 2 or bool(np.all(idx[1:] >= idx[:-1])):
+        return X[idx].toarray().astype(np.float32, copy=False)
+    order = np.argsort(idx, kind="stable")
+    rows = X[idx[order]].toarray()
+    x = np.empty(rows.shape, dtype=np.float32)
+    x[order] = rows
+    return x
+
+
+def log_factorial_rows(X: np.ndarray | sp.csr_matrix, chunk_nnz: int | None = None) -> np.ndarray:
+    """Per-row sum of lgamma(x + 1) (float32), over stored non-zeros for CSR, in row chunks."""
+    out = np.empty(X.shape[0], dtype=np.float32)
+    for start, stop, block in iter_row_blocks(X, chunk_nnz):
+        out[start:stop] = _log_factorial_block(block)
+    return out
+
+
+def _log_factorial_block(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
     if sp.issparse(X):
         # same sparsity pattern, lgamma(x + 1) as values; a CSR row sum (np.add.at is slow)
         lf = sp.csr_matrix((gammaln(X.data.astype(np.float64) + 1.0), X.indices, X.indptr), X.shape)

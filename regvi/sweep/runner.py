@@ -348,7 +348,9 @@ def run_sweep(
                 callbacks=[callback],
                 verbose=verbose,
                 progress_reporter=_reporter(cfg),
-                failure_config=tune.FailureConfig(max_failures=0),
+                # a trial whose driver died with its node is retried; Train restores its latest
+                # checkpoint (a diverged trial fails fast on retry: see run_trial)
+                failure_config=tune.FailureConfig(max_failures=2),
             ),
         )
     grid_results = tuner.fit()

@@ -259,6 +259,13 @@ class MLflowSweepCallback(_TuneCallback):
         c.set_tag(run_id, "regvi.status", "completed")
         _retry(lambda: c.set_terminated(run_id, "FINISHED"))
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The trial failed (e.g. its node died) and Tune retries it: count, keep the run."""
+        run_id = self.run_for(trial)
+        c = self._client()
+        n = int(trial.num_failures) if hasattr(trial, "num_failures") else 1
+        _retry(lambda: c.set_tag(run_id, "regvi.trial_retries", str(n)))
+
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_for(trial)
         c = self._client()

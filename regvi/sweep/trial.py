@@ -289,6 +289,8 @@ def run_trial(config: dict[str, Any]) -> None:
         resources["GPU"] = static["gpus_per_worker"]
     os.environ.pop("MLFLOW_RUN_ID", None)  # never let a worker attach to another run
     divergence_file = Path(static["train_storage"]) / f"train_{trial_id}" / "DIVERGED"
+    if divergence_file.is_file():  # a retry of a diverged trial: deterministic, do not re-run
+        raise TrialDiverged(divergence_file.read_text())
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
