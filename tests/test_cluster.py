@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sweep import _config, _data, _env, _runs, _sweep
+from tests.test_sweep import _config, _data, _env, _runs, _sweep, record_fault
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -121,3 +121,4 @@ def test_node_stopped_mid_sweep_loses_nothing(tmp_path, two_node_cluster):
         latent = np.load(Path(local) / "eval_latent.npy")
         idx = np.load(Path(local) / "eval_indices.npy")
         np.testing.assert_array_equal(model.get_latent_representation(indices=idx), latent)
+    record_fault("node of a 2-node cluster SIGKILLed mid-sweep", killed_at, 2, len(children))
