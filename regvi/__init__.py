@@ -8,7 +8,7 @@ from regvi import datasets
 from regvi.io import load
 from regvi.model import RegVI
 from regvi.multimodal import RegMultiVI
-from regvi.simulate import simulate, simulate_multiome
+from regvi.simulate import simulate, simulate_multiome, simulate_to_mmap
 
 __all__ = [
     "RegMultiVI",
@@ -18,4 +18,5 @@ __all__ = [
     "load",
     "simulate",
     "simulate_multiome",
+    "simulate_to_mmap",
 ]
