@@ -8,9 +8,13 @@ finishes with an audit and, when ``REGVI_FAULT_REPORT`` names a file, appends it
 * the sweep driver SIGKILLed mid-sweep, then ``--resume``;
 * one node of a 2-node local Ray cluster SIGKILLed mid-sweep;
 * the MLflow tracking server (``mlflow server`` on 127.0.0.1) stopped 20 s and restarted;
-* an unwritable output folder (refused before any work; nothing written).
+* an unwritable output folder (refused before any work; nothing written);
+* a full disk under ``storage.path`` (a size-limited tmpfs; refused before any work);
+* the disk filling up mid-sweep (the sweep stops with a clear error, no FINISHED run is
+  incomplete, ``--resume`` after freeing space finishes every trial).
 
-A fault whose test failed is reported as not survived. Usage::
+A fault whose test failed is reported as not survived, one whose test was skipped (the disk
+tests mount a tmpfs and need root) as skipped. Usage::
 
     .venv/bin/python benchmarks/fault_table.py            # ~15 min on 2 cores
 
@@ -49,7 +53,17 @@ TESTS = {
         "tests/test_bad_inputs.py::test_bad_input_is_refused_and_nothing_is_written"
         "[unwritable output folder]"
     ),
+    "disk already full (refused, nothing written)": (
+        "tests/test_disk_full.py::test_full_disk_is_refused_before_any_work"
+    ),
+    "disk full mid-sweep (stops, then --resume)": (
+        "tests/test_disk_full.py::test_disk_full_mid_sweep_stops_cleanly_and_resumes"
+    ),
 }
+
+
+def _verdict(survived: bool | None) -> str:
+    return {True: "survived", False: "FAILED", None: "skipped"}[survived]
 
 
 def main() -> int:
@@ -72,24 +86,28 @@ def main() -> int:
                     r = json.loads(line)
                     if r["fault"] == fault:
                         recorded = r
+            skipped = (
+                out.returncode == 0 and " skipped" in out.stdout and " passed" not in out.stdout
+            )
             row = {
                 "fault": fault,
-                "survived": out.returncode == 0,
+                "survived": None if skipped else out.returncode == 0,
                 "runs_lost": recorded.get("runs_lost", 0 if out.returncode == 0 else None),
                 "finish_after_fault_s": recorded.get("finish_after_fault_s"),
                 "test_wall_s": round(time.time() - t0, 1),
                 "test": node,
             }
-            if out.returncode != 0:
+            if out.returncode != 0 or skipped:
                 row["output_tail"] = (out.stdout + out.stderr)[-2000:]
             rows.append(row)
-            print(f"[faults] {fault}: {'survived' if row['survived'] else 'FAILED'}", flush=True)
+            print(f"[faults] {fault}: {_verdict(row['survived'])}", flush=True)
     header = f"{'fault':<56} {'survived':>8} {'runs lost':>9} {'finish after fault s':>20}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         fin = "-" if r["finish_after_fault_s"] is None else f"{r['finish_after_fault_s']:.1f}"
         lost = "-" if r["runs_lost"] is None else str(r["runs_lost"])
-        print(f"{r['fault']:<56} {'yes' if r['survived'] else 'NO':>8} {lost:>9} {fin:>20}")
+        verdict = {True: "yes", False: "NO", None: "skipped"}[r["survived"]]
+        print(f"{r['fault']:<56} {verdict:>8} {lost:>9} {fin:>20}")
     out_path = REPO / "benchmarks" / "results" / "fault_table.json"
     out_path.write_text(
         json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2)

@@ -1,4 +1,7 @@
-"""CLI: ``python -m regvi.sweep CONFIG [--resume] [--dry-run] [--address ADDR]``."""
+"""CLI: ``python -m regvi.sweep CONFIG [--resume] [--dry-run] [--address ADDR]``.
+
+Exit status: 0 done; 2 refused (bad config, data or output folder; nothing written); 3 stopped
+because storage filled up mid-sweep (free space, then ``--resume``)."""
 
 from __future__ import annotations
 
@@ -40,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.resolved(), indent=2, default=str))
         return 0
     from regvi.sweep.runner import run_sweep
+    from regvi.sweep.storage import StorageFullError
 
     try:
         result = run_sweep(cfg, resume=args.resume, address=args.address)
+    except StorageFullError as err:  # stopped mid-sweep; resumable once space is freed
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from regvi.sweep.config import SweepConfig
+from regvi.sweep.storage import StorageFullError, is_storage_full, stopped_message
 from regvi.sweep.tracking import (
     MLflowSweepCallback,
     client,
@@ -182,19 +183,27 @@ def _reporter(cfg: SweepConfig):
     )
 
 
+#: Bytes the write probe writes: a full disk (or quota) is refused before any work, not only a
+#: read-only or missing folder.
+PROBE_BYTES = 1024**2
+
+
 def check_writable(sweep_dir: Path) -> None:
     """Refuse an output folder that cannot be written (before Ray or MLflow start).
 
-    Probes with a temporary file that is removed again; a folder created only for the probe is
-    removed too, so a refused sweep leaves nothing behind.
+    Probes with a temporary file of :data:`PROBE_BYTES` (written and synced) that is removed
+    again; a folder created only for the probe is removed too, so a refused sweep leaves nothing
+    behind.
     """
     import tempfile
 
     missing = [p for p in (sweep_dir, *sweep_dir.parents) if not p.exists()]
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=sweep_dir, prefix=".write-probe-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=sweep_dir, prefix=".write-probe-") as fh:
+            fh.write(bytes(PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as err:
         raise ValueError(
             f"storage.path: cannot write the sweep folder {sweep_dir}: {err.strerror or err}"
@@ -229,14 +238,12 @@ def check_data(cfg: SweepConfig) -> Any:
 def run_sweep(
     cfg: SweepConfig, resume: bool = False, address: str | None = None, verbose: int = 1
 ) -> SweepResult:
-    """Run (or ``resume``) the sweep described by ``cfg``."""
-    import mlflow
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """Run (or ``resume``) the sweep described by ``cfg``.
 
-    from regvi.sweep.space import grid
-    from regvi.sweep.trial import run_trial
-
+    Bad input is refused (``ValueError`` / ``FileExistsError`` / ``FileNotFoundError``) before
+    Ray or MLflow start. Storage filling up mid-sweep stops it with
+    :class:`~regvi.sweep.storage.StorageFullError`; free space, then ``resume``.
+    """
     sweep_dir = cfg.storage_path / cfg.name
     state_path = sweep_dir / STATE_FILE
     if resume and not state_path.is_file():
@@ -249,8 +256,28 @@ def run_sweep(
             "change 'name' / 'storage.path'"
         )
     uri = resolve_tracking_uri(cfg.tracking_uri, Path.cwd())
-    check_writable(sweep_dir)
+    check_writable(sweep_dir)  # also refuses a full disk
     data = None if resume else check_data(cfg)  # bad keys / counts fail before any work
+    try:
+        return _run_sweep(cfg, resume, address, verbose, uri, data)
+    except Exception as err:
+        if not is_storage_full(err):
+            raise
+        raise StorageFullError(stopped_message(sweep_dir, err)) from None
+
+
+def _run_sweep(
+    cfg: SweepConfig, resume: bool, address: str | None, verbose: int, uri: str, data: Any
+) -> SweepResult:
+    import mlflow
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from regvi.sweep.space import grid
+    from regvi.sweep.trial import run_trial
+
+    sweep_dir = cfg.storage_path / cfg.name
+    state_path = sweep_dir / STATE_FILE
     if final_only_objective(cfg):
         # the objective is reported once, after evaluation; ASHA's metric is per epoch
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from regvi.sweep.storage import StorageFullError, first_line, is_storage_full
+
 TAG_PARENT = "mlflow.parentRunId"
 TAG_TRIAL = "regvi.trial_id"
 TAG_SWEEP = "regvi.sweep"
@@ -85,12 +87,15 @@ def _log_metrics(c, run_id: str, metrics: dict[str, Any], step: int | None = Non
 
 
 def _retry(fn, attempts: int = 8, delay: float = 1.0):
-    """Retry transient tracking failures (server restart, lock) with backoff; re-raise at the end."""
+    """Retry transient tracking failures (server restart, lock) with backoff; re-raise at the end.
+
+    A full disk is not transient: it is re-raised at once (the sweep stops, see ``storage``).
+    """
     for i in range(attempts):
         try:
             return fn()
-        except Exception:
-            if i == attempts - 1:
+        except Exception as err:
+            if i == attempts - 1 or is_storage_full(err):
                 raise
             time.sleep(delay * (2**i) if i < 5 else 30)
     return None
@@ -260,19 +265,41 @@ class MLflowSweepCallback(_TuneCallback):
         _retry(lambda: c.set_terminated(run_id, "FINISHED"))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        """The trial failed (e.g. its node died) and Tune retries it: count, keep the run."""
+        """The trial failed (e.g. its node died) and Tune retries it: count, keep the run.
+
+        A trial that failed because storage is full stops the sweep instead (retries would fail
+        the same way); its run stays unfinished and ``--resume`` continues it."""
+        _raise_if_storage_full(trial)
         run_id = self.run_for(trial)
         c = self._client()
         n = int(trial.num_failures) if hasattr(trial, "num_failures") else 1
         _retry(lambda: c.set_tag(run_id, "regvi.trial_retries", str(n)))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        _raise_if_storage_full(trial)  # not the trial's fault: leave it unfinished, stop
         run_id = self.run_for(trial)
         c = self._client()
         reason = _error_text(trial)
         c.set_tag(run_id, "regvi.status", "failed")
         c.set_tag(run_id, "regvi.error", reason[:4900])
         _retry(lambda: c.set_terminated(run_id, "FAILED"))
+
+
+def _last_failure(trial) -> str:
+    """The text of the trial's latest failure (Tune appends every failure to its error file)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).is_file():
+            return Path(path).read_text().rsplit("Failure # ", 1)[-1]
+    except OSError:
+        pass
+    return str(getattr(trial, "error_msg", None) or "")
+
+
+def _raise_if_storage_full(trial) -> None:
+    text = _last_failure(trial)
+    if is_storage_full(text):
+        raise StorageFullError(f"trial {trial.trial_id} failed: {first_line(text)}")
 
 
 def _error_text(trial) -> str:
