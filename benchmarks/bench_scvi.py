@@ -1,33 +1,62 @@
-"""Benchmark regvi against scvi-tools ``SCVI`` on the Kang et al. 2018 IFN-β PBMC data.
+"""Benchmark regvi against scvi-tools ``SCVI``: Kang 2018 PBMC and a simulated 100k-cell set.
 
 The benchmark compares speed (seconds per epoch), peak memory (peak RSS of the
-training process) and integration quality (scib-metrics) at equal architecture.
+training process) and integration quality (scib-metrics) at equal architecture, for every
+(dataset, batch size, architecture), and measures how close regvi's training gets to this
+machine's matmul roofline (``benchmarks/bench_roofline.py``).
 
 Pipeline
 --------
-1. **Preprocessing** (once, shared): 4,000 HVGs with
-   ``sc.pp.highly_variable_genes(flavor="seurat_v3", n_top_genes=4000, batch_key="condition")``
-   on the raw counts; ``X`` stays raw counts. The result is written to a temporary
-   ``.h5ad`` that every run reads.
-2. **Training**: every (tool, architecture) pair runs in its own subprocess so the
-   peak RSS is per run. regvi runs with the current interpreter, scvi-tools with
-   ``--scvi-python`` (a separate virtualenv, see ``benchmarks/setup_scvi_env.sh``).
-   Both use ``torch.set_num_threads(2)``, batch size 128, a fixed number of epochs,
-   no early stopping and validation on 10 % of the cells after every epoch.
-   Seconds per epoch = wall time of the ``train`` call / epochs run. The child
-   writes the latent posterior mean to ``.npy``.
-3. **scib-metrics**: one ``Benchmarker`` over all latents plus an "Unintegrated"
-   PCA reference (scanpy PCA of the log-normalised HVG matrix, computed exactly
+1. **Data** (once per dataset, in a child):
+
+   * ``kang`` — Kang et al. 2018 IFN-β PBMC, 4,000 HVGs with
+     ``sc.pp.highly_variable_genes(flavor="seurat_v3", n_top_genes=4000, batch_key="condition")``
+     on the raw counts; batch ``condition``, labels ``cell_type``.
+   * ``sim100k`` (generally ``simNk``) — ``regvi.simulate(n_cells=N·1000, n_genes=2000,
+     n_cell_types=10, n_libraries=4, seed=0)``; batch ``library``, labels ``cell_type``. The
+     generation's peak RSS is recorded (5.0 GiB for 100k × 2000: the simulator works on dense
+     float64 cells × genes arrays).
+
+   ``X`` stays raw counts; the result is written to a temporary ``.h5ad`` that every run reads.
+2. **Training**: every (dataset, batch size, tool, architecture) runs in its own subprocess so
+   the peak RSS is per run. regvi runs with the current interpreter, scvi-tools with
+   ``--scvi-python`` (a separate virtualenv, see ``benchmarks/setup_scvi_env.sh``). Both use
+   ``torch.set_num_threads(2)``, a fixed number of epochs (``--epochs`` for Kang,
+   ``--epochs-sim`` for simulated data), no early stopping and validation on 10 % of the
+   cells after every epoch. Seconds per epoch = wall time of the ``train`` call / epochs run.
+   **Learning rate**: both tools get the same explicit lr at every batch size; with the default
+   ``--lr-scaling linear`` it is ``--lr · B / 128`` (1e-3 at 128, 8e-3 at 1024 — the linear
+   scaling regvi recommends for large batches; ``none`` keeps ``--lr``). Timing does not
+   depend on the lr, quality at a fixed epoch budget does. Tool ``scvi`` is scvi-tools with
+   its defaults (ZINB likelihood: one more hidden → genes head than regvi's NB), ``scvi_nb``
+   the same with ``gene_likelihood="nb"``. The child writes the latent posterior mean to
+   ``.npy`` and counts the matmul FLOPs of one training forward pass (hooks on every
+   ``nn.Linear``).
+3. **scib-metrics** (``--scib-datasets``, default Kang only; ``--skip-scib``): one
+   ``Benchmarker`` per dataset over all its latents (at ``--scib-batch-sizes``) plus an
+   "Unintegrated" PCA reference (scanpy PCA of the log-normalised HVG matrix, computed exactly
    the way ``Benchmarker.prepare`` computes its pre-integration embedding).
+4. **Roofline and profile** (``--skip-roofline`` / ``--skip-profile``, see
+   ``benchmarks/bench_roofline.py``): ``torch.mm`` GFLOP/s at every matmul shape the runs use,
+   achieved FLOP/s of every run, and a ``torch.profiler`` breakdown of regvi training on
+   ``--profile-dataset`` (Kang) at ``--profile-batch-sizes`` × ``--profile-archs``.
+
+Results go to ``benchmarks/results/bench_scvi.json`` (and the full roofline / profile detail to
+``benchmarks/results/bench_roofline.json``).
 
 Usage
 -----
 ::
 
     benchmarks/setup_scvi_env.sh                      # once: scvi-tools venv
-    .venv/bin/python benchmarks/bench_scvi.py --epochs 20
+    .venv/bin/python benchmarks/bench_scvi.py --epochs 10 --epochs-sim 3 \
+        --scvi-python /work/venv-scvi/bin/python
 
-The script file is also the child entry point (``--child {regvi,scvi,prep}``);
+To redo only the roofline and profile (e.g. after CPU contention) for the runs of an earlier
+result, keep its workdir and pass ``--roofline-from benchmarks/results/bench_scvi.json
+--workdir DIR``.
+
+The script file is also the child entry point (``--child {regvi,scvi,scvi_nb,prep}``);
 at module level it imports only the standard library, so it runs under either
 interpreter.
 """
@@ -38,6 +67,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -52,16 +82,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kang2018_ifnb_pbmc.h5ad"
 DEFAULT_SCVI_PYTHON = REPO_ROOT / "benchmarks" / ".venv-scvi" / "bin" / "python"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "bench_scvi.json"
+DEFAULT_ROOFLINE_OUT = REPO_ROOT / "benchmarks" / "results" / "bench_roofline.json"
 
-BATCH_KEY = "condition"
+BATCH_KEY = "condition"  # Kang
 LABEL_KEY = "cell_type"
 N_TOP_GENES = 4000
-BATCH_SIZE = 128
+BATCH_SIZE = 128  # reference batch size of the lr scaling
 TRAIN_SIZE = 0.9
 N_THREADS = 2
 LATENT_BATCH_SIZE = 1024
 SEED = 0
-TOOLS = ("regvi", "scvi")
+TOOLS = ("regvi", "scvi", "scvi_nb")
+SCVI_TOOLS = ("scvi", "scvi_nb")
+#: regvi.simulate arguments of the ``simNk`` datasets (n_cells from the name)
+SIM_KWARGS = {"n_genes": 2000, "n_cell_types": 10, "n_libraries": 4, "seed": 0}
+SIM_BATCH_KEY = "library"
+#: processes whose presence makes timings worthless (checked before and after every child)
+COMPETITOR_PATTERN = "bench_multivi|bench_scale|regvi.sweep|pytest"
 
 
 @dataclass(frozen=True)
@@ -118,6 +155,58 @@ def parse_archs(spec: str) -> list[Arch]:
     return archs
 
 
+def parse_ints(spec: str) -> list[int]:
+    """Parse ``"128,1024"`` into ``[128, 1024]``."""
+    try:
+        out = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"bad integer list {spec!r}") from err
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {spec!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One benchmark dataset: how to prepare it and its obs keys."""
+
+    name: str
+    kind: str  # "kang" or "sim"
+    batch_key: str
+    label_key: str = LABEL_KEY
+    n_cells: int | None = None  # simulated only
+
+    @property
+    def sim_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``regvi.simulate`` (simulated datasets)."""
+        return {"n_cells": self.n_cells, **SIM_KWARGS}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """``kang`` or ``simNk`` (``regvi.simulate`` with N·1000 cells)."""
+    if name == "kang":
+        return DatasetSpec("kang", "kang", BATCH_KEY)
+    m = re.fullmatch(r"sim(\d+)k", name)
+    if m:
+        return DatasetSpec(name, "sim", SIM_BATCH_KEY, n_cells=int(m.group(1)) * 1000)
+    raise argparse.ArgumentTypeError(f"unknown dataset {name!r}; expected kang or simNk")
+
+
+def parse_datasets(spec: str) -> list[str]:
+    """Parse ``"kang,sim100k"``."""
+    names = [v.strip() for v in spec.split(",") if v.strip()]
+    for n in names:
+        dataset_spec(n)
+    if not names:
+        raise argparse.ArgumentTypeError("no dataset given")
+    return names
+
+
+def lr_for(batch_size: int, base_lr: float, scaling: str) -> float:
+    """The lr both tools get at ``batch_size``: linear scaling from batch 128, or constant."""
+    return base_lr * batch_size / BATCH_SIZE if scaling == "linear" else base_lr
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -167,29 +256,59 @@ def _set_threads() -> None:
         pass
 
 
-def child_prep(data: Path, out: Path) -> dict[str, Any]:
-    """Select HVGs on raw counts and write the shared input ``.h5ad``.
+def child_prep(dataset: str, data: Path, out: Path) -> dict[str, Any]:
+    """Write the shared input ``.h5ad`` of one dataset (``X`` stays raw counts).
 
     Parameters
     ----------
+    dataset
+        ``kang`` (HVG selection on the raw-count ``data``) or ``simNk`` (``regvi.simulate``).
     data
-        Raw-count input ``.h5ad`` (``X`` is int CSR counts).
+        Raw-count input ``.h5ad`` of Kang (``X`` is int CSR counts); unused for simulations.
     out
-        Where to write the HVG-subset ``.h5ad`` (``X`` stays raw counts).
+        Where to write the ``.h5ad``.
 
     Returns
     -------
     dict
-        Shape of the input and of the output.
+        Shape of the input and of the output (plus generation time / peak RSS for
+        simulations).
     """
     import anndata as ad
     import numpy as np
+
+    spec = dataset_spec(dataset)
+    if spec.kind == "sim":
+        import regvi
+
+        t0 = time.perf_counter()
+        adata = regvi.simulate(**spec.sim_kwargs)
+        gen_s = time.perf_counter() - t0
+        gen_peak = peak_rss_mib()
+        adata.uns.clear()  # ground-truth arrays are not needed by the benchmark
+        adata.write_h5ad(out)
+        nnz = int(adata.X.nnz)
+        return {
+            "dataset": dataset,
+            "simulate": spec.sim_kwargs,
+            "n_cells": int(adata.n_obs),
+            "n_genes_input": int(adata.n_vars),
+            "n_genes_hvg": int(adata.n_vars),
+            "nnz": nnz,
+            "density": nnz / (adata.n_obs * adata.n_vars),
+            "generation_s": gen_s,
+            "generation_peak_rss_mib": gen_peak,
+            "peak_rss_mib": peak_rss_mib(),
+            "regvi": getattr(regvi, "__version__", "unknown"),
+            "anndata": ad.__version__,
+        }
+
     import scanpy as sc
 
     adata = ad.read_h5ad(data)
     n_obs, n_vars = adata.shape
     sc.pp.highly_variable_genes(
-        adata, flavor="seurat_v3", n_top_genes=N_TOP_GENES, batch_key=BATCH_KEY
+        adata, flavor="seurat_v3", n_top_genes=N_TOP_GENES, batch_key=spec.batch_key
     )
     adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
     x = adata.X
@@ -198,6 +317,7 @@ def child_prep(data: Path, out: Path) -> dict[str, Any]:
         raise ValueError("X is expected to hold raw integer counts")
     adata.write_h5ad(out)
     return {
+        "dataset": dataset,
         "n_cells": int(n_obs),
         "n_genes_input": int(n_vars),
         "n_genes_hvg": int(adata.n_vars),
@@ -206,13 +326,22 @@ def child_prep(data: Path, out: Path) -> dict[str, Any]:
     }
 
 
-def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path) -> dict[str, Any]:
+def child_train(
+    tool: str,
+    prep: Path,
+    arch: Arch,
+    epochs: int,
+    latent_out: Path,
+    batch_size: int = BATCH_SIZE,
+    lr: float = 1e-3,
+    batch_key: str = BATCH_KEY,
+) -> dict[str, Any]:
     """Train one model in this process and save its latent posterior mean.
 
     Parameters
     ----------
     tool
-        ``"regvi"`` or ``"scvi"``.
+        ``"regvi"``, ``"scvi"`` (scvi-tools defaults, ZINB) or ``"scvi_nb"`` (NB likelihood).
     prep
         Shared preprocessed ``.h5ad``.
     arch
@@ -221,13 +350,19 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
         Number of epochs (fixed, no early stopping).
     latent_out
         ``.npy`` path for the ``(n_cells, n_latent)`` latent mean.
+    batch_size, lr
+        Minibatch size and (explicit) learning rate, the same for every tool.
+    batch_key
+        obs column of the batch (regvi ``library_key``, scvi ``batch_key``).
 
     Returns
     -------
     dict
-        Timing, memory, epochs run and library versions.
+        Timing, memory, epochs run, matmul FLOPs of one training forward pass and library
+        versions.
     """
     import anndata as ad
+    import bench_roofline  # stdlib-only at module level; next to this file
     import numpy as np
     import torch
 
@@ -236,8 +371,9 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
     np.random.seed(SEED)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
     adata = ad.read_h5ad(prep)
     rec: dict[str, Any] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    n_flops_rows = min(batch_size, adata.n_obs)
 
-    if tool == "scvi":
+    if tool in SCVI_TOOLS:
         import lightning
         import scvi
 
@@ -259,15 +395,20 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
                 self.times.append(time.perf_counter() - self._t0)
 
         timer = EpochTimer()
-        scvi.model.SCVI.setup_anndata(adata, batch_key=BATCH_KEY)
+        scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
+        extra = {"gene_likelihood": "nb"} if tool == "scvi_nb" else {}
         model = scvi.model.SCVI(
-            adata, n_hidden=arch.n_hidden, n_latent=arch.n_latent, n_layers=arch.n_layers
+            adata,
+            n_hidden=arch.n_hidden,
+            n_latent=arch.n_latent,
+            n_layers=arch.n_layers,
+            **extra,
         )
         rss_before = current_rss_mib()
         t0 = time.perf_counter()
         model.train(
             max_epochs=epochs,
-            batch_size=BATCH_SIZE,
+            batch_size=batch_size,
             early_stopping=False,
             train_size=TRAIN_SIZE,
             check_val_every_n_epoch=1,
@@ -275,6 +416,7 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
             devices=1,
             enable_progress_bar=False,
             callbacks=[timer],
+            plan_kwargs={"lr": lr},
         )
         train_s = time.perf_counter() - t0
         epochs_run = len(model.history["elbo_train"])
@@ -285,11 +427,26 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
             if k in model.history
         }
         epoch_times = timer.times
+        n_train_cells = len(np.asarray(getattr(model, "train_indices", [])))
+        n_val_cells = len(np.asarray(getattr(model, "validation_indices", [])))
+        val_batch_size = batch_size
+        try:
+            loader = model._make_data_loader(
+                adata=adata, indices=np.arange(n_flops_rows), batch_size=n_flops_rows
+            )
+            tensors = next(iter(loader))
+            model.module.train()
+            rec["flops"] = bench_roofline.count_linear_flops(
+                model.module, lambda: model.module(tensors)
+            )
+        except Exception as err:  # FLOP counting is a side measurement
+            rec["flops_error"] = f"{type(err).__name__}: {err}"
         z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
         rec.update(
             {
                 "scvi-tools": scvi.__version__,
                 "lightning": lightning.__version__,
+                "gene_likelihood": model.module.gene_likelihood,
                 "n_validation_epochs": n_val,
                 "final": final,
             }
@@ -299,14 +456,14 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
 
         model = regvi.RegVI(
             adata,
-            library_key=BATCH_KEY,
+            library_key=batch_key,
             n_hidden=arch.n_hidden,
             n_latent=arch.n_latent,
             n_layers=arch.n_layers,
         )
         rss_before = current_rss_mib()
         t0 = time.perf_counter()
-        hist = model.train(max_epochs=epochs, batch_size=BATCH_SIZE, early_stopping=False)
+        hist = model.train(max_epochs=epochs, batch_size=batch_size, lr=lr, early_stopping=False)
         train_s = time.perf_counter() - t0
         epochs_run = len(hist)
         epoch_times = (
@@ -320,6 +477,17 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
                     final[str(k)] = float(v)
                 except (TypeError, ValueError):
                     continue
+        n_train_cells = len(model.train_indices)
+        n_val_cells = len(model.validation_indices)
+        val_batch_size = model._validation_batch_size(batch_size)
+        try:
+            batch = model._dataset()[np.arange(n_flops_rows)]
+            model.module.train()
+            rec["flops"] = bench_roofline.count_linear_flops(
+                model.module, lambda: model.module.loss(batch, n_obs=n_train_cells)
+            )
+        except Exception as err:  # FLOP counting is a side measurement
+            rec["flops_error"] = f"{type(err).__name__}: {err}"
         z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
         rec.update(
             {
@@ -342,6 +510,11 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
             "train_s": train_s,
             "epochs_requested": epochs,
             "epochs_run": int(epochs_run),
+            "batch_size": batch_size,
+            "val_batch_size": val_batch_size,
+            "lr": lr,
+            "n_train": int(n_train_cells),
+            "n_val": int(n_val_cells),
             "s_per_epoch": train_s / max(int(epochs_run), 1),
             "epoch_times_s": epoch_times,
             "median_epoch_s": float(np.median(epoch_times)) if epoch_times else None,
@@ -356,10 +529,19 @@ def child_train(tool: str, prep: Path, arch: Arch, epochs: int, latent_out: Path
 def run_child_main(args: argparse.Namespace) -> int:
     """Entry point of a child process; writes its record as JSON to ``--record``."""
     if args.child == "prep":
-        rec = child_prep(Path(args.data), Path(args.prep))
+        rec = child_prep(args.dataset, Path(args.data), Path(args.prep))
     else:
         arch = Arch(args.n_hidden, args.n_latent, args.n_layers)
-        rec = child_train(args.child, Path(args.prep), arch, args.epochs, Path(args.latent_out))
+        rec = child_train(
+            args.child,
+            Path(args.prep),
+            arch,
+            args.epochs,
+            Path(args.latent_out),
+            batch_size=args.batch_size,
+            lr=args.lr,
+            batch_key=args.batch_key,
+        )
     rec["python"] = sys.executable
     Path(args.record).write_text(json.dumps(rec, indent=2))
     return 0
@@ -377,13 +559,50 @@ def _has_module(python: str, module: str) -> bool:
 
 
 def _child_env() -> dict[str, str]:
-    """Environment for child processes: thread caps, quiet logs."""
+    """Environment for child processes: thread caps, quiet logs, this folder importable."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[var] = str(N_THREADS)
     env.setdefault("PYTHONWARNINGS", "ignore")
     env.setdefault("JAX_PLATFORMS", "cpu")
     return env
+
+
+def competitors() -> list[str]:
+    """Command lines of running processes that would disturb the timings."""
+    try:
+        res = subprocess.run(
+            ["pgrep", "-af", COMPETITOR_PATTERN], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return []
+    own = {os.getpid(), os.getppid()}
+    out = []
+    for line in res.stdout.splitlines():
+        pid, _, cmd = line.partition(" ")
+        # "flock LOCK cmd" waits for the CPU lock (its cmd, once running, is listed itself);
+        # an orphaned mlflow server left by a killed test idles
+        if not pid.isdigit() or int(pid) in own or cmd.startswith("flock "):
+            continue
+        if "mlflow server" in cmd and _ppid(int(pid)) == 1:
+            continue
+        out.append(cmd[:200])
+    return out
+
+
+def _ppid(pid: int) -> int | None:
+    """Parent pid from ``/proc`` (``None`` if unknown)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def launch(python: str, child_args: list[str], log: Path, record: Path) -> dict[str, Any]:
@@ -403,24 +622,49 @@ def launch(python: str, child_args: list[str], log: Path, record: Path) -> dict[
     Returns
     -------
     dict
-        The child's record, or ``{"error": ..., "log_tail": ...}`` on failure.
+        The child's record, or ``{"error": ..., "log_tail": ...}`` on failure; both with
+        ``contention`` (competing processes and the 1-min load average before and after).
     """
     cmd = [python, str(Path(__file__).resolve()), *child_args, "--record", str(record)]
+    before, load0 = competitors(), _loadavg()
+    if before:
+        print(f"[bench] WARNING: competing processes running: {before}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(
             cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO_ROOT, check=False
         )
     wall = time.perf_counter() - t0
+    after = competitors()
+    contention = {
+        "before": before,
+        "after": after,
+        "loadavg_1min_before": load0,
+        "loadavg_1min_after": _loadavg(),
+    }
+    if after and not before:
+        print(f"[bench] WARNING: competing processes appeared: {after}", flush=True)
     if proc.returncode != 0 or not record.exists():
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
-        return {"error": f"exit code {proc.returncode}", "log_tail": tail, "wall_s": wall}
+        return {
+            "error": f"exit code {proc.returncode}",
+            "log_tail": tail,
+            "wall_s": wall,
+            "contention": contention,
+        }
     rec = json.loads(record.read_text())
     rec["wall_s"] = wall
+    rec["contention"] = contention
     return rec
 
 
-def run_scib(prep: Path, latents: dict[str, Path], n_jobs: int) -> dict[str, dict[str, float]]:
+def run_scib(
+    prep: Path,
+    latents: dict[str, Path],
+    n_jobs: int,
+    batch_key: str = BATCH_KEY,
+    label_key: str = LABEL_KEY,
+) -> dict[str, dict[str, float]]:
     """Score all latents with one scib-metrics ``Benchmarker``.
 
     Parameters
@@ -431,6 +675,8 @@ def run_scib(prep: Path, latents: dict[str, Path], n_jobs: int) -> dict[str, dic
         Mapping embedding name → ``.npy`` path.
     n_jobs
         Jobs for the neighbour search.
+    batch_key, label_key
+        obs columns of batch and cell-type labels.
 
     Returns
     -------
@@ -458,8 +704,8 @@ def run_scib(prep: Path, latents: dict[str, Path], n_jobs: int) -> dict[str, dic
         keys.append(name)
     bm = Benchmarker(
         adata,
-        batch_key=BATCH_KEY,
-        label_key=LABEL_KEY,
+        batch_key=batch_key,
+        label_key=label_key,
         embedding_obsm_keys=keys,
         pre_integrated_embedding_obsm_key="X_pca",
         n_jobs=n_jobs,
@@ -512,20 +758,23 @@ def _fmt(v: Any, spec: str) -> str:
 def print_table(rows: list[dict[str, Any]]) -> str:
     """Render the result rows as a fixed-width table (also returned as text)."""
     header = (
-        f"{'tool':<13} {'arch':<10} {'s/epoch':>8} {'median':>7} {'min':>6} {'regvi/scvi':>10} "
-        f"{'min r/s':>7} {'peak MiB':>9} "
+        f"{'dataset':<8} {'batch':>5} {'tool':<13} {'arch':<10} {'s/epoch':>8} {'median':>7} "
+        f"{'min':>6} {'regvi/scvi':>10} {'min r/s':>7} {'r/scvi_nb':>9} {'peak MiB':>9} "
         f"{'Bio':>6} {'Batch':>6} {'Total':>6}"
     )
     lines = [header, "-" * len(header)]
     # s/epoch = wall time of train() / epochs; median = median per-epoch time (train + val);
     # min = fastest epoch (robust to CPU contention from other processes);
-    # regvi/scvi = ratio of s/epoch at equal architecture; min r/s = ratio of min.
+    # regvi/scvi = ratio of s/epoch at equal dataset, batch size and architecture;
+    # min r/s = ratio of min; r/scvi_nb = s/epoch ratio against scvi-tools with NB likelihood.
     for r in rows:
         lines.append(
+            f"{r.get('dataset', ''):<8} {_fmt(r.get('batch_size'), '5d')} "
             f"{r['tool']:<13} {r['arch']:<10} {_fmt(r.get('s_per_epoch'), '8.2f')} "
             f"{_fmt(r.get('median_epoch_s'), '7.2f')} {_fmt(r.get('min_epoch_s'), '6.2f')} "
             f"{_fmt(r.get('ratio_regvi_over_scvi'), '10.2f')} "
             f"{_fmt(r.get('ratio_min_epoch_s_regvi_over_scvi'), '7.2f')} "
+            f"{_fmt(r.get('ratio_regvi_over_scvi_nb'), '9.2f')} "
             f"{_fmt(r.get('peak_rss_mib'), '9.0f')} "
             f"{_fmt(r.get('bio'), '6.3f')} {_fmt(r.get('batch'), '6.3f')} {_fmt(r.get('total'), '6.3f')}"
         )
@@ -534,13 +783,252 @@ def print_table(rows: list[dict[str, Any]]) -> str:
     return text
 
 
+def speed_table(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """One row per (dataset, batch size, architecture): both tools side by side."""
+    groups: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["batch_size"], r["arch"]), {})[r["tool"]] = r
+    rows = []
+    for (ds, b, arch), by_tool in groups.items():
+        row: dict[str, Any] = {"dataset": ds, "batch_size": b, "arch": arch}
+        for tool in TOOLS:
+            r = by_tool.get(tool, {})
+            row[f"{tool}_s_per_epoch"] = r.get("s_per_epoch")
+            row[f"{tool}_peak_rss_mib"] = r.get("peak_rss_mib")
+        for other in SCVI_TOOLS:
+            if row["regvi_s_per_epoch"] and row[f"{other}_s_per_epoch"]:
+                row[f"ratio_regvi_over_{other}"] = (
+                    row["regvi_s_per_epoch"] / row[f"{other}_s_per_epoch"]
+                )
+        rows.append(row)
+    header = (
+        f"{'dataset':<8} {'batch':>5} {'arch':<10} {'regvi s/ep':>10} {'scvi s/ep':>9} "
+        f"{'ratio':>6} {'scvi_nb s/ep':>12} {'ratio':>6} {'regvi MiB':>9} {'scvi MiB':>8} "
+        f"{'scvi_nb MiB':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['dataset']:<8} {r['batch_size']:>5} {r['arch']:<10} "
+            f"{_fmt(r['regvi_s_per_epoch'], '10.2f')} {_fmt(r['scvi_s_per_epoch'], '9.2f')} "
+            f"{_fmt(r.get('ratio_regvi_over_scvi'), '6.2f')} "
+            f"{_fmt(r['scvi_nb_s_per_epoch'], '12.2f')} "
+            f"{_fmt(r.get('ratio_regvi_over_scvi_nb'), '6.2f')} "
+            f"{_fmt(r['regvi_peak_rss_mib'], '9.0f')} {_fmt(r['scvi_peak_rss_mib'], '8.0f')} "
+            f"{_fmt(r['scvi_nb_peak_rss_mib'], '11.0f')}"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return rows, text
+
+
+def _prep_python(spec: DatasetSpec, scvi_python: str) -> str:
+    """Interpreter for a dataset's prep child (seurat_v3 HVGs need scikit-misc; simulations
+    need regvi)."""
+    if spec.kind == "sim":
+        return sys.executable
+    if _has_module(sys.executable, "skmisc"):
+        return sys.executable
+    if Path(scvi_python).exists() and _has_module(scvi_python, "skmisc"):
+        print("[bench] scikit-misc missing here; preprocessing with the scvi venv", flush=True)
+        return scvi_python
+    sys.exit("flavor='seurat_v3' needs scikit-misc (pip install scikit-misc)")
+
+
+def _summary_rows(
+    runs: list[dict[str, Any]], scib: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
+    """One row per run (plus one "Unintegrated" row per scored dataset)."""
+    by_key = {(r["dataset"], r["batch_size"], r["tool"], r["arch"]): r for r in runs}
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        row: dict[str, Any] = {
+            "dataset": r["dataset"],
+            "batch_size": r["batch_size"],
+            "lr": r.get("lr"),
+            "tool": r["tool"],
+            "arch": r["arch"],
+            "error": r.get("error"),
+        }
+        row["s_per_epoch"] = r.get("s_per_epoch")
+        row["median_epoch_s"] = r.get("median_epoch_s")
+        row["min_epoch_s"] = r.get("min_epoch_s")
+        row["peak_rss_mib"] = r.get("peak_rss_mib")
+        if r["tool"] == "regvi":
+            for other_tool, suffix in (("scvi", ""), ("scvi_nb", "_nb")):
+                other = by_key.get((r["dataset"], r["batch_size"], other_tool, r["arch"]), {})
+                if row["s_per_epoch"] and other.get("s_per_epoch"):
+                    row[f"ratio_regvi_over_scvi{suffix}"] = (
+                        row["s_per_epoch"] / other["s_per_epoch"]
+                    )
+                for stat in ("median_epoch_s", "min_epoch_s"):
+                    if row[stat] and other.get(stat):
+                        row[f"ratio_{stat}_regvi_over_scvi{suffix}"] = row[stat] / other[stat]
+        sc_row = scib.get(f"{r['dataset']}/{r['emb']}", {})
+        row.update({"bio": sc_row.get("Bio conservation"), "batch": sc_row.get("Batch correction"),
+                    "total": sc_row.get("Total")})  # fmt: skip
+        rows.append(row)
+    for key, u in scib.items():
+        ds, _, emb = key.partition("/")
+        if emb == "Unintegrated":
+            rows.append({"dataset": ds, "tool": "Unintegrated", "arch": "pca50",
+                         "bio": u.get("Bio conservation"), "batch": u.get("Batch correction"),
+                         "total": u.get("Total")})  # fmt: skip
+    return rows
+
+
+def _profile_summary(p: dict[str, Any]) -> dict[str, Any]:
+    """A profile record without the per-event detail: timing, shares, top-20 ops."""
+    keys = (
+        "name",
+        "batch_size",
+        "val_batch_size",
+        "arch",
+        "lr",
+        "n_cells",
+        "n_genes",
+        "contention",
+    )
+    out = {k: p.get(k) for k in (*keys, "lightning_overhead_ms_per_step", "error")}
+    for part in ("lightning", "bare"):
+        if part in p:
+            out[part] = {k: v for k, v in p[part].items() if k != "profile"}
+            for k in ("categories", "phases", "top_ops"):
+                out[part][k] = p[part]["profile"][k]
+    return out
+
+
+def run_roofline_section(
+    args: argparse.Namespace,
+    runs: list[dict[str, Any]],
+    preps: dict[str, Path],
+    workdir: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Profile regvi, time torch.mm at every shape the runs use, compute achieved FLOP/s.
+
+    Returns
+    -------
+    tuple of dict
+        The ``roofline`` and ``profile`` sections of ``bench_scvi.json``.
+    """
+    import bench_roofline as br
+
+    rdir = workdir / "roofline"
+    rdir.mkdir(exist_ok=True)
+    profiles: list[dict[str, Any]] = []
+    if not args.skip_profile:
+        ds = args.profile_dataset
+        if ds not in preps:
+            print(f"[bench] profile dataset {ds!r} was not prepared; profile skipped", flush=True)
+        else:
+            profiles = br.run_profiles(
+                preps[ds],
+                dataset_spec(ds).batch_key,
+                args.profile_archs,
+                args.profile_batch_sizes,
+                lambda b: lr_for(b, args.lr, args.lr_scaling),
+                args.profile_steps,
+                rdir,
+            )
+    ok = [r for r in runs if "flops" in r and "error" not in r]
+    shapes = br.profile_shapes(profiles)
+    for r in ok:
+        shapes += br.run_shapes(r["flops"], r["batch_size"], r["val_batch_size"])
+    peak = br.run_peak(shapes, rdir, args.mm_repeats)
+    rates = peak.get("rates")
+    sq = peak.get("peak_gflops_square")
+    rows = []
+    for r in ok:
+        acc = br.epoch_accounting(
+            r["flops"], r["n_train"], r["n_val"], r["batch_size"], r["val_batch_size"],
+            r["s_per_epoch"], rates, sq,
+        )  # fmt: skip
+        rows.append({"name": r["name"], "dataset": r["dataset"], "tool": r["tool"],
+                     "arch": r["arch"], **acc})  # fmt: skip
+    prof_rows = [
+        {"name": p["name"], **br.profile_accounting(p, peak)}
+        for p in profiles
+        if "flops" in p and "error" not in peak
+    ]
+    print()
+    table = br.format_roofline(rows + prof_rows)
+    print(table)
+    peak_summary = {k: v for k, v in peak.items() if k != "rates"}
+    roofline = {
+        "method": (
+            "achieved = matmul FLOPs per epoch / measured s per epoch; nominal FLOPs = "
+            "3 x forward (every nn.Linear, 2*rows*in*out, hooked in one training forward) "
+            "x N_train + forward x N_val; exact = forward + backward as executed (no input "
+            "gradient for data-fed layers); peak = best torch.mm (float32, 2 threads, best of "
+            f"{args.mm_repeats}) over the run's own shapes, or over square sizes; matmul floor = "
+            "time of the epoch's matmuls at the measured per-shape speeds"
+        ),
+        "peak": peak_summary,
+        "runs": rows,
+        "profile_runs": prof_rows,
+        "table": table,
+    }
+    profile = {
+        "method": (
+            "torch.profiler (CPU) over whole epochs of regvi.RegVI(...).train(...) after "
+            f"{br.PROFILE_WARMUP_EPOCHS} warm-up epoch and an equally long unprofiled window "
+            "(>= --profile-steps training steps each, validation included), then a bare loop "
+            "(module.loss, backward, Adam) of the same number of steps; shares are of wall "
+            "time; overhead = wall - all profiled op self time"
+        ),
+        "runs": [_profile_summary(p) for p in profiles],
+    }
+    detail = {
+        "benchmark": "regvi roofline and profile (from bench_scvi.py)",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "peak": peak,
+        "roofline_runs": rows,
+        "roofline_profile_runs": prof_rows,
+        "profiles": profiles,
+        "roofline_table": table,
+        "profile_text": [br.format_profile(p) for p in profiles if "lightning" in p],
+    }
+    out = Path(args.roofline_out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(detail, indent=2))
+    print(f"[bench] wrote {out}", flush=True)
+    return roofline, profile
+
+
+def rerun_roofline(args: argparse.Namespace) -> int:
+    """Redo only the roofline / profile sections of an earlier result (``--roofline-from``)."""
+    src = Path(args.roofline_from).resolve()
+    result = json.loads(src.read_text())
+    if not args.workdir:
+        sys.exit("--roofline-from needs --workdir: the folder holding <dataset>/prep.h5ad")
+    workdir = Path(args.workdir).resolve()
+    preps = {
+        ds: workdir / ds / "prep.h5ad"
+        for ds in result.get("datasets", {})
+        if (workdir / ds / "prep.h5ad").exists()
+    }
+    print(f"[bench] roofline for the runs of {src} (prepared: {sorted(preps)})", flush=True)
+    t0 = time.perf_counter()
+    result["roofline"], result["profile"] = run_roofline_section(
+        args, result["runs"], preps, workdir
+    )
+    result["roofline_created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["roofline_wall_s"] = time.perf_counter() - t0
+    out = Path(args.out).resolve()
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n[bench] wrote {out}")
+    return 0
+
+
 def run_parent(args: argparse.Namespace) -> int:
-    """Run the full benchmark: preprocessing, all training children, scib, report."""
+    """Run the full benchmark: data, all training children, scib, roofline, report."""
+    if args.roofline_from:
+        return rerun_roofline(args)
     data = Path(args.data).resolve()
-    if not data.exists():
+    if "kang" in args.datasets and not data.exists():
         sys.exit(f"data file not found: {data} (use --data)")
     scvi_python = str(args.scvi_python)
-    if "scvi" in args.tools and not Path(scvi_python).exists():
+    if any(t in SCVI_TOOLS for t in args.tools) and not Path(scvi_python).exists():
         sys.exit(
             f"scvi-tools interpreter not found: {scvi_python}\n"
             f"create it with:  bash benchmarks/setup_scvi_env.sh  (or pass --scvi-python)"
@@ -554,107 +1042,117 @@ def run_parent(args: argparse.Namespace) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="bench_scvi_"))
     print(f"[bench] workdir {workdir}", flush=True)
-    prep = workdir / "prep.h5ad"
+    t_start = time.perf_counter()
 
-    # seurat_v3 HVGs need scikit-misc; use whichever interpreter has it.
-    prep_python = sys.executable
-    if not _has_module(prep_python, "skmisc"):
-        if Path(scvi_python).exists() and _has_module(scvi_python, "skmisc"):
-            print("[bench] scikit-misc missing here; preprocessing with the scvi venv", flush=True)
-            prep_python = scvi_python
-        else:
-            sys.exit("flavor='seurat_v3' needs scikit-misc (pip install scikit-misc)")
-    t0 = time.perf_counter()
-    prep_rec = launch(
-        prep_python,
-        ["--child", "prep", "--data", str(data), "--prep", str(prep)],
-        workdir / "prep.log",
-        workdir / "prep.json",
-    )
-    if "error" in prep_rec:
-        print(prep_rec["log_tail"], file=sys.stderr)
-        sys.exit(f"preprocessing failed ({prep_rec['error']})")
-    print(
-        f"[bench] preprocessed {prep_rec['n_cells']} cells x {prep_rec['n_genes_hvg']} HVGs "
-        f"in {time.perf_counter() - t0:.0f}s",
-        flush=True,
-    )
-
-    pythons = {"regvi": sys.executable, "scvi": scvi_python}
+    pythons = {"regvi": sys.executable, "scvi": scvi_python, "scvi_nb": scvi_python}
+    preps: dict[str, Path] = {}
+    prep_recs: dict[str, dict[str, Any]] = {}
     runs: list[dict[str, Any]] = []
-    latents: dict[str, Path] = {}
-    for arch in args.archs:
-        for tool in args.tools:
-            name = f"{tool}_{arch.name}"
-            print(f"[bench] training {name} ({args.epochs} epochs) ...", flush=True)
-            latent = workdir / f"{name}.npy"
-            rec = launch(
-                pythons[tool],
-                [
-                    "--child", tool, "--prep", str(prep), "--epochs", str(args.epochs),
-                    "--n-hidden", str(arch.n_hidden), "--n-latent", str(arch.n_latent),
-                    "--n-layers", str(arch.n_layers), "--latent-out", str(latent),
-                ],
-                workdir / f"{name}.log",
-                workdir / f"{name}.json",
-            )  # fmt: skip
-            rec.update({"tool": tool, "arch": arch.name, "n_hidden": arch.n_hidden,
-                        "n_latent": arch.n_latent, "n_layers": arch.n_layers, "name": name})  # fmt: skip
-            if "error" in rec:
-                print(f"[bench] {name} FAILED ({rec['error']}); log tail:\n{rec['log_tail']}",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            else:
-                latents[name] = latent
-                print(
-                    f"[bench] {name}: {rec['s_per_epoch']:.2f} s/epoch over {rec['epochs_run']} "
-                    f"epochs, peak RSS {rec['peak_rss_mib']:.0f} MiB",
-                    flush=True,
-                )
-            runs.append(rec)
-
     scib: dict[str, dict[str, float]] = {}
-    scib_error = None
-    if not args.skip_scib and latents:
-        print(f"[bench] scib-metrics on {len(latents)} latents + Unintegrated ...", flush=True)
+    scib_errors: dict[str, str] = {}
+    for ds in args.datasets:
+        spec = dataset_spec(ds)
+        ddir = workdir / ds
+        ddir.mkdir(exist_ok=True)
+        prep = ddir / "prep.h5ad"
         t0 = time.perf_counter()
-        try:
-            scib = run_scib(prep, latents, args.n_jobs)
-            print(f"[bench] scib done in {time.perf_counter() - t0:.0f}s", flush=True)
-        except Exception as err:  # report and keep the timing results
-            scib_error = f"{type(err).__name__}: {err}"
-            print(f"[bench] scib FAILED: {scib_error}", file=sys.stderr, flush=True)
+        prep_rec = launch(
+            _prep_python(spec, scvi_python),
+            ["--child", "prep", "--dataset", ds, "--data", str(data), "--prep", str(prep)],
+            ddir / "prep.log",
+            ddir / "prep.json",
+        )
+        if "error" in prep_rec:
+            print(prep_rec["log_tail"], file=sys.stderr)
+            sys.exit(f"preparing {ds} failed ({prep_rec['error']})")
+        preps[ds], prep_recs[ds] = prep, prep_rec
+        extra = ""
+        if spec.kind == "sim":
+            extra = (
+                f", generation {prep_rec['generation_s']:.0f}s at peak RSS "
+                f"{prep_rec['generation_peak_rss_mib']:.0f} MiB, density "
+                f"{prep_rec['density']:.3f}"
+            )
+        print(
+            f"[bench] {ds}: {prep_rec['n_cells']} cells x {prep_rec['n_genes_hvg']} genes "
+            f"in {time.perf_counter() - t0:.0f}s{extra}",
+            flush=True,
+        )
+        archs = args.archs if spec.kind == "kang" else args.archs_sim
+        epochs = args.epochs if spec.kind == "kang" else args.epochs_sim
+        latents: dict[str, Path] = {}
+        for b in args.batch_sizes:
+            lr = lr_for(b, args.lr, args.lr_scaling)
+            for arch in archs:
+                for tool in args.tools:
+                    emb = f"b{b}_{tool}_{arch.name}"
+                    name = f"{ds}_{emb}"
+                    print(
+                        f"[bench] training {name} ({epochs} epochs, lr {lr:g}) "
+                        f"[{time.perf_counter() - t_start:.0f}s elapsed] ...",
+                        flush=True,
+                    )
+                    latent = ddir / f"{emb}.npy"
+                    rec = launch(
+                        pythons[tool],
+                        [
+                            "--child", tool, "--prep", str(prep), "--epochs", str(epochs),
+                            "--n-hidden", str(arch.n_hidden), "--n-latent", str(arch.n_latent),
+                            "--n-layers", str(arch.n_layers), "--latent-out", str(latent),
+                            "--batch-size", str(b), "--lr", repr(lr),
+                            "--batch-key", spec.batch_key,
+                        ],
+                        ddir / f"{emb}.log",
+                        ddir / f"{emb}.json",
+                    )  # fmt: skip
+                    rec.update({"dataset": ds, "batch_size": b, "lr": lr, "tool": tool,
+                                "arch": arch.name, "n_hidden": arch.n_hidden,
+                                "n_latent": arch.n_latent, "n_layers": arch.n_layers,
+                                "name": name, "emb": emb})  # fmt: skip
+                    if "error" in rec:
+                        print(f"[bench] {name} FAILED ({rec['error']}); log tail:\n{rec['log_tail']}",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                    else:
+                        if args.scib_batch_sizes is None or b in args.scib_batch_sizes:
+                            latents[emb] = latent
+                        print(
+                            f"[bench] {name}: {rec['s_per_epoch']:.2f} s/epoch over "
+                            f"{rec['epochs_run']} epochs, peak RSS {rec['peak_rss_mib']:.0f} MiB",
+                            flush=True,
+                        )
+                    runs.append(rec)
+        if not args.skip_scib and ds in args.scib_datasets and latents:
+            print(f"[bench] scib-metrics on {ds}: {len(latents)} latents + Unintegrated ...",
+                  flush=True)  # fmt: skip
+            t0 = time.perf_counter()
+            try:
+                res = run_scib(prep, latents, args.n_jobs, spec.batch_key, spec.label_key)
+                scib.update({f"{ds}/{k}": v for k, v in res.items()})
+                print(f"[bench] scib done in {time.perf_counter() - t0:.0f}s", flush=True)
+            except Exception as err:  # report and keep the timing results
+                scib_errors[ds] = f"{type(err).__name__}: {err}"
+                print(f"[bench] scib FAILED: {scib_errors[ds]}", file=sys.stderr, flush=True)
 
-    by_key = {(r["tool"], r["arch"]): r for r in runs}
-    rows: list[dict[str, Any]] = []
-    for r in runs:
-        row: dict[str, Any] = {"tool": r["tool"], "arch": r["arch"], "error": r.get("error")}
-        row["s_per_epoch"] = r.get("s_per_epoch")
-        row["median_epoch_s"] = r.get("median_epoch_s")
-        row["min_epoch_s"] = r.get("min_epoch_s")
-        row["peak_rss_mib"] = r.get("peak_rss_mib")
-        if r["tool"] == "regvi":
-            other = by_key.get(("scvi", r["arch"]), {})
-            if row["s_per_epoch"] and other.get("s_per_epoch"):
-                row["ratio_regvi_over_scvi"] = row["s_per_epoch"] / other["s_per_epoch"]
-            for stat in ("median_epoch_s", "min_epoch_s"):
-                if row[stat] and other.get(stat):
-                    row[f"ratio_{stat}_regvi_over_scvi"] = row[stat] / other[stat]
-        sc_row = scib.get(r["name"], {})
-        row.update({"bio": sc_row.get("Bio conservation"), "batch": sc_row.get("Batch correction"),
-                    "total": sc_row.get("Total")})  # fmt: skip
-        rows.append(row)
-    if "Unintegrated" in scib:
-        u = scib["Unintegrated"]
-        rows.append({"tool": "Unintegrated", "arch": "pca50", "bio": u.get("Bio conservation"),
-                     "batch": u.get("Batch correction"), "total": u.get("Total")})  # fmt: skip
+    rows = _summary_rows(runs, scib)
     print()
     table = print_table(rows)
+    print()
+    speed_rows, speed_text = speed_table(runs)
+
+    roofline: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
+    if not args.skip_roofline:
+        print(f"\n[bench] roofline [{time.perf_counter() - t_start:.0f}s elapsed] ...", flush=True)
+        roofline, profile = run_roofline_section(args, runs, preps, workdir)
 
     scib_settings = {
         "min_max_scale": False,
         "n_jobs": args.n_jobs,
+        "datasets": args.scib_datasets,
+        "batch_sizes": args.scib_batch_sizes or "all",
         "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) HVG X",
     }
+    kang_prep = prep_recs.get("kang", {})
     result = {
         "benchmark": "regvi vs scvi-tools SCVI",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -662,61 +1160,119 @@ def run_parent(args: argparse.Namespace) -> int:
         "preprocessing": {
             "hvg": {"flavor": "seurat_v3", "n_top_genes": N_TOP_GENES, "batch_key": BATCH_KEY},
             "X": "raw counts",
-            **prep_rec,
+            **kang_prep,
+        },
+        "datasets": {
+            ds: {
+                "batch_key": dataset_spec(ds).batch_key,
+                "label_key": dataset_spec(ds).label_key,
+                **rec,
+            }
+            for ds, rec in prep_recs.items()
         },
         "settings": {
             "epochs": args.epochs,
-            "batch_size": BATCH_SIZE,
+            "epochs_sim": args.epochs_sim,
+            "batch_size": args.batch_sizes[0],
+            "batch_sizes": args.batch_sizes,
+            "lr": {
+                "base": args.lr,
+                "scaling": args.lr_scaling,
+                "by_batch_size": {
+                    str(b): lr_for(b, args.lr, args.lr_scaling) for b in args.batch_sizes
+                },
+                "note": "the same explicit lr is passed to every tool (scvi via plan_kwargs)",
+            },
             "train_size": TRAIN_SIZE,
             "validation": "every epoch",
             "early_stopping": False,
             "torch_threads": N_THREADS,
             "batch_key": BATCH_KEY,
             "label_key": LABEL_KEY,
+            "datasets": args.datasets,
+            "tools": args.tools,
             "archs": [a.name for a in args.archs],
+            "archs_sim": [a.name for a in args.archs_sim],
             "scib": None if args.skip_scib else scib_settings,
         },
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "versions": _versions(scvi_python),
         "summary": rows,
+        "speed": speed_rows,
         "runs": runs,
         "scib": scib,
-        "scib_error": scib_error,
+        "scib_error": "; ".join(f"{k}: {v}" for k, v in scib_errors.items()) or None,
         "table": table,
+        "speed_table": speed_text,
+        "roofline": roofline,
+        "profile": profile,
+        "total_wall_s": time.perf_counter() - t_start,
     }
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n[bench] wrote {out}")
+    print(f"\n[bench] wrote {out} [{time.perf_counter() - t_start:.0f}s total]")
     if not args.workdir and not args.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     failed = [r["name"] for r in runs if "error" in r]
-    return 1 if failed or scib_error else 0
+    return 1 if failed or scib_errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface (parent options and hidden child options)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="input .h5ad (raw counts)")
-    p.add_argument("--epochs", type=int, default=20, help="fixed number of epochs (default 20)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Kang input .h5ad (raw counts)")
+    p.add_argument("--datasets", type=parse_datasets, default=parse_datasets("kang,sim100k"),
+                   help="comma-separated: kang, simNk (default kang,sim100k)")  # fmt: skip
+    p.add_argument("--batch-sizes", type=parse_ints, default=parse_ints("128,1024"),
+                   help="comma-separated minibatch sizes (default 128,1024)")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=20, help="epochs on Kang (default 20)")
+    p.add_argument("--epochs-sim", type=int, default=3,
+                   help="epochs on simulated data (default 3; enough for timing)")  # fmt: skip
     p.add_argument("--archs", type=parse_archs, default=parse_archs("128x10,512x128"),
-                   help="comma-separated n_hiddenxn_latent (default 128x10,512x128)")  # fmt: skip
+                   help="Kang architectures, n_hiddenxn_latent (default 128x10,512x128)")  # fmt: skip
+    p.add_argument("--archs-sim", type=parse_archs, default=parse_archs("128x10"),
+                   help="architectures on simulated data (default 128x10)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=1e-3, help="lr at batch size 128 (default 1e-3)")
+    p.add_argument("--lr-scaling", choices=("linear", "none"), default="linear",
+                   help="linear: lr * B / 128 for BOTH tools (default); none: --lr everywhere")  # fmt: skip
     p.add_argument("--tools", default="regvi,scvi",
                    type=lambda s: [t for t in s.split(",") if t in TOOLS],
-                   help="subset of regvi,scvi to run (default both)")  # fmt: skip
+                   help="subset of regvi,scvi,scvi_nb to run (default regvi,scvi)")  # fmt: skip
     p.add_argument("--scvi-python", default=str(DEFAULT_SCVI_PYTHON),
                    help="interpreter of the scvi-tools venv (benchmarks/setup_scvi_env.sh)")  # fmt: skip
     p.add_argument("--skip-scib", action="store_true", help="skip the scib-metrics evaluation")
+    p.add_argument("--scib-datasets", type=parse_datasets, default=parse_datasets("kang"),
+                   help="datasets scored with scib-metrics (default kang)")  # fmt: skip
+    p.add_argument("--scib-batch-sizes", type=parse_ints, default=None,
+                   help="batch sizes whose latents are scored (default all)")  # fmt: skip
     p.add_argument("--n-jobs", type=int, default=2, help="scib neighbour-search jobs")
+    p.add_argument("--skip-roofline", action="store_true",
+                   help="skip torch.mm peak, achieved FLOP/s and the profile")  # fmt: skip
+    p.add_argument("--skip-profile", action="store_true", help="skip the torch.profiler runs")
+    p.add_argument("--profile-dataset", default="kang", help="dataset profiled (default kang)")
+    p.add_argument("--profile-batch-sizes", type=parse_ints, default=parse_ints("128,1024"))
+    p.add_argument("--profile-archs", type=parse_archs, default=parse_archs("128x10,512x128"))
+    p.add_argument("--profile-steps", type=int, default=200,
+                   help="training steps per profile window (rounded up to epochs)")  # fmt: skip
+    p.add_argument("--mm-repeats", type=int, default=10, help="torch.mm repeats (best of)")
+    p.add_argument("--roofline-from", default=None, metavar="RESULT_JSON",
+                   help="only redo roofline + profile for the runs of an earlier result "
+                   "(with --workdir of that run)")  # fmt: skip
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results path")
+    p.add_argument("--roofline-out", default=str(DEFAULT_ROOFLINE_OUT),
+                   help="JSON with the full roofline / profile detail")  # fmt: skip
     p.add_argument("--workdir", default=None, help="keep intermediate files here")
     p.add_argument("--keep-workdir", action="store_true", help="do not delete the temp workdir")
     # child-only options
     p.add_argument("--child", choices=("prep", *TOOLS), help=argparse.SUPPRESS)
+    p.add_argument("--dataset", default="kang", help=argparse.SUPPRESS)
     p.add_argument("--prep", help=argparse.SUPPRESS)
     p.add_argument("--record", help=argparse.SUPPRESS)
     p.add_argument("--latent-out", help=argparse.SUPPRESS)
     p.add_argument("--n-hidden", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n-latent", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n-layers", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=argparse.SUPPRESS)
+    p.add_argument("--batch-key", default=BATCH_KEY, help=argparse.SUPPRESS)
     return p
 
 

@@ -14,10 +14,16 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-# JAX (used by scib-metrics) must not pre-allocate GPU memory that torch needs.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# JAX (used by scib-metrics) must not pre-allocate GPU memory that torch needs: allocate on
+# demand and give it back after each metric (read by JAX when its backend starts).
+JAX_MEMORY_ENV = {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "XLA_PYTHON_CLIENT_ALLOCATOR": "platform",
+}
+for _key, _value in JAX_MEMORY_ENV.items():
+    os.environ.setdefault(_key, _value)
 
-from evaluation.knn import Neighbours, compute_neighbours
+from evaluation.knn import Neighbours, compute_neighbours  # noqa: E402
 
 BIO_METRICS = ("isolated_labels", "nmi_ari_cluster_labels_kmeans", "silhouette_label", "clisi_knn")
 BATCH_METRICS = ("bras", "ilisi_knn", "kbet_per_label", "graph_connectivity", "pcr_comparison")

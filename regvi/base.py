@@ -16,6 +16,13 @@ import torch
 
 from regvi.data import make_loader, train_validation_split
 from regvi.data.counts import iter_row_blocks, row_totals
+from regvi.data.device import (
+    check_precision,
+    dataset_is_memory_mapped,
+    resolve_data_on_device,
+    to_device,
+    training_device,
+)
 from regvi.module import RegVIModule
 from regvi.training import (
     EarlyStopping,
@@ -228,6 +235,8 @@ class BaseModel:
         seed: int = 0,
         accelerator: str = "cpu",
         devices: int | str = 1,
+        data_on_device: bool | str = "auto",
+        precision: str = "32-true",
         progress_bar: bool = True,
         epoch_callback: Any = None,
         callbacks: Sequence[Any] | None = None,
@@ -264,6 +273,16 @@ class BaseModel:
             Seed for the split, shuffling and initial weights' sampling noise.
         accelerator, devices
             Passed to ``lightning.Trainer``.
+        data_on_device
+            Keep the whole count matrix on the training device and build minibatches there
+            (:mod:`regvi.data.device`). ``"auto"``: on a GPU when the counts take at most half
+            its free memory, and never for memory-mapped counts. Host batches going to a GPU
+            use pinned memory and asynchronous copies.
+        precision
+            ``"32-true"`` (default), ``"bf16-mixed"`` (CPU or GPU) or ``"16-mixed"`` (GPU):
+            Lightning's automatic mixed precision. Matmuls run in the low precision; encoder
+            and decoder outputs are cast back to float32, so the likelihood, the KL terms and
+            the priors are computed in float32.
         progress_bar
             Show a progress bar over epochs.
         epoch_callback
@@ -295,6 +314,8 @@ class BaseModel:
                 raise ValueError(f"{name}={value!r}; expected a positive integer")
         if not lr > 0:
             raise ValueError(f"lr={lr!r}; expected a positive number")
+        device = training_device(accelerator)
+        precision = check_precision(precision, device)
         n_cells = len(self._dataset())
         strata = None
         if stratify_validation:
@@ -307,10 +328,25 @@ class BaseModel:
         train_idx, val_idx = train_validation_split(n_cells, validation_fraction, seed, strata)
         self.train_indices, self.validation_indices = train_idx, val_idx
         data = self._dataset()
+        on_device = resolve_data_on_device(
+            data_on_device, data, device, memory_mapped=dataset_is_memory_mapped(data)
+        )
+        if on_device:
+            data = to_device(data, device)
+        self.data_on_device = on_device
+        pin = device.type == "cuda" and not on_device
         replicas, rank = shard if shard is not None else (1, 0)
-        train_loader = make_loader(data, train_idx, batch_size, True, seed, replicas, rank)
+        train_loader = make_loader(
+            data, train_idx, batch_size, True, seed, replicas, rank, pin_memory=pin
+        )
         val_loader = (
-            make_loader(data, val_idx, self._validation_batch_size(batch_size), shuffle=False)
+            make_loader(
+                data,
+                val_idx,
+                self._validation_batch_size(batch_size),
+                shuffle=False,
+                pin_memory=pin,
+            )
             if len(val_idx)
             else None
         )
@@ -351,6 +387,7 @@ class BaseModel:
                 num_sanity_val_steps=0,
                 callbacks=all_callbacks,
                 use_distributed_sampler=False,  # BatchIndexSampler shards itself
+                precision=precision,
                 **trainer_kwargs,
             )
         with warnings.catch_warnings(), _quiet_lightning():

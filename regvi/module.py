@@ -262,7 +262,7 @@ class RegVIModule(nn.Module):
             return None
         total = None
         for k, param in enumerate(self.ambient_log):
-            s = torch.exp(param)[ambient_codes[:, k]]
+            s = torch.exp(param).index_select(0, ambient_codes[:, k])
             total = s if total is None else total + s
         return total
 
@@ -274,7 +274,7 @@ class RegVIModule(nn.Module):
             return F.softplus(self.feature_scaling_raw[0]) / FEATURE_SCALING_DIVISOR
         total = None
         for k, param in enumerate(self.feature_scaling_raw):
-            y = (F.softplus(param) / FEATURE_SCALING_DIVISOR)[scaling_codes[:, k]]
+            y = (F.softplus(param) / FEATURE_SCALING_DIVISOR).index_select(0, scaling_codes[:, k])
             total = y if total is None else total * y  # regvi: keys MULTIPLY (spec §2)
         return total
 
@@ -332,7 +332,9 @@ class RegVIModule(nn.Module):
         codes = batch["dispersion"][:, 0] if log_theta.shape[0] > 1 else None
 
         def per_cell(t: torch.Tensor) -> torch.Tensor:
-            return t if codes is None else t[codes]
+            # index_select: its backward is a row-wise index_add (advanced indexing's is a slow
+            # accumulating index_put on CPU)
+            return t if codes is None else t.index_select(0, codes)
 
         return {
             "rho": rho,

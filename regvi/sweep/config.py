@@ -56,6 +56,29 @@ def _train_args() -> set[str]:
     return params - {"epoch_callback", "progress_bar", "accelerator", "devices", "seed"}
 
 
+def _check_device_settings(training: dict[str, Any], gpus: float) -> None:
+    """training.precision / training.data_on_device against the trial's resources."""
+    from regvi.data.device import PRECISIONS
+
+    if "precision" in training:
+        key = str(training["precision"])
+        if key not in PRECISIONS:
+            raise ConfigError(
+                f"training.precision: {training['precision']!r}; expected one of "
+                f"{sorted(set(PRECISIONS.values()))}"
+            )
+        if PRECISIONS[key] == "16-mixed" and gpus == 0:
+            raise ConfigError(
+                "training.precision: '16-mixed' needs GPUs (resources.gpus_per_worker > 0); "
+                "on CPU use 'bf16-mixed'"
+            )
+    if "data_on_device" in training and training["data_on_device"] not in (True, False, "auto"):
+        raise ConfigError(
+            f"training.data_on_device: {training['data_on_device']!r}; expected true, false "
+            "or 'auto'"
+        )
+
+
 def redact_uri(uri: str | None) -> str | None:
     """``uri`` with any credentials replaced by ``***`` (user:password@, token/password query
     parameters), for printing and logging. The unredacted URI is only used to connect."""
@@ -407,6 +430,7 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
         raise ConfigError(
             f"resources.gpus_per_worker: {gpus}; expected 0, a fraction < 1, or an integer"
         )
+    _check_device_settings(training, gpus)
     # evaluation / mlflow / storage
     ev = dict(_require_mapping(raw.get("evaluation"), "evaluation"))
     _unknown(

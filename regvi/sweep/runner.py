@@ -22,6 +22,14 @@ from regvi.sweep.tracking import (
 )
 
 STATE_FILE = "sweep_state.json"
+#: Environment of every Ray worker process of a sweep. JAX (scib-metrics, in the trial's
+#: evaluation) allocates GPU memory on demand instead of pre-allocating 75 % of the device
+#: that the trial's torch model (and other trials sharing the GPU) need.
+WORKER_ENV = {
+    "PYTHONWARNINGS": "ignore",
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "XLA_PYTHON_CLIENT_ALLOCATOR": "platform",
+}
 DRIVER_RESOURCES = {
     "cpu": 0,
     "memory": 256 * 1024**2,
@@ -94,12 +102,12 @@ def init_ray(address: str | None, cfg: SweepConfig) -> dict[str, float]:
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
         else:
             ray.init(
                 dashboard_host="127.0.0.1",
                 log_to_driver=False,
-                runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+                runtime_env={"env_vars": WORKER_ENV},
             )
     res = ray.cluster_resources()
     need_cpu = cfg.workers * cfg.cpus_per_worker

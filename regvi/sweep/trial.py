@@ -106,6 +106,11 @@ def train_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    if cfg["use_gpu"]:
+        # fractional GPUs: several trials share a device; cap each one's allocator at its share
+        from regvi.data.device import limit_gpu_memory
+
+        limit_gpu_memory(cfg["gpus_per_worker"])
     torch.manual_seed(cfg["seed"])
     data_cfg = cfg["data"]
     adata = read_data(data_cfg.get("modalities") or data_cfg["path"])
@@ -300,6 +305,7 @@ def run_trial(config: dict[str, Any]) -> None:
             "evaluation": static["evaluation"],
             "cpus_per_worker": static["cpus_per_worker"],
             "use_gpu": use_gpu,
+            "gpus_per_worker": static["gpus_per_worker"],
             "seed": static["seed"],
             "reference_cache": static.get("reference_cache"),
             "divergence_file": str(divergence_file),
