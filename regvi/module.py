@@ -328,21 +328,12 @@ class RegVIModule(nn.Module):
             log_theta = log_theta_mean + self.log_theta_scale() * eps
         else:
             log_theta = log_theta_mean
-        theta_groups = torch.exp(log_theta)  # (n_disp, G)
         codes = batch["dispersion"][:, 0] if log_theta.shape[0] > 1 else None
-
-        def per_cell(t: torch.Tensor) -> torch.Tensor:
-            # index_select: its backward is a row-wise index_add (advanced indexing's is a slow
-            # accumulating index_put on CPU)
-            return t if codes is None else t.index_select(0, codes)
-
         return {
             "rho": rho,
             "mu": mu,
-            "theta": per_cell(theta_groups),
-            "log_theta_cell": per_cell(log_theta),
-            "lgamma_theta_cell": per_cell(torch.lgamma(theta_groups)),
-            "log_theta": log_theta,
+            "log_theta": log_theta,  # (n_disp, G); cells use row ``dispersion_codes``
+            "dispersion_codes": codes,  # (B,) or None (one group)
         }
 
     # ------------------------------------------------------------------ global priors
@@ -480,12 +471,19 @@ class RegVIModule(nn.Module):
         """
         x = batch["x"]
         # x ~ GammaPoisson(theta, theta / mu); lgamma(x + 1) is precomputed per cell (non-zeros)
-        args = (x, gen["mu"], gen["theta"], gen["log_theta_cell"], gen["lgamma_theta_cell"])
-        log_lik = gamma_poisson_log_prob_unnormalised(*args) if per_gene else None
-        # the per-cell sum skips lgamma at zero counts (same value, see its docstring)
-        log_lik_rows = (
-            log_lik.sum(-1) if log_lik is not None else gamma_poisson_log_prob_rows(*args)
-        )
+        log_theta, codes = gen["log_theta"], gen["dispersion_codes"]
+        if per_gene:
+            log_theta_cell = log_theta if codes is None else log_theta.index_select(0, codes)
+            theta_cell = torch.exp(log_theta_cell)
+            log_lik = gamma_poisson_log_prob_unnormalised(
+                x, gen["mu"], theta_cell, log_theta_cell, torch.lgamma(theta_cell)
+            )
+            log_lik_rows = log_lik.sum(-1)
+        else:
+            # per-cell sums from per-group theta: lgamma only at non-zero counts (same value,
+            # see its docstring)
+            log_lik = None
+            log_lik_rows = gamma_poisson_log_prob_rows(x, gen["mu"], log_theta, codes)
         kl_z_per_dim = normal_kl(
             inf["qz_mean"],
             inf["qz_var"],

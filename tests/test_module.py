@@ -134,22 +134,25 @@ def test_gamma_poisson_matches_torch_negative_binomial():
     )
 
 
-@pytest.mark.parametrize("per_cell_theta", [False, True])
-def test_sparse_row_likelihood_equals_dense_sum_with_gradients(per_cell_theta):
+@pytest.mark.parametrize("n_groups", [1, 3])
+def test_sparse_row_likelihood_equals_dense_sum_with_gradients(n_groups):
     from regvi.nn import gamma_poisson_log_prob_rows, gamma_poisson_log_prob_unnormalised
 
     g = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(7, 30, generator=g) * 0.8, generator=g)
     x[3] = 0.0  # a cell with no counts
     mu = (torch.rand(7, 30, generator=g) * 3).requires_grad_()
-    log_theta = (torch.randn(7 if per_cell_theta else 1, 30, generator=g)).requires_grad_()
+    log_theta = torch.randn(n_groups, 30, generator=g).requires_grad_()
+    codes = torch.tensor([0, 2, 1, 1, 0, 2, 2]) if n_groups > 1 else None
 
-    def value(fn):
-        theta = torch.exp(log_theta)
-        return fn(x, mu, theta, log_theta, torch.lgamma(theta))
+    def dense_value():
+        lt = log_theta if codes is None else log_theta[codes]
+        theta = torch.exp(lt)
+        return gamma_poisson_log_prob_unnormalised(x, mu, theta, lt, torch.lgamma(theta)).sum(-1)
 
-    dense = value(gamma_poisson_log_prob_unnormalised).sum(-1)
-    rows = value(gamma_poisson_log_prob_rows)
+    dense = dense_value()
+    rows = gamma_poisson_log_prob_rows(x, mu, log_theta, codes)
+    assert rows.shape == (7,)
     torch.testing.assert_close(rows, dense, rtol=1e-6, atol=1e-5)
     grads_dense = torch.autograd.grad(dense.sum(), (mu, log_theta))
     grads_rows = torch.autograd.grad(rows.sum(), (mu, log_theta))

@@ -67,39 +67,48 @@ def gamma_poisson_log_prob_unnormalised(
 def gamma_poisson_log_prob_rows(
     x: torch.Tensor,
     mu: torch.Tensor,
-    theta: torch.Tensor,
     log_theta: torch.Tensor,
-    lgamma_theta: torch.Tensor,
+    codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell sum over features of :func:`gamma_poisson_log_prob_unnormalised`, ``(B,)``.
 
-    Same equation, split by where it is non-zero. For x = 0 the log-probability is
-    theta · (log theta − log(theta + mu)); the terms x · (log mu − log(theta + mu)) and
-    lgamma(x + theta) − lgamma(theta) vanish, so they are computed only at the non-zero
-    counts (a few percent of entries in single-cell data, < 1 % for ATAC). This skips most
-    lgamma / digamma evaluations, which dominate the dense likelihood's cost.
+    Same equation, split by where it is non-zero, with theta given per (group, gene): cell n
+    uses row ``codes[n]`` of ``log_theta`` (``(n_groups, G)``; ``codes=None`` with one group).
+
+    * For x = 0 the log-probability is theta · (log theta − log(theta + mu)). Summed over genes,
+      sum_g theta_dg log theta_dg is a per-group constant, so only theta · log(theta + mu) is
+      computed per cell.
+    * The terms x · (log mu − log(theta + mu)) and lgamma(x + theta) − lgamma(theta) vanish at
+      x = 0, so they are computed only at the non-zero counts (a few percent of entries in
+      single-cell data, < 1 % for ATAC), with lgamma(theta) read from its (group, gene) table.
+      This skips most lgamma / digamma evaluations, which dominate the dense likelihood's cost.
     """
     eps = 1e-8
-    log_theta_mu = torch.log(theta + mu + eps)
-    dense = (theta * (log_theta - log_theta_mu)).sum(-1)
     n_features = x.shape[-1]
+    theta_groups = torch.exp(log_theta)
+    lgamma_theta = torch.lgamma(theta_groups)
+    group_const = (theta_groups * log_theta).sum(-1)  # (n_groups,)
+    if codes is None:
+        theta = theta_groups  # (1, G), broadcast over cells
+        const = group_const
+    else:
+        # index_select: its backward is a row-wise index_add, not advanced indexing's much
+        # slower accumulating index_put (the largest single op in a CPU profile before this)
+        theta = theta_groups.index_select(0, codes)
+        const = group_const.index_select(0, codes)
+    log_theta_mu = torch.log(theta + mu + eps)
+    dense = const - (theta * log_theta_mu).sum(-1)
     flat = torch.nonzero(x.reshape(-1)).squeeze(1)
     rows = torch.div(flat, n_features, rounding_mode="floor")
     cols = flat - rows * n_features
     xv = x.reshape(-1).index_select(0, flat)
-
-    def at(t: torch.Tensor) -> torch.Tensor:
-        # per-(group, gene) tensors are (1, G) or (B, G); gather at the non-zeros. index_select
-        # on the flat view: its backward is an index_add, not advanced indexing's much slower
-        # accumulating index_put (the largest single op in a CPU profile before this)
-        return t.reshape(-1).index_select(0, cols if t.shape[0] == 1 else flat)
-
-    theta_v = at(theta)
-    sparse = (
-        xv * (torch.log(at(mu) + eps) - at(log_theta_mu))
-        + torch.lgamma(xv + theta_v)
-        - at(lgamma_theta)
-    )
+    # (group, gene) entries at the non-zeros: flat index group · G + gene
+    group_flat = cols if codes is None else codes.index_select(0, rows) * n_features + cols
+    theta_v = theta_groups.reshape(-1).index_select(0, group_flat)
+    lgamma_v = lgamma_theta.reshape(-1).index_select(0, group_flat)
+    mu_v = mu.reshape(-1).index_select(0, flat)
+    log_theta_mu_v = log_theta_mu.reshape(-1).index_select(0, flat)
+    sparse = xv * (torch.log(mu_v + eps) - log_theta_mu_v) + torch.lgamma(xv + theta_v) - lgamma_v
     return dense.index_add(0, rows, sparse)
 
 
