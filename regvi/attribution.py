@@ -153,6 +153,8 @@ def full_jacobian(module: Any, z: torch.Tensor, batch: dict[str, Any], cell: int
 def _select_cell(batch: dict[str, Any], cell: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in batch.items():
+        if k in ("x_nonzero", "x_values"):
+            continue  # flat entries of the whole batch; not per-cell rows
         if isinstance(v, dict):
             out[k] = _select_cell(v, cell)
         elif torch.is_tensor(v) and v.dim() > 0:

@@ -483,7 +483,8 @@ class RegVIModule(nn.Module):
             # per-cell sums from per-group theta: lgamma only at non-zero counts (same value,
             # see its docstring)
             log_lik = None
-            log_lik_rows = gamma_poisson_log_prob_rows(x, gen["mu"], log_theta, codes)
+            nonzero = (batch["x_nonzero"], batch["x_values"]) if "x_nonzero" in batch else None
+            log_lik_rows = gamma_poisson_log_prob_rows(x, gen["mu"], log_theta, codes, nonzero)
         kl_z_per_dim = normal_kl(
             inf["qz_mean"],
             inf["qz_var"],

@@ -50,8 +50,22 @@ def test_gather_csr_rows_equals_scipy_rows(device):
         got = dev.rows(torch.as_tensor(idx.copy(), device=device)).cpu().numpy()
         np.testing.assert_array_equal(got, X[idx].toarray())
     # all-empty selection
-    got = gather_csr_rows(dev.indptr, dev.indices, dev.data, torch.tensor([7, 7]), 30)
-    assert got.shape == (2, 30) and float(got.abs().sum()) == 0.0
+    got, flat, values = gather_csr_rows(dev.indptr, dev.indices, dev.data, torch.tensor([7, 7]), 30)
+    assert got.shape == (2, 30) and float(got.abs().sum()) == 0.0 and len(flat) == len(values) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_carry_their_stored_entries(device):
+    """x_nonzero / x_values (host and device) are exactly the non-zeros of the dense batch."""
+    X = _csr()
+    for data in (CountBatches(X, {}), to_device(CountBatches(X, {}), device)):
+        for idx in (np.array([3, 7, 0, 49, 3, 12]), np.arange(10, 30)):
+            b = data[idx]
+            x = b["x"].cpu().reshape(-1)
+            flat, values = b["x_nonzero"].cpu(), b["x_values"].cpu()
+            assert flat.dtype == torch.int64 and values.dtype == torch.float32
+            assert sorted(flat.tolist()) == torch.nonzero(x).squeeze(1).tolist()
+            torch.testing.assert_close(values, x[flat], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -64,7 +78,14 @@ def test_device_batches_equal_host_batches(sim, device):
     assert set(a) == set(b)
     for k in a:
         assert b[k].device.type == device, k
+        if k in ("x_nonzero", "x_values"):
+            continue  # the same entries, in another order (checked below)
         torch.testing.assert_close(b[k].cpu(), a[k], rtol=0, atol=0, msg=k)
+    for batch in (a, b):
+        order = torch.argsort(batch["x_nonzero"].cpu())
+        batch["sorted"] = (batch["x_nonzero"].cpu()[order], batch["x_values"].cpu()[order])
+    for u, v in zip(a["sorted"], b["sorted"], strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
     assert device_bytes_needed(host) >= DeviceCSR(host.X, "cpu").nbytes
 
 
@@ -190,3 +211,39 @@ def test_jax_does_not_preallocate_gpu_memory():
     assert out.stdout.split() == ["false", "platform", "True"]
     assert WORKER_ENV["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert WORKER_ENV["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+
+
+def _sweep(training: dict, resources: dict | None = None) -> dict:
+    cfg = {
+        "name": "t",
+        "data": {"path": "bundled:kang_pbmc_small", "library_key": "condition"},
+        "training": {"max_epochs": 2, **training},
+        "search": {"n_hidden": {"type": "categorical", "values": [16, 32]}},
+    }
+    if resources:
+        cfg["resources"] = resources
+    return cfg
+
+
+def test_sweep_config_device_settings():
+    from regvi.sweep.config import ConfigError, parse_config
+
+    ok = parse_config(_sweep({"precision": "bf16-mixed", "data_on_device": "auto"}))
+    assert ok.training["precision"] == "bf16-mixed"
+    gpu = parse_config(
+        _sweep({"precision": "16-mixed"}, {"gpus_per_worker": 0.25, "cpus_per_worker": 1})
+    )
+    assert gpu.gpus_per_worker == 0.25
+    cases = {
+        "training.precision: 'fp8'; expected one of": _sweep({"precision": "fp8"}),
+        "training.precision: '16-mixed' needs GPUs": _sweep({"precision": "16-mixed"}),
+        "training.data_on_device: 'always'; expected true, false": _sweep(
+            {"data_on_device": "always"}
+        ),
+        "resources.gpus_per_worker: 1.5; expected 0, a fraction": _sweep(
+            {}, {"gpus_per_worker": 1.5}
+        ),
+    }
+    for message, raw in cases.items():
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            parse_config(raw)

@@ -153,6 +153,11 @@ def test_sparse_row_likelihood_equals_dense_sum_with_gradients(n_groups):
     dense = dense_value()
     rows = gamma_poisson_log_prob_rows(x, mu, log_theta, codes)
     assert rows.shape == (7,)
+    # entries given by the loader (any order, explicit zeros allowed) give the same sums
+    flat = torch.nonzero(x.reshape(-1)).squeeze(1).flip(0)
+    flat = torch.cat([flat, torch.tensor([3 * 30 + 5])])  # a stored zero (cell 3 is empty)
+    given = gamma_poisson_log_prob_rows(x, mu, log_theta, codes, (flat, x.reshape(-1)[flat]))
+    torch.testing.assert_close(given, rows, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(rows, dense, rtol=1e-6, atol=1e-5)
     grads_dense = torch.autograd.grad(dense.sum(), (mu, log_theta))
     grads_rows = torch.autograd.grad(rows.sum(), (mu, log_theta))

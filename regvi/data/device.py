@@ -51,6 +51,12 @@ class DeviceCSR:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense float32 rows ``X[idx]`` (in the order of ``idx``), built on the device."""
+        return gather_csr_rows(self.indptr, self.indices, self.data, idx, self.shape[1])[0]
+
+    def rows_with_entries(
+        self, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense rows plus their stored entries (flat positions, values); see gather_csr_rows."""
         return gather_csr_rows(self.indptr, self.indices, self.data, idx, self.shape[1])
 
 
@@ -60,19 +66,25 @@ def gather_csr_rows(
     data: torch.Tensor,
     idx: torch.Tensor,
     n_cols: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense ``(len(idx), n_cols)`` rows of a CSR matrix, vectorised (no Python loop).
 
     Row ``i`` of the result is matrix row ``idx[i]``: for every stored entry of the selected
     rows, its source position is ``indptr[idx[i]] + k`` and its destination ``i · n_cols +
     indices[...]``; one scatter writes them all.
+
+    Returns
+    -------
+    tuple
+        The dense rows, the flat destinations of the stored entries (int64) and their values.
     """
     starts = indptr.index_select(0, idx)
     lengths = indptr.index_select(0, idx + 1) - starts
     out = torch.zeros(len(idx) * n_cols, dtype=data.dtype, device=data.device)
     total = int(lengths.sum())
     if total == 0:
-        return out.view(len(idx), n_cols)
+        empty = torch.zeros(0, dtype=torch.int64, device=data.device)
+        return out.view(len(idx), n_cols), empty, data[:0]
     row = torch.repeat_interleave(
         torch.arange(len(idx), device=idx.device), lengths, output_size=total
     )
@@ -80,8 +92,10 @@ def gather_csr_rows(
     first = torch.cumsum(lengths, 0) - lengths
     within = torch.arange(total, device=idx.device) - first.index_select(0, row)
     src = starts.index_select(0, row) + within
-    out.index_copy_(0, row * n_cols + indices.index_select(0, src), data.index_select(0, src))
-    return out.view(len(idx), n_cols)
+    dest = row * n_cols + indices.index_select(0, src)
+    values = data.index_select(0, src)
+    out.index_copy_(0, dest, values)
+    return out.view(len(idx), n_cols), dest, values
 
 
 class DeviceCountBatches(CountBatches):
@@ -104,7 +118,8 @@ class DeviceCountBatches(CountBatches):
     def __getitem__(self, idx: Any) -> dict[str, torch.Tensor]:
         tidx = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         tidx = tidx.to(self.device, non_blocking=True)
-        batch = {"x": self.csr.rows(tidx), "index": tidx}
+        x, flat, values = self.csr.rows_with_entries(tidx)
+        batch = {"x": x, "index": tidx, "x_nonzero": flat, "x_values": values}
         for k, v in self.covariates.items():
             batch[k] = v.index_select(0, tidx)
         return batch

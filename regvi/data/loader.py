@@ -49,12 +49,22 @@ class CountBatches(Dataset):
         matrix) and put back in the order of ``idx``: row ``i`` of ``x`` is cell ``idx[i]``.
         """
         idx = np.asarray(idx)
-        if self.sparse:
-            x = _sorted_rows(self.X, idx)
-        else:
-            x = np.asarray(self.X[idx], dtype=np.float32)
         tidx = torch.from_numpy(idx)
-        batch = {"x": torch.from_numpy(x), "index": tidx}
+        if self.sparse:
+            x, flat, values = _sorted_rows(self.X, idx)
+            batch = {
+                "x": torch.from_numpy(x),
+                "index": tidx,
+                # stored entries of x (flat row-major positions, values): the likelihood's
+                # non-zero terms, without a torch.nonzero pass over the dense batch
+                "x_nonzero": torch.from_numpy(flat),
+                "x_values": torch.from_numpy(values),
+            }
+        else:
+            batch = {
+                "x": torch.from_numpy(np.asarray(self.X[idx], dtype=np.float32)),
+                "index": tidx,
+            }
         for k, v in self.covariates.items():
             batch[k] = v[tidx]
         return batch
@@ -109,18 +119,35 @@ class MultiCountBatches(Dataset):
                 "log_x_factorial": sub["log_x_factorial"],
                 "observed": self.observed[m][tidx],
             }
+            for k in ("x_nonzero", "x_values"):
+                if k in sub:
+                    batch["modalities"][m][k] = sub[k]
         return batch
 
 
-def _sorted_rows(X: sp.csr_matrix, idx: np.ndarray) -> np.ndarray:
-    """Dense float32 rows ``X[idx]`` (in the order of ``idx``), sliced in sorted row order."""
+def _sorted_rows(X: sp.csr_matrix, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense float32 rows ``X[idx]`` (in the order of ``idx``), sliced in sorted row order.
+
+    Also returns the stored entries of the result: flat positions ``i · n_cols + j`` (int64)
+    and their values (float32).
+    """
+    n_cols = X.shape[1]
     if len(idx) < 2 or bool(np.all(idx[1:] >= idx[:-1])):
-        return X[idx].toarray().astype(np.float32, copy=False)
-    order = np.argsort(idx, kind="stable")
-    rows = X[idx[order]].toarray()
-    x = np.empty(rows.shape, dtype=np.float32)
-    x[order] = rows
-    return x
+        order = None
+        sub = X[idx]
+    else:
+        order = np.argsort(idx, kind="stable")
+        sub = X[idx[order]]
+    rows = sub.toarray()
+    dest = np.repeat(np.arange(len(idx), dtype=np.int64), np.diff(sub.indptr))
+    if order is None:
+        x = rows.astype(np.float32, copy=False)
+    else:
+        x = np.empty(rows.shape, dtype=np.float32)
+        x[order] = rows
+        dest = order[dest]
+    flat = dest * n_cols + sub.indices.astype(np.int64, copy=False)
+    return x, flat, np.asarray(sub.data, dtype=np.float32)
 
 
 def log_factorial_rows(X: np.ndarray | sp.csr_matrix, chunk_nnz: int | None = None) -> np.ndarray:
