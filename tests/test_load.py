@@ -20,11 +20,20 @@ pytestmark = pytest.mark.load
 ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 50
 CONCURRENCY = 4
-#: A leak of this much per 10 trials fails the test (MiB, fitted after the warm-up trials).
-#: Measured slopes are within ±2 MiB for the driver and Ray's system processes (README numbers
-#: in benchmarks/results/bench_load.json); a leak of one model, one dataset or one MLflow client
-#: per trial would be far larger.
-MAX_SLOPE_MIB_PER_10 = {"driver": 10.0, "ray_system": 20.0}
+#: RSS growth per 10 finished trials (MiB, fitted after the warm-up trials) that fails the test.
+#: Measured (benchmarks/results/bench_load.json): driver +2.8 to +3.0 (Tune keeps every trial's
+#: record), raylet +0.7, dashboard and agents +0.4 to +1.0, Train worker processes +1 to +2 each
+#: (± 1). Ray's GCS grows +15 to +16: it keeps the dead actors, workers and placement group of
+#: every Ray Train run, and the actor classes each run exports, for the driver's lifetime, and
+#: capping its task events did not change that. A leak of one model, dataset or MLflow client
+#: per trial in the driver would be far larger than these limits.
+MAX_SLOPE_MIB_PER_10 = {
+    "driver": 10.0,
+    "raylet": 5.0,
+    "ray_other": 5.0,
+    "workers_per_process": 10.0,
+    "gcs_server": 30.0,
+}
 
 
 def _bench_load():

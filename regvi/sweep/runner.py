@@ -30,11 +30,6 @@ WORKER_ENV = {
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     "XLA_PYTHON_CLIENT_ALLOCATOR": "platform",
 }
-#: Ray settings, set in the environment so that the GCS and raylet an embedded ``ray.init``
-#: starts read them (a value the user set wins). The GCS keeps every task's events for the
-#: dashboard, up to 100,000 tasks by default; in ``benchmarks/bench_load.py`` its RSS grew
-#: ~1.6 MiB per trial. Keeping the latest 10,000 bounds it.
-RAY_ENV = {"RAY_task_events_max_num_task_in_gcs": "10000"}
 DRIVER_RESOURCES = {
     "cpu": 0,
     "memory": 256 * 1024**2,
@@ -104,8 +99,6 @@ def init_ray(address: str | None, cfg: SweepConfig) -> dict[str, float]:
     """Connect to (or start) Ray and check the trial's resources fit; returns cluster resources."""
     import ray
 
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
