@@ -266,6 +266,10 @@ def run_sweep(
     uri = resolve_tracking_uri(cfg.tracking_uri, Path.cwd())
     check_writable(sweep_dir)  # also refuses a full disk
     data = None if resume else check_data(cfg)  # bad keys / counts fail before any work
+    if resume:  # Tune's state complete and readable, or a clear error (never a fresh restart)
+        from regvi.sweep.durable import prepare_resume
+
+        prepare_resume(sweep_dir)
     try:
         return _run_sweep(cfg, resume, address, verbose, uri, data)
     except Exception as err:
@@ -281,6 +285,7 @@ def _run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from regvi.sweep.durable import TuneStateSnapshot, atomic_filesystem
     from regvi.sweep.space import grid
     from regvi.sweep.trial import run_trial
 
@@ -354,10 +359,12 @@ def _run_sweep(
             concurrency, int(resources.get("GPU", 0) // (cfg.workers * cfg.gpus_per_worker))
         )
     trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
+    fs = atomic_filesystem()  # no state file on storage is ever left cut short
     if resume:
         tuner = tune.Tuner.restore(
             str(sweep_dir),
             trainable=trainable,
+            storage_filesystem=fs,
             resume_unfinished=True,
             resume_errored=False,
             restart_errored=False,
@@ -380,7 +387,8 @@ def _run_sweep(
             run_config=tune.RunConfig(
                 name=cfg.name,
                 storage_path=str(cfg.storage_path),
-                callbacks=[callback],
+                storage_filesystem=fs,
+                callbacks=[callback, TuneStateSnapshot(sweep_dir)],
                 verbose=verbose,
                 progress_reporter=_reporter(cfg),
                 # a trial whose driver died with its node is retried; Train restores its latest

@@ -279,6 +279,8 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from regvi.sweep.durable import atomic_filesystem
+
     static = config["static"]
     params = config["params"]
     model_kwargs = model_arguments(static, params)
@@ -316,6 +318,7 @@ def run_trial(config: dict[str, Any]) -> None:
         run_config=ray.train.RunConfig(
             name=f"train_{trial_id}",  # stable name so restarts find the same run
             storage_path=static["train_storage"],
+            storage_filesystem=atomic_filesystem(),  # Train's snapshot never left cut short
             failure_config=ray.train.FailureConfig(max_failures=static.get("max_failures", 2)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
