@@ -55,33 +55,25 @@ class Neighbours:
         from scib_metrics.nearest_neighbors import NeighborsResults
 
         sub = self if k is None else self.subset(k)
-        return NeighborsResults(indices=sub.indices, distances=sub.distances)
+        res = NeighborsResults(indices=sub.indices, distances=sub.distances)
+        # its ``knn_graph_connectivities`` is a cached property computed with umap's numba
+        # fuzzy_simplicial_set (compiled anew in every process); the numpy port gives the same
+        # graph (self edges dropped, as umap does)
+        res.__dict__["knn_graph_connectivities"] = sub.connectivities(sub.k)
+        return res
 
     def connectivities(self, k: int = 50) -> sp.csr_matrix:
         """UMAP fuzzy-simplicial-set connectivities on the first ``k`` neighbours, self removed.
 
-        Symmetric, weights in (0, 1]; the same construction as ``scanpy.pp.neighbors``.
-        Cached per ``k``.
+        Symmetric, weights in (0, 1]; the same construction as ``scanpy.pp.neighbors``
+        (:func:`evaluation.fuzzy.fuzzy_connectivities`). Cached per ``k``.
         """
         key = ("conn", k)
         if key not in self._cache:
-            from umap.umap_ import fuzzy_simplicial_set
+            from evaluation.fuzzy import fuzzy_connectivities
 
             sub = self.subset(min(k, self.k))
-            graph, _, _ = fuzzy_simplicial_set(
-                sp.coo_matrix((self.n_cells, 1)),
-                n_neighbors=sub.k,
-                random_state=None,
-                metric="euclidean",
-                knn_indices=sub.indices,
-                knn_dists=sub.distances.astype(np.float32),
-                set_op_mix_ratio=1.0,
-                local_connectivity=1.0,
-            )
-            graph = sp.csr_matrix(graph)
-            graph.setdiag(0)
-            graph.eliminate_zeros()
-            self._cache[key] = graph
+            self._cache[key] = fuzzy_connectivities(sub.indices, sub.distances)
         return self._cache[key]
 
 

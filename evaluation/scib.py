@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -51,6 +53,44 @@ def _selection(
             )
         chosen.update(names)
     return chosen
+
+
+@contextmanager
+def _exact_diffusion_neighbours():
+    """kBET's per-label diffusion-map neighbours by exact search instead of pynndescent.
+
+    scib-metrics' ``kbet_per_label`` embeds each label's cells with diffusion maps and finds
+    their neighbours with pynndescent, whose numba code is compiled anew in every process
+    (~20 s; a sweep evaluates each trial in a fresh worker) and approximate. Label subsets of
+    an evaluation subsample are small, so exact blocked search is both faster and exact. Falls
+    back to pynndescent where exact search does not apply (more neighbours than cells,
+    non-finite coordinates) or if scib-metrics' layout changed.
+    """
+    try:
+        from scib_metrics.utils import _diffusion_nn as module
+    except ImportError:  # pragma: no cover - scib-metrics layout changed
+        yield
+        return
+    original = getattr(module, "nearest_neighbors", None)
+    if original is None or not hasattr(original, "pynndescent"):  # pragma: no cover
+        yield
+        return
+
+    def pynndescent(X, n_neighbors, random_state=0, n_jobs=1):
+        X = np.asarray(X, dtype=np.float32)
+        if n_neighbors > X.shape[0] or not np.isfinite(X).all():
+            return original.pynndescent(X, n_neighbors, random_state=random_state, n_jobs=n_jobs)
+        nb = compute_neighbours(X, k=n_neighbors, method="exact")
+        return original.NeighborsResults(indices=nb.indices, distances=nb.distances)
+
+    module.nearest_neighbors = SimpleNamespace(
+        **{k: getattr(original, k) for k in dir(original) if not k.startswith("__")},
+    )
+    module.nearest_neighbors.pynndescent = pynndescent
+    try:
+        yield
+    finally:
+        module.nearest_neighbors = original
 
 
 def scib_metrics(
@@ -122,7 +162,7 @@ def scib_metrics(
         n_jobs=n_jobs,
         progress_bar=False,
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _exact_diffusion_neighbours():
         warnings.simplefilter("ignore")
         bm.prepare(neighbor_computer=lambda X, k: neighbours.to_scib(min(k, k_max)))
         bm.benchmark()

@@ -39,6 +39,52 @@ def test_exact_knn_matches_brute_force():
     assert abs(conn - conn.T).max() < 1e-6 and conn.diagonal().max() == 0
 
 
+@pytest.mark.parametrize(("n", "dim", "k"), [(400, 5, 15), (1500, 10, 50), (800, 3, 90)])
+def test_numpy_fuzzy_connectivities_equal_umaps(n, dim, k):
+    from umap.umap_ import fuzzy_simplicial_set
+
+    X = np.random.default_rng(k).normal(size=(n, dim)).astype(np.float32)
+    X[10:25] = X[10]  # duplicates: zero distances beyond self
+    nb = compute_neighbours(X, k=k)
+    ours = nb.connectivities(k)
+    ref = fuzzy_simplicial_set(
+        sp.coo_matrix((n, 1)),
+        n_neighbors=k,
+        random_state=None,
+        metric=None,
+        knn_indices=nb.indices,
+        knn_dists=nb.distances,
+        set_op_mix_ratio=1.0,
+        local_connectivity=1.0,
+    )[0].tocsr()
+    ref.setdiag(0)
+    ref.eliminate_zeros()
+    assert ours.nnz == ref.nnz
+    assert abs(ours - ref).max() < 1e-6  # float32 rounding only
+    # scib-metrics gets the same graph (precomputed, not umap's numba code)
+    sc = nb.to_scib(k)
+    assert abs(sc.knn_graph_connectivities - ref).max() < 1e-6
+
+
+def test_exact_diffusion_neighbours_match_pynndescent_on_small_labels(small):
+    """kBET's diffusion-map neighbours by exact search give the same kBET as pynndescent."""
+    from scib_metrics.metrics import kbet_per_label
+    from scib_metrics.utils import _diffusion_nn
+
+    from evaluation.scib import _exact_diffusion_neighbours
+
+    labels = small.obs["cell_type"].to_numpy()
+    batches = small.obs["library"].to_numpy()
+    sc = compute_neighbours(small.obsm["X_pca"], k=50).to_scib(50)
+    original = _diffusion_nn.nearest_neighbors
+    with _exact_diffusion_neighbours():
+        assert _diffusion_nn.nearest_neighbors is not original
+        exact = kbet_per_label(sc, batches, labels)
+    assert _diffusion_nn.nearest_neighbors is original  # restored
+    approx = kbet_per_label(sc, batches, labels)
+    assert exact == pytest.approx(approx, abs=0.02)
+
+
 def test_knn_handles_duplicates_and_bad_input():
     X = np.zeros((20, 3), dtype=np.float32)  # all duplicates
     nb = compute_neighbours(X, k=5)

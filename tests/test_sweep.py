@@ -44,7 +44,8 @@ def _config(tmp_path: Path, name: str, **over) -> Path:
         "scheduler": {"name": "fifo"},
         "budget": {"trials": 2},
         "resources": {"workers": 1, "cpus_per_worker": 1},
-        "evaluation": {"n_subsample": 300, "scib": False, "neighbourhood": True},
+        # no per-trial UMAP (~15 s of numba compile in each fresh worker) unless a test checks it
+        "evaluation": {"n_subsample": 300, "scib": False, "neighbourhood": True, "umap": False},
         "mlflow": {
             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "experiment": name,
@@ -120,7 +121,7 @@ def test_sweep_end_to_end_with_scib(tmp_path):
     cfg = _config(
         tmp_path,
         "e2e",
-        evaluation={"scib": True},
+        evaluation={"scib": True, "umap": True},
         scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2},
         budget={"trials": 3},
     )
@@ -290,6 +291,8 @@ def test_killed_train_worker_is_retried_from_checkpoint(tmp_path):
     assert run.data.metrics["resumed_optimizer_state"] == 1.0  # with Adam's moments
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == list(range(12))  # each epoch logged exactly once across the restart
+    plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/training_curves.png" in plots and "plots/umap.png" not in plots  # umap: false
     record_fault("Ray Train worker SIGKILLed mid-trial", t_kill, 1, len(children))
 
 
@@ -343,38 +346,9 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait(timeout=30)
 
 
-def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
-    _data(tmp_path)
-    port = _free_port()
-    server = _mlflow_server(tmp_path, port)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        from mlflow.tracking import MlflowClient
-
-        c = MlflowClient(tracking_uri=uri)
-        cfg = _config(
-            tmp_path,
-            "server",
-            evaluation={"neighbourhood": False},
-            mlflow={"tracking_uri": uri, "experiment": "server", "register_model": "srv"},
-        )
-        out = _sweep(cfg)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        exp = c.get_experiment_by_name("server")
-        runs = c.search_runs([exp.experiment_id])
-        children = [r for r in runs if "regvi.trial_id" in r.data.tags]
-        assert len(children) == 2
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        model = regvi.load("models:/srv@champion")
-        assert model.config.n_hidden in (16, 32)
-    finally:
-        _stop(server)
-
-
 def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
-    """The tracking server goes down mid-sweep and comes back: logging is retried, nothing lost."""
+    """A real ``mlflow server`` on 127.0.0.1 as the tracking URI; it goes down mid-sweep and comes
+    back: logging is retried, nothing lost, and the best model is registered through it."""
     from mlflow.tracking import MlflowClient
 
     _data(tmp_path)
@@ -386,7 +360,7 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
         "outage",
         training={"max_epochs": 8},
         evaluation={"neighbourhood": False},
-        mlflow={"tracking_uri": uri, "experiment": "outage", "register_model": None},
+        mlflow={"tracking_uri": uri, "experiment": "outage", "register_model": "srv"},
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "regvi.sweep", str(cfg)],
@@ -427,6 +401,11 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
             assert sorted(set(steps)) == list(range(8)), steps  # every epoch, logged once
             assert len(steps) == 8
             assert "validation_elbo" in run.data.metrics and "epochs_trained" in run.data.metrics
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        model = regvi.load("models:/srv@champion")  # the registry, through the server
+        assert model.config.n_hidden in (16, 32)
         record_fault("MLflow server stopped 20 s, restarted", down_at, 2, len(children))
     finally:
         if proc.poll() is None:
@@ -472,7 +451,7 @@ def test_multimodal_sweep_logs_joint_evaluation_and_attribution(tmp_path):
             "n_latent.rna": {"type": "categorical", "values": [3, 4]},
             "lr_multipliers.atac": {"type": "loguniform", "low": 0.5, "high": 2.0},
         },
-        evaluation={"scib": True, "n_subsample": 500},
+        evaluation={"scib": True, "n_subsample": 500, "umap": True},
         objective={"metric": "scib_total", "mode": "max"},  # final-only objective with Optuna
     )
     out = _sweep(cfg)

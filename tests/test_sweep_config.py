@@ -86,6 +86,7 @@ def test_relative_data_path_resolves_against_config_folder(tmp_path):
         (lambda c: c["training"].update(lr=0.1), r"search\.lr: also fixed"),
         (lambda c: c.update(mlflow={"uri": "x"}), r"mlflow: unknown key"),
         (lambda c: c.update(evaluation={"markers": "no_such.csv"}), "markers"),
+        (lambda c: c.update(evaluation={"umap": "yes"}), r"evaluation\.umap: 'yes'; expected true"),
         (lambda c: c.update(model=[1, 2]), "model: expected a mapping"),
     ],
 )

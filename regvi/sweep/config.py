@@ -434,8 +434,13 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
     # evaluation / mlflow / storage
     ev = dict(_require_mapping(raw.get("evaluation"), "evaluation"))
     _unknown(
-        ev, {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "n_jobs"}, "evaluation"
+        ev,
+        {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "umap", "n_jobs"},
+        "evaluation",
     )
+    for key in ("scib", "neighbourhood", "lowcount", "umap"):
+        if key in ev and not isinstance(ev[key], bool):
+            raise ConfigError(f"evaluation.{key}: {ev[key]!r}; expected true or false")
     if isinstance(ev.get("markers"), str) and ev["markers"] != "data":
         mp = Path(ev["markers"]).expanduser()
         mp = mp if mp.is_absolute() else base / mp

@@ -223,7 +223,7 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
     )
     plots = out / "plots"
     keys = [k for k in (label_key, lib_key, data.get("dataset_key")) if k]
-    write_outputs(ev, sub.obs, plots, keys, umap=True)
+    write_outputs(ev, sub.obs, plots, keys, umap=ev_cfg.get("umap", True))
     plot_training_curves(model.history, plots / "training_curves.png")
     metrics = {
         k: float(v) for k, v in ev.metrics.items() if v is not None and math.isfinite(float(v))
