@@ -59,7 +59,7 @@ class Neighbours:
         # its ``knn_graph_connectivities`` is a cached property computed with umap's numba
         # fuzzy_simplicial_set (compiled anew in every process); the numpy port gives the same
         # graph (self edges dropped, as umap does)
-        res.__dict__["knn_graph_connectivities"] = sub.connectivities(sub.k)
+        res.__dict__["knn_graph_connectivities"] = self.connectivities(sub.k)  # cached per k
         return res
 
     def connectivities(self, k: int = 50) -> sp.csr_matrix:
