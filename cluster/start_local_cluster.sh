@@ -8,6 +8,11 @@ set -euo pipefail
 # Ray 2.5x+ enables token auth for clusters started with `ray start`; every command (and the
 # sweep driver) must use the same mode and the token in ~/.ray/auth_token.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+# Bound what the GCS keeps about finished actors, workers and tasks (a sweep starts ~8 actors
+# per trial; Ray's defaults let the head's memory grow with every trial).
+export RAY_maximum_gcs_destroyed_actor_cached_count=${RAY_maximum_gcs_destroyed_actor_cached_count:-50}
+export RAY_maximum_gcs_dead_worker_cached_count=${RAY_maximum_gcs_dead_worker_cached_count:-50}
+export RAY_task_events_max_num_task_in_gcs=${RAY_task_events_max_num_task_in_gcs:-2000}
 PORT=${1:-6380}
 CPUS=${2:-1}
 ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus="$CPUS" \
