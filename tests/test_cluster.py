@@ -77,7 +77,7 @@ def test_node_stopped_mid_sweep_loses_nothing(tmp_path, two_node_cluster):
         "nodeloss",
         budget={"trials": 2},
         evaluation={"neighbourhood": False},
-        training={"max_epochs": 6},
+        training={"max_epochs": 15},
         search={"n_hidden": {"type": "categorical", "values": [128, 256]}},
     )
     env = {**two_node_cluster}
@@ -92,7 +92,7 @@ def test_node_stopped_mid_sweep_loses_nothing(tmp_path, two_node_cluster):
     killed_at = None
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and killed_at is None:
-        time.sleep(2)
+        time.sleep(1)
         try:
             c, _, children = _runs(tmp_path, "nodeloss")
         except Exception:
@@ -113,7 +113,7 @@ def test_node_stopped_mid_sweep_loses_nothing(tmp_path, two_node_cluster):
     for run in children:
         assert run.data.tags.get("regvi.status") == "completed", out[-3000:]
         steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
-        assert sorted(steps) == list(range(6)), steps  # every epoch once, across the restart
+        assert sorted(steps) == list(range(15)), steps  # every epoch once, across the restart
         model = regvi.load(f"runs:/{run.info.run_id}/model", adata=adata)
         local = mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, artifact_path="evaluation"
