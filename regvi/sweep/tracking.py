@@ -86,6 +86,15 @@ def _log_metrics(c, run_id: str, metrics: dict[str, Any], step: int | None = Non
         _retry(lambda b=batch[i : i + 500]: c.log_batch(run_id, metrics=b))
 
 
+def _epoch_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """The per-epoch curves of a report or a history row (logged with step = epoch)."""
+    return {
+        k: v
+        for k, v in row.items()
+        if k.startswith(("train_", "validation_")) or k in ("kl_weight", "epoch_time_s")
+    }
+
+
 def _retry(fn, attempts: int = 8, delay: float = 1.0):
     """Retry transient tracking failures (server restart, lock) with backoff; re-raise at the end.
 
@@ -210,13 +219,32 @@ class MLflowSweepCallback(_TuneCallback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self._last_step.get(trial.trial_id, -1):
             return  # replayed after a restart: already logged
-        metrics = {
-            k: v
-            for k, v in result.items()
-            if k.startswith(("train_", "validation_")) or k in ("kl_weight", "epoch_time_s")
-        }
-        _log_metrics(self._client(), run_id, metrics, step=epoch)
+        _log_metrics(self._client(), run_id, _epoch_metrics(result), step=epoch)
         self._last_step[trial.trial_id] = epoch
+
+    def _backfill_epochs(self, run_id: str, checkpoint_dir: Path | None) -> int:
+        """Log the epochs of the checkpoint's history that MLflow lacks; returns how many.
+
+        A node that dies after Ray Train registered an epoch's checkpoint but before that
+        epoch's report reached this driver loses the report, and the restarted run continues
+        after it. The checkpoint's model history still has the epoch: it is logged from there,
+        so every trained epoch is in MLflow exactly once."""
+        from regvi.io import HISTORY
+
+        history = None if checkpoint_dir is None else Path(checkpoint_dir) / "model" / HISTORY
+        if history is None or not history.is_file():
+            return 0
+        import pandas as pd
+
+        rows = pd.read_csv(history)
+        if "epoch" not in rows or "train_loss" not in rows:
+            return 0
+        c = self._client()
+        logged = {m.step for m in _retry(lambda: c.get_metric_history(run_id, "train_loss"))}
+        missing = rows[~rows["epoch"].astype(int).isin(logged)]
+        for _, row in missing.iterrows():
+            _log_metrics(c, run_id, _epoch_metrics(row.to_dict()), step=int(row["epoch"]))
+        return len(missing)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_for(trial)
@@ -227,6 +255,8 @@ class MLflowSweepCallback(_TuneCallback):
         result = trial.last_result or {}
         if not result.get("final"):
             # stopped by ASHA (no evaluation) — record as finished with its last epoch
+            last = getattr(trial, "checkpoint", None)
+            self._backfill_epochs(run_id, Path(last.path) if last is not None else None)
             c.set_tag(run_id, "regvi.status", "pruned")
             _retry(lambda: c.set_terminated(run_id, "FINISHED"))
             return
@@ -240,6 +270,7 @@ class MLflowSweepCallback(_TuneCallback):
         ckpt = result.get("checkpoint_path")
         if ckpt and Path(ckpt).is_dir():
             ckpt = Path(ckpt)
+            self._backfill_epochs(run_id, ckpt)
             for sub in ("plots",):
                 if (ckpt / sub).is_dir():
                     _retry(lambda s=sub: c.log_artifacts(run_id, str(ckpt / s), s))
