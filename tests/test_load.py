@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 50
 CONCURRENCY = 4
 #: RSS growth per 10 finished trials (MiB, fitted after the warm-up trials) that fails the test.
-#: Measured (benchmarks/results/bench_load.json): driver +5.5 (Tune keeps every trial's record),
+#: Measured (benchmarks/results/bench_load.json): driver +5.5 (Tune's per-trial records),
 #: raylet +0.6, dashboard and agents +1.2, Train worker processes about 0 each. Ray's GCS +3.3
 #: while its bounded caches of dead actors / workers / task events fill (regvi's GCS_ENV), then
 #: flat; with Ray's defaults it grew +16. A leak of one model, dataset or MLflow client per
