@@ -352,6 +352,7 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
     back: logging is retried, nothing lost, and the best model is registered through it."""
     from mlflow.tracking import MlflowClient
 
+    EPOCHS = 60
     _data(tmp_path)
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -359,7 +360,8 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
     cfg = _config(
         tmp_path,
         "outage",
-        training={"max_epochs": 8},
+        # enough epochs that the 20 s outage falls inside training, as on a real cluster
+        training={"max_epochs": EPOCHS},
         evaluation={"neighbourhood": False},
         mlflow={"tracking_uri": uri, "experiment": "outage", "register_model": "srv"},
     )
@@ -399,8 +401,8 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
         for run in children:
             assert run.data.tags.get("regvi.status") == "completed", out[-3000:]
             steps = [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")]
-            assert sorted(set(steps)) == list(range(8)), steps  # every epoch, logged once
-            assert len(steps) == 8
+            assert sorted(set(steps)) == list(range(EPOCHS)), steps  # every epoch, logged once
+            assert len(steps) == EPOCHS
             assert "validation_elbo" in run.data.metrics and "epochs_trained" in run.data.metrics
         import mlflow
 
