@@ -37,8 +37,8 @@ WORKER_ENV = {
 }
 #: Bounds on what the embedded Ray's GCS keeps about finished work. A sweep starts about 8
 #: actors per trial (Tune's trainable, Train's controller, worker, placement-group cleaner, ...);
-#: by default the GCS keeps 100k dead actors and 1k dead workers and 100k task events, so its
-#: memory grows with every trial for the sweep's lifetime. ``benchmarks/bench_load.py`` measured
+#: Ray's default caches of dead actors, dead workers and task events are far larger than a
+#: sweep needs, so the GCS's memory grew with every trial for the sweep's lifetime. ``benchmarks/bench_load.py`` measured
 #: +16 MiB per 10 trials with Ray's defaults. Set only where not already set in the environment;
 #: a cluster started by ``ray start`` takes its own settings (see cluster/).
 GCS_ENV = {

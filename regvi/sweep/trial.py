@@ -32,7 +32,7 @@ EVAL_INDEX_FILE = "eval_indices.npy"
 #: default), and a worker's ``ray.train.report`` blocks until the previous report has been
 #: collected (a queue of one). With Ray's default every epoch shorter than 2 s took 2 s: on the
 #: bundled data a 0.7 s epoch waited 1.2 s in its report. regvi polls every 0.2 s, which cut
-#: the per-epoch report from 1.2 s to 0.02 s (``benchmarks/bench_sweep.py``).
+#: the per-epoch report from 1.29 s to 0.02 s (``benchmarks/bench_epoch_overhead.py``).
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_INTERVAL_S = "0.2"
 
