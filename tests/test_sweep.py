@@ -6,6 +6,7 @@ are tested for real. Marked slow; they run in CI.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import yaml
 
@@ -197,7 +199,9 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "regvi.sweep", str(cfg)],
         cwd=tmp_path,
-        env=_env(),
+        # Tune saves its state once at the start and then not again before the kill: the
+        # finished trial is restored as not started (the worst case of Tune's periodic save)
+        env={**_env(), "TUNE_GLOBAL_CHECKPOINT_S": "3600"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -233,6 +237,19 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
             # a finished trial was not re-run: its model was logged once
             assert r.data.tags.get("regvi.status") == "completed"
             assert len(c.get_metric_history(r.info.run_id, "epochs_trained")) == 1
+            # Tune ran it again: its final result came from its checkpoint, not re-evaluated
+            (result_file,) = (tmp_path / "runs" / "resume").glob(
+                f"*{r.data.tags['regvi.trial_id']}*/result.json"
+            )
+            last = json.loads(result_file.read_text().splitlines()[-1])
+            assert last.get("replayed_final") == 1.0, last
+    study = optuna.load_study(
+        study_name="resume", storage=f"sqlite:///{tmp_path / 'runs' / 'resume' / 'optuna.db'}"
+    )
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states, states  # an Optuna trial orphaned by the kill is failed
+    kept = [t for t in study.trials if not t.user_attrs.get("regvi.orphaned_by_resume")]
+    assert len(kept) == 3 and all(t.state.name == "COMPLETE" for t in kept), states
     assert all(
         r.data.tags.get("regvi.status") in ("completed", "failed", "pruned") for r in children
     )
