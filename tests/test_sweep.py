@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 import regvi
+from tests.mlflow_server import free_port, mlflow_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -314,56 +315,6 @@ def test_killed_train_worker_is_retried_from_checkpoint(tmp_path):
     record_fault("Ray Train worker SIGKILLed mid-trial", t_kill, 1, len(children))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifacts); waits until up."""
-    from mlflow.tracking import MlflowClient
-
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server_artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-        start_new_session=True,
-    )
-    c = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
-    for _ in range(90):
-        try:
-            c.search_experiments()
-            return server
-        except Exception:
-            time.sleep(1)
-    raise RuntimeError("mlflow server did not start")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1 as the tracking URI; it goes down mid-sweep and comes
     back: logging is retried, nothing lost, and the best model is registered through it."""
@@ -371,9 +322,9 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
 
     EPOCHS = 60
     _data(tmp_path)
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(tmp_path, port)
+    server = mlflow_server(tmp_path, port)
     cfg = _config(
         tmp_path,
         "outage",
@@ -401,14 +352,14 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
                 runs = c.search_runs([exp.experiment_id]) if exp else []
                 child = [r for r in runs if "regvi.trial_id" in r.data.tags]
                 if child and len(c.get_metric_history(child[0].info.run_id, "train_loss")) >= 2:
-                    _stop(server)  # the outage: trials keep training, the driver must wait
+                    stop_server(server)  # the outage: trials keep training, the driver must wait
                     down_at = time.time()
                     break
             except Exception:
                 continue
         assert down_at is not None, "the sweep never logged two epochs"
         time.sleep(20)
-        server = _mlflow_server(tmp_path, port)  # same port, same store
+        server = mlflow_server(tmp_path, port)  # same port, same store
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-4000:]
         exp = c.get_experiment_by_name("outage")
@@ -430,7 +381,7 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-        _stop(server)
+        stop_server(server)
 
 
 def test_two_cpu_workers_per_trial(tmp_path):
