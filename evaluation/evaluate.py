@@ -46,7 +46,8 @@ class Evaluation:
     embedding: np.ndarray | None = None
 
 
-def _counts(adata: AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
+def counts_matrix(adata: AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
+    """Raw counts of ``adata`` (``X`` or ``layer``) as CSR or a dense array."""
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"layer={layer!r} not in adata.layers ({sorted(adata.layers)})")
     X = adata.X if layer is None else adata.layers[layer]
@@ -146,7 +147,7 @@ def evaluate(
     idx = stratified_subsample(adata.obs, strata, n_subsample, seed)
     obs = adata.obs.iloc[idx]
     emb = np.asarray(adata.obsm[embedding_key], dtype=np.float32)[idx]
-    counts = _counts(adata, layer)[idx]
+    counts = counts_matrix(adata, layer)[idx]
     library = obs[library_key].astype(str).to_numpy()
     labels = obs[label_key].astype(str).to_numpy() if label_key else None
     nb = compute_neighbours(emb, k=90, seed=seed)
@@ -228,9 +229,16 @@ def _neighbourhood(
 
 
 def write_outputs(
-    ev: Evaluation, obs: pd.DataFrame, out_dir: str | Path, keys: Sequence[str], umap: bool = True
+    ev: Evaluation,
+    obs: pd.DataFrame,
+    out_dir: str | Path,
+    keys: Sequence[str],
+    umap: bool = True,
+    coords: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """Write metrics (JSON + CSV), per-cell table, summaries and PNG plots to ``out_dir``."""
+    """Write metrics (JSON + CSV), per-cell table, summaries and PNG plots to ``out_dir``.
+
+    ``coords``: 2-d UMAP coordinates of ``ev.embedding`` when already computed."""
     from evaluation.plots import plot_correlation_histograms, plot_embedding, umap_coords
 
     out = Path(out_dir)
@@ -258,7 +266,8 @@ def write_outputs(
         panel_keys = [k for k in keys if k in sub_obs.columns] + [
             c for c in sub_obs.columns if c.startswith("failure_mode_")
         ]
-        coords = umap_coords(ev.embedding)
+        if coords is None:
+            coords = umap_coords(ev.embedding)
         paths["umap"] = plot_embedding(
             coords,
             sub_obs,

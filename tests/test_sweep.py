@@ -145,6 +145,7 @@ def test_sweep_end_to_end_with_scib(tmp_path):
         m = run.data.metrics
         assert {"scib_total", "scib_bio", "scib_batch", "validation_elbo"} <= set(m)
         assert any(k.startswith("nc_") for k in m)
+        assert m["eval_in_pool"] == 1.0  # evaluated by the sweep's warm evaluators
         steps = [x.step for x in c.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == sorted(set(steps)) and len(steps) >= 2  # one value per epoch, no duplicates
         assert "n_hidden" in run.data.params
@@ -391,7 +392,8 @@ def test_two_cpu_workers_per_trial(tmp_path):
         "ddp",
         budget={"trials": 1},
         resources={"workers": 2},
-        evaluation={"neighbourhood": False},
+        # evaluated in the trial's own worker (no evaluator pool) with the low-count metrics
+        evaluation={"neighbourhood": False, "pool": False, "lowcount": True},
         training={"max_epochs": 3},
     )
     out = _sweep(cfg)
@@ -399,7 +401,10 @@ def test_two_cpu_workers_per_trial(tmp_path):
     _, _, children = _runs(tmp_path, "ddp")
     assert len(children) == 1
     assert children[0].data.tags.get("regvi.status") == "completed"
-    assert children[0].data.metrics["world_size"] == 2  # Lightning DDP over 2 Ray Train workers
+    m = children[0].data.metrics
+    assert m["world_size"] == 2  # Lightning DDP over 2 Ray Train workers
+    assert m["eval_in_pool"] == 0.0
+    assert 0 <= m["lowcount_q0.5_knn_preservation"] <= 1 and "eval_seconds_lowcount" in m
 
 
 def test_multimodal_sweep_logs_joint_evaluation_and_attribution(tmp_path):

@@ -435,10 +435,10 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
     ev = dict(_require_mapping(raw.get("evaluation"), "evaluation"))
     _unknown(
         ev,
-        {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "umap", "n_jobs"},
+        {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "umap", "n_jobs", "pool"},
         "evaluation",
     )
-    for key in ("scib", "neighbourhood", "lowcount", "umap"):
+    for key in ("scib", "neighbourhood", "lowcount", "umap", "pool"):
         if key in ev and not isinstance(ev[key], bool):
             raise ConfigError(f"evaluation.{key}: {ev[key]!r}; expected true or false")
     if isinstance(ev.get("markers"), str) and ev["markers"] != "data":

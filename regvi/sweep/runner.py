@@ -154,6 +154,7 @@ def _static(cfg: SweepConfig, sweep_dir: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "train_storage": str(sweep_dir / "train"),
         "reference_cache": str(sweep_dir / "reference_cache"),
+        "sweep": cfg.name,
     }
 
 
@@ -377,6 +378,12 @@ def _run_sweep(
             concurrency, int(resources.get("GPU", 0) // (cfg.workers * cfg.gpus_per_worker))
         )
     trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
+    evaluators = None
+    if cfg.evaluation.get("pool", True):  # warm evaluation processes shared by the trials
+        from regvi.sweep.evaluator import start_pool
+
+        n_trials = num_samples if searcher is not None else len(grid(cfg))
+        evaluators = start_pool(cfg.name, min(concurrency, max(1, n_trials)))
     fs = atomic_filesystem()  # no state file on storage is ever left cut short
     if resume:
         tuner = tune.Tuner.restore(
@@ -415,6 +422,7 @@ def _run_sweep(
             ),
         )
     grid_results = tuner.fit()
+    del evaluators  # the evaluator actors end with the sweep
     mlflow.set_tracking_uri(uri)
     from regvi.sweep.summary import summarise
 

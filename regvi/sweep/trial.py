@@ -211,10 +211,16 @@ def _replay_final(checkpoint, rank: int) -> bool:
 
 
 def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
-    """Posterior means of the fixed evaluation subsample → evaluation metrics and plots."""
-    from evaluation.evaluate import evaluate, write_outputs
+    """Posterior means of the fixed evaluation subsample → evaluation metrics and plots.
+
+    The metrics are computed by a warm evaluator of the sweep when one is free (see
+    :mod:`regvi.sweep.evaluator`), else here; the low-count robustness metrics re-encode
+    thinned counts with the model and so always run here."""
+    import time
+
     from evaluation.subsample import stratified_subsample
     from regvi.plotting import plot_training_curves
+    from regvi.sweep.evaluator import evaluate_in_pool, evaluate_to_files
 
     ev_cfg = cfg.get("evaluation", {})
     data = cfg["data"]
@@ -229,58 +235,100 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
     sub.obsm["X_regvi"] = model.get_latent_representation(indices=idx, batch_size=1024)
     np.save(out / LATENT_FILE, sub.obsm["X_regvi"], allow_pickle=False)
     np.save(out / EVAL_INDEX_FILE, idx, allow_pickle=False)
-    encode = None
-    if ev_cfg.get("lowcount", False):
-
-        def encode(X, local_idx):
-            thinned = sub.copy()
-            thinned.X = X
-            if multimodal:  # thin the evaluated modality only; the others as observed
-                name = counts_modality(data)
-                other = {m: a[idx].copy() for m, a in adata.items() if m != name}
-                return model.get_latent_representation({name: thinned, **other}, batch_size=1024)
-            return model.get_latent_representation(thinned, batch_size=1024)
-
-    ev = evaluate(
-        sub,
-        "X_regvi",
-        lib_key,
-        label_key,
-        data.get("dataset_key"),
-        data.get("technical_covariate_keys") or [],
-        data.get("layer"),
-        ev_cfg.get("markers"),
-        n_subsample=None,
-        seed=cfg["seed"],
-        scib=ev_cfg.get("scib", True) and label_key is not None,
-        neighbourhood=ev_cfg.get("neighbourhood", True),
-        encode=encode,
-        reference_cache=cfg.get("reference_cache"),
-        n_jobs=int(ev_cfg.get("n_jobs", 1)),
-    )
-    plots = out / "plots"
-    keys = [k for k in (label_key, lib_key, data.get("dataset_key")) if k]
-    write_outputs(ev, sub.obs, plots, keys, umap=ev_cfg.get("umap", True))
-    plot_training_curves(model.history, plots / "training_curves.png")
-    metrics = {
-        k: float(v) for k, v in ev.metrics.items() if v is not None and math.isfinite(float(v))
+    options = {
+        "embedding_key": "X_regvi",
+        "library_key": lib_key,
+        "label_key": label_key,
+        "dataset_key": data.get("dataset_key"),
+        "technical_keys": data.get("technical_covariate_keys") or [],
+        "layer": data.get("layer"),
+        "markers": ev_cfg.get("markers"),
+        "n_subsample": None,
+        "seed": cfg["seed"],
+        "scib": ev_cfg.get("scib", True) and label_key is not None,
+        "neighbourhood": ev_cfg.get("neighbourhood", True),
+        "reference_cache": cfg.get("reference_cache"),
+        "n_jobs": int(ev_cfg.get("n_jobs", 1)),
     }
+    keys = [k for k in (label_key, lib_key, data.get("dataset_key")) if k]
+    umap = bool(ev_cfg.get("umap", True))
+    t = time.perf_counter()
+    result = None
+    if ev_cfg.get("pool", True):
+        result = evaluate_in_pool(cfg.get("sweep"), sub, options, keys, umap, coords=multimodal)
+    pooled = result is not None
+    if result is None:
+        result = evaluate_to_files(sub, options, keys, umap, coords=multimodal)
+    metrics = {
+        k: float(v)
+        for k, v in result["metrics"].items()
+        if v is not None and math.isfinite(float(v))
+    }
+    metrics["eval_seconds_total"] = time.perf_counter() - t
+    metrics["eval_in_pool"] = float(pooled)
+    metrics["eval_warm"] = float(result.get("evaluator_warm", 0.0))
+    plots = out / "plots"
+    for rel, blob in result["files"].items():
+        (plots / rel).parent.mkdir(parents=True, exist_ok=True)
+        (plots / rel).write_bytes(blob)
+    if ev_cfg.get("lowcount", False):
+        metrics.update(_lowcount(model, adata, sub, idx, cfg, label_key, plots))
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_training_curves(model.history, plots / "training_curves.png")
     if multimodal:
-        metrics.update(_attribution(model, idx, sub.obsm["X_regvi"], label_key, sub.obs, plots))
+        metrics.update(_attribution(model, idx, result["coords"], label_key, sub.obs, plots))
     return metrics
 
 
-def _attribution(model, idx, latent, label_key, obs, plots: Path) -> dict[str, float]:
-    """Jacobian modality attribution on the evaluation subsample: summary + table + PNG."""
-    from evaluation.plots import umap_coords
+def _lowcount(model, adata, sub, idx, cfg, label_key, plots: Path) -> dict[str, float]:
+    """Low-count robustness: thinned counts of the subsample re-encoded by the model."""
+    import time
 
+    import pandas as pd
+
+    from evaluation.evaluate import counts_matrix
+    from evaluation.robustness import low_count_robustness
+
+    data = cfg["data"]
+    multimodal = isinstance(adata, dict)
+
+    def encode(X):
+        thinned = sub.copy()
+        thinned.X = X
+        if multimodal:  # thin the evaluated modality only; the others as observed
+            name = counts_modality(data)
+            other = {m: a[idx].copy() for m, a in adata.items() if m != name}
+            return model.get_latent_representation({name: thinned, **other}, batch_size=1024)
+        return model.get_latent_representation(thinned, batch_size=1024)
+
+    t = time.perf_counter()
+    labels = sub.obs[label_key].astype(str).to_numpy() if label_key else None
+    emb = np.asarray(sub.obsm["X_regvi"], dtype=np.float32)
+    found = low_count_robustness(
+        encode, counts_matrix(sub, data.get("layer")), emb, labels, seed=cfg["seed"]
+    )
+    found = {k: float(v) for k, v in found.items() if v is not None and math.isfinite(float(v))}
+    found["eval_seconds_lowcount"] = time.perf_counter() - t
+    # the metric tables written by the evaluation include them too
+    path = plots / "metrics.json"
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        doc["metrics"].update(found)
+        path.write_text(json.dumps(doc, indent=2, default=str))
+        pd.Series(doc["metrics"], name="value").to_csv(plots / "metrics.csv", index_label="metric")
+    return found
+
+
+def _attribution(model, idx, coords, label_key, obs, plots: Path) -> dict[str, float]:
+    """Jacobian modality attribution on the evaluation subsample: summary + table + PNG
+    (``coords``: the UMAP of the subsample's latent)."""
     attr = model.get_modality_attribution(indices=idx, batch_size=256)
     attr.per_cell.to_csv(plots / "attribution_per_cell.csv")
     labels = obs[label_key] if label_key else None
     model.plot_attribution_scatter(
         path=str(plots / "attribution.png"),
         attribution=attr,
-        coords=umap_coords(latent),
+        coords=coords,
         labels=labels,
     )
     return {k: float(v) for k, v in attr.summary().items() if math.isfinite(v)}
@@ -349,6 +397,7 @@ def run_trial(config: dict[str, Any]) -> None:
             "gpus_per_worker": static["gpus_per_worker"],
             "seed": static["seed"],
             "reference_cache": static.get("reference_cache"),
+            "sweep": static.get("sweep"),
             "divergence_file": str(divergence_file),
         },
         scaling_config=ray.train.ScalingConfig(
