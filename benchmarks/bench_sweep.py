@@ -98,13 +98,24 @@ def read_trials(uri: str, experiment: str) -> list[dict]:
                 "end_ms": r.info.end_time,
                 "epochs": len(epochs),
                 "train_s": float(sum(e.value for e in epochs)),
-                "eval_s": float(sum(v for k, v in m.items() if k.startswith("eval_seconds_"))),
+                # whole evaluation (metrics, UMAP, plots) when recorded, else its metric parts
+                "eval_s": float(
+                    m.get("eval_seconds_total")
+                    or sum(v for k, v in m.items() if k.startswith("eval_seconds_"))
+                ),
+                "eval_warm": bool(m.get("eval_warm", 0.0)),
+                "eval_in_pool": bool(m.get("eval_in_pool", 0.0)),
                 "best_validation_elbo": min((e.value for e in elbo), default=float("nan")),
                 "validation_elbo": m.get("validation_elbo", float("nan")),
                 "params": dict(r.data.params),
             }
         )
     return sorted(trials, key=lambda t: t["start_ms"])
+
+
+def _mean(values) -> float:
+    v = list(values)
+    return sum(v) / len(v) if v else float("nan")
 
 
 def run_sweep(name: str, scheduler: str, args: argparse.Namespace, work: Path) -> dict:
@@ -149,6 +160,8 @@ def run_sweep(name: str, scheduler: str, args: argparse.Namespace, work: Path) -
         "share_training_without_evaluation": train / (wall - ev) if wall > ev else float("nan"),
         "epochs_total": sum(t["epochs"] for t in trials),
         "mean_trial_train_s": train / max(1, len(trials)),
+        "mean_eval_s_cold": _mean(t["eval_s"] for t in done if not t["eval_warm"]),
+        "mean_eval_s_warm": _mean(t["eval_s"] for t in done if t["eval_warm"]),
         "best_objective": min((t["validation_elbo"] for t in done), default=float("nan")),
         "trials": trials,
     }
@@ -184,7 +197,7 @@ def main() -> int:
     head = (
         f"{'sched':>5} {'wall s':>7} {'trials':>6} {'pruned':>6} {'epochs':>6} {'train s':>8} "
         f"{'eval s':>7} {'train':>6} {'eval':>6} {'other':>6} {'train*':>6} {'best ELBO':>9} "
-        f"{'s to FIFO best':>14}"
+        f"{'s to FIFO best':>14} {'eval cold':>9} {'eval warm':>9}"
     )
     lines = [head, "-" * len(head)]
     for s, r in res.items():
@@ -196,11 +209,12 @@ def main() -> int:
             f"{r['share_training']:>6.2f} {r['share_evaluation']:>6.2f} {r['share_other']:>6.2f} "
             f"{r['share_training_without_evaluation']:>6.2f} "
             f"{r['best_objective']:>9.1f} "
-            f"{to_best:>14}"
+            f"{to_best:>14} {r['mean_eval_s_cold']:>9.1f} {r['mean_eval_s_warm']:>9.1f}"
         )
     text = "\n".join(lines)
     print(text)
     print("train* = training / (wall - evaluation): the sweep machinery's overhead alone")
+    print("eval cold / warm: mean s per completed trial, first evaluation in a process / later")
     ratio = (
         res["asha"]["train_s"] / res["fifo"]["train_s"] if res["fifo"]["train_s"] else float("nan")
     )
