@@ -7,6 +7,7 @@ and carries UMAP-style fuzzy connectivities (self removed) for the neighbourhood
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,14 +52,15 @@ class Neighbours:
         return Neighbours(self.indices[:, :k], self.distances[:, :k], self.method)
 
     def to_scib(self, k: int | None = None):
-        """As :class:`scib_metrics.nearest_neighbors.NeighborsResults` (first ``k``)."""
-        from scib_metrics.nearest_neighbors import NeighborsResults
+        """As :class:`scib_metrics.nearest_neighbors.NeighborsResults` (first ``k``).
 
+        Its ``knn_graph_connectivities`` (also of the subsets scib-metrics' Benchmarker takes
+        for its 15/50/90-neighbour metrics) come from the numpy port of UMAP's fuzzy simplicial
+        set (:func:`evaluation.fuzzy.fuzzy_connectivities`, the same graph, self edges
+        dropped as umap does) instead of umap's numba one, compiled anew in every process
+        (~10 s)."""
         sub = self if k is None else self.subset(k)
-        res = NeighborsResults(indices=sub.indices, distances=sub.distances)
-        # its ``knn_graph_connectivities`` is a cached property computed with umap's numba
-        # fuzzy_simplicial_set (compiled anew in every process); the numpy port gives the same
-        # graph (self edges dropped, as umap does)
+        res = _ported_results_class()(indices=sub.indices, distances=sub.distances)
         res.__dict__["knn_graph_connectivities"] = self.connectivities(sub.k)  # cached per k
         return res
 
@@ -153,3 +155,18 @@ def _self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarr
         [np.zeros((n, 1), dist.dtype), np.take_along_axis(dist, order, 1)], axis=1
     )
     return out_i, out_d
+
+
+@functools.cache
+def _ported_results_class():
+    """``NeighborsResults`` whose connectivities use :mod:`evaluation.fuzzy` (subsets too)."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    class PortedNeighborsResults(NeighborsResults):
+        @functools.cached_property
+        def knn_graph_connectivities(self):
+            from evaluation.fuzzy import fuzzy_connectivities
+
+            return fuzzy_connectivities(self.indices, self.distances)
+
+    return PortedNeighborsResults

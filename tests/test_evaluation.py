@@ -64,6 +64,23 @@ def test_numpy_fuzzy_connectivities_equal_umaps(n, dim, k):
     # scib-metrics gets the same graph (precomputed, not umap's numba code)
     sc = nb.to_scib(k)
     assert abs(sc.knn_graph_connectivities - ref).max() < 1e-6
+    # and so do the subsets its Benchmarker takes for the 15/50-neighbour metrics
+    k2 = max(2, k // 3)
+    sub = nb.to_scib(k).subset_neighbors(k2)
+    assert type(sub) is type(sc)
+    ref2 = fuzzy_simplicial_set(
+        sp.coo_matrix((n, 1)),
+        n_neighbors=k2,
+        random_state=None,
+        metric=None,
+        knn_indices=nb.indices[:, :k2],
+        knn_dists=nb.distances[:, :k2],
+        set_op_mix_ratio=1.0,
+        local_connectivity=1.0,
+    )[0].tocsr()
+    ref2.setdiag(0)
+    ref2.eliminate_zeros()
+    assert abs(sub.knn_graph_connectivities - ref2).max() < 1e-6
 
 
 def test_exact_diffusion_neighbours_match_pynndescent_on_small_labels(small):
