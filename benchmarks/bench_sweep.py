@@ -104,6 +104,17 @@ def read_trials(uri: str, experiment: str) -> list[dict]:
                     or sum(v for k, v in m.items() if k.startswith("eval_seconds_"))
                 ),
                 "eval_warm": bool(m.get("eval_warm", 0.0)),
+                "stages_s": {
+                    k: m[k]
+                    for k in (
+                        "setup_workers_s",
+                        "setup_imports_s",
+                        "setup_data_s",
+                        "setup_model_s",
+                        "training_wall_s",
+                    )
+                    if k in m
+                },
                 "eval_in_pool": bool(m.get("eval_in_pool", 0.0)),
                 "best_validation_elbo": min((e.value for e in elbo), default=float("nan")),
                 "validation_elbo": m.get("validation_elbo", float("nan")),
@@ -111,6 +122,36 @@ def read_trials(uri: str, experiment: str) -> list[dict]:
             }
         )
     return sorted(trials, key=lambda t: t["start_ms"])
+
+
+STAGES = (
+    ("setup_workers_s", "trial start → Train worker running (controller, worker, torch init)"),
+    ("setup_imports_s", "imports in the worker"),
+    ("setup_data_s", "read the data"),
+    ("setup_model_s", "build the model"),
+    ("epochs_s", "training + validation steps (sum of epoch_time_s)"),
+    ("between_epochs_s", "between epochs (reports, checkpoints)"),
+    ("eval_s", "evaluation (metrics, UMAP, plots, transfer)"),
+    ("rest_s", "the rest (final checkpoint + report, MLflow logging, shutdown)"),
+)
+
+
+def stage_means(done: list[dict]) -> dict[str, float]:
+    """Mean seconds per completed trial in each stage of its wall time (MLflow run start → end)."""
+    rows = []
+    for t in done:
+        st = t["stages_s"]
+        if "training_wall_s" not in st:
+            continue
+        wall = (t["end_ms"] - t["start_ms"]) / 1000
+        row = {k: st.get(k, 0.0) for k, _ in STAGES[:4]}
+        row["epochs_s"] = t["train_s"]
+        row["between_epochs_s"] = max(0.0, st["training_wall_s"] - t["train_s"])
+        row["eval_s"] = t["eval_s"]
+        row["rest_s"] = wall - sum(row.values())
+        row["wall_s"] = wall
+        rows.append(row)
+    return {k: _mean(r[k] for r in rows) for k in rows[0]} if rows else {}
 
 
 def _mean(values) -> float:
@@ -160,6 +201,7 @@ def run_sweep(name: str, scheduler: str, args: argparse.Namespace, work: Path) -
         "share_training_without_evaluation": train / (wall - ev) if wall > ev else float("nan"),
         "epochs_total": sum(t["epochs"] for t in trials),
         "mean_trial_train_s": train / max(1, len(trials)),
+        "stages_mean_s": stage_means(done),
         "mean_eval_s_cold": _mean(t["eval_s"] for t in done if not t["eval_warm"]),
         "mean_eval_s_warm": _mean(t["eval_s"] for t in done if t["eval_warm"]),
         "best_objective": min((t["validation_elbo"] for t in done), default=float("nan")),
@@ -215,6 +257,11 @@ def main() -> int:
     print(text)
     print("train* = training / (wall - evaluation): the sweep machinery's overhead alone")
     print("eval cold / warm: mean s per completed trial, first evaluation in a process / later")
+    stages = res["fifo"]["stages_mean_s"]
+    if stages:
+        print(f"\nwhere a completed FIFO trial's {stages['wall_s']:.0f} s go (mean per trial):")
+        for k, what in STAGES:
+            print(f"  {stages[k]:>6.1f} s  {stages[k] / stages['wall_s']:>5.0%}  {what}")
     ratio = (
         res["asha"]["train_s"] / res["fifo"]["train_s"] if res["fifo"]["train_s"] else float("nan")
     )

@@ -264,7 +264,8 @@ class MLflowSweepCallback(_TuneCallback):
             k: v
             for k, v in result.items()
             if k.startswith(("scib_", "nc_", "lowcount_", "eval_", "attribution_"))
-            or k in ("epochs_trained", "world_size", "resumed_optimizer_state")
+            or k.startswith("setup_")
+            or k in ("epochs_trained", "world_size", "resumed_optimizer_state", "training_wall_s")
         }
         _log_metrics(c, run_id, final)
         ckpt = result.get("checkpoint_path")

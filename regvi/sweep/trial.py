@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,13 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     ``cfg`` holds: ``data`` (path + keys), ``model_kwargs``, ``train_kwargs``, ``evaluation``,
     ``cpus_per_worker``, ``use_gpu``, ``seed``.
+
+    The final report carries where the trial's wall time went (``setup_*_s``, wall-clock
+    seconds): from the trial's start to this function (Train controller and worker start-up),
+    imports, reading the data, building the model, and training as a whole (epochs plus what
+    runs between them).
     """
+    stamps = {"enter": time.time()}
     import ray
     import ray.train
     import torch
@@ -109,6 +116,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
     import regvi
     from regvi.io import load_optimizer_state
     from regvi.sweep.reporting import RayEpochReporter
+
+    stamps["imports"] = time.time()
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -121,7 +130,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg["seed"])
     data_cfg = cfg["data"]
     adata = read_data(data_cfg.get("modalities") or data_cfg["path"])
+    stamps["data"] = time.time()
     model = build_model(adata, data_cfg, cfg["model_kwargs"])
+    stamps["model"] = time.time()
     state: dict[str, Any] = {"training_done": False, "early_stopping": None}
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
@@ -160,8 +171,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
                 Path(cfg["divergence_file"]).parent.mkdir(parents=True, exist_ok=True)
                 Path(cfg["divergence_file"]).write_text(str(err))
             return
+    stamps["trained"] = time.time()
     model.module.cpu().eval()
     final: dict[str, Any] = {
+        **_setup_seconds(stamps, cfg.get("trial_start")),
         "final": 1.0,
         "epochs_trained": float(len(model.history)),
         "worker_node_id": ray.get_runtime_context().get_node_id(),
@@ -182,6 +195,19 @@ def train_worker(cfg: dict[str, Any]) -> None:
         ray.train.report(
             final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
         )
+
+
+def _setup_seconds(stamps: dict[str, float], trial_start: float | None) -> dict[str, float]:
+    """Wall-clock seconds of a trial's stages, from the time stamps of :func:`train_worker`."""
+    out = {
+        "setup_imports_s": stamps["imports"] - stamps["enter"],
+        "setup_data_s": stamps["data"] - stamps["imports"],
+        "setup_model_s": stamps["model"] - stamps["data"],
+        "training_wall_s": stamps["trained"] - stamps["model"],
+    }
+    if trial_start is not None:  # the trial driver's clock: the same node's, or a synced one
+        out["setup_workers_s"] = max(0.0, stamps["enter"] - trial_start)
+    return out
 
 
 def _replay_final(checkpoint, rank: int) -> bool:
@@ -216,8 +242,6 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
     The metrics are computed by a warm evaluator of the sweep when one is free (see
     :mod:`regvi.sweep.evaluator`), else here; the low-count robustness metrics re-encode
     thinned counts with the model and so always run here."""
-    import time
-
     from evaluation.subsample import stratified_subsample
     from regvi.plotting import plot_training_curves
     from regvi.sweep.evaluator import evaluate_in_pool, evaluate_to_files
@@ -282,8 +306,6 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
 
 def _lowcount(model, adata, sub, idx, cfg, label_key, plots: Path) -> dict[str, float]:
     """Low-count robustness: thinned counts of the subsample re-encoded by the model."""
-    import time
-
     import pandas as pd
 
     from evaluation.evaluate import counts_matrix
@@ -398,6 +420,7 @@ def run_trial(config: dict[str, Any]) -> None:
             "seed": static["seed"],
             "reference_cache": static.get("reference_cache"),
             "sweep": static.get("sweep"),
+            "trial_start": time.time(),
             "divergence_file": str(divergence_file),
         },
         scaling_config=ray.train.ScalingConfig(
