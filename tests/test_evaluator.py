@@ -31,6 +31,12 @@ def sub():
     return a
 
 
+@pytest.fixture(scope="module")
+def pool(ray_local):
+    lease = start_pool("pooltest", 1)  # the handle keeps the actors alive
+    yield lease
+
+
 OPTIONS = {
     "embedding_key": "X_emb",
     "library_key": "library",
@@ -47,8 +53,7 @@ def test_a_sweep_without_evaluators_evaluates_in_the_trial(ray_local, sub):
     assert evaluate_in_pool("no-such-sweep", sub, OPTIONS, ["cell_type"], False, False) is None
 
 
-def test_pooled_evaluation_equals_local_and_is_warm_the_second_time(ray_local, sub):
-    lease = start_pool("pooltest", 1)
+def test_pooled_evaluation_equals_local_and_is_warm_the_second_time(ray_local, pool, sub):
     local = evaluate_to_files(sub, OPTIONS, ["cell_type"], False, True)
     first = evaluate_in_pool("pooltest", sub, OPTIONS, ["cell_type"], False, True)
     second = evaluate_in_pool("pooltest", sub, OPTIONS, ["cell_type"], False, True)
@@ -61,11 +66,11 @@ def test_pooled_evaluation_equals_local_and_is_warm_the_second_time(ray_local, s
     assert any(k.startswith("nc_") for k in first["metrics"])
     assert set(first["files"]) == set(local["files"]) >= {"metrics.json", "per_cell.csv"}
     np.testing.assert_allclose(first["coords"], local["coords"], atol=1e-5)
-    assert ray_local.get(lease.size.remote()) == 1
+    assert ray_local.get(pool.size.remote()) == 1
 
 
-def test_an_evaluator_that_dies_is_released_and_the_trial_falls_back(ray_local, sub):
-    lease = ray_local.get_actor(LEASE_NAME.format(sweep="pooltest"))
+def test_an_evaluator_that_dies_is_released_and_the_trial_falls_back(ray_local, pool, sub):
+    lease = ray_local.get_actor(LEASE_NAME.format(sweep="pooltest"))  # found by name
     i, actor = ray_local.get(lease.acquire.remote())
     ray_local.get(lease.release.remote(i))
     ray_local.kill(actor, no_restart=True)
