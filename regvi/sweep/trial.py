@@ -7,8 +7,9 @@ Data flow of a trial::
     TorchTrainer(train_worker) ──────▶ read the .h5ad by path, build RegVI, restore checkpoint
                                        Lightning + RayDDPStrategy, sharded minibatches
     TuneReportCallback ◀────────────── ray.train.report(epoch metrics, checkpoint) every epoch
-      → ASHA / Optuna see each epoch   rank 0 after training: evaluation on the fixed
-                                       subsample, final model + plots in the last checkpoint
+      → ASHA / Optuna see each epoch   rank 0 after training: latent of the fixed
+                                       subsample → a warm evaluator of the sweep (or here),
+                                       final model + plots in the last checkpoint
     raise TrialDiverged on NaN ◀────── reason written to <train run>/DIVERGED (not retried)
 
 The Train V2 pattern is used: no ``Tuner(trainer)``, no ``ray.train.report`` inside Tune.
