@@ -304,6 +304,7 @@ def _run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from regvi.sweep.cleanup import LeakedPlacementGroupReaper
     from regvi.sweep.durable import TuneStateSnapshot, atomic_filesystem
     from regvi.sweep.space import grid
     from regvi.sweep.trial import run_trial
@@ -413,7 +414,7 @@ def _run_sweep(
                 name=cfg.name,
                 storage_path=str(cfg.storage_path),
                 storage_filesystem=fs,
-                callbacks=[callback, TuneStateSnapshot(sweep_dir)],
+                callbacks=[callback, TuneStateSnapshot(sweep_dir), LeakedPlacementGroupReaper()],
                 verbose=verbose,
                 progress_reporter=_reporter(cfg),
                 # a trial whose driver died with its node is retried; Train restores its latest
