@@ -13,6 +13,12 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 export RAY_maximum_gcs_destroyed_actor_cached_count=${RAY_maximum_gcs_destroyed_actor_cached_count:-50}
 export RAY_maximum_gcs_dead_worker_cached_count=${RAY_maximum_gcs_dead_worker_cached_count:-50}
 export RAY_task_events_max_num_task_in_gcs=${RAY_task_events_max_num_task_in_gcs:-2000}
+# `ray start` refuses to start with token auth and no token: make one on first use (it is kept
+# in ~/.ray/auth_token, mode 600, and never printed).
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ] \
+  && [ ! -s "$HOME/.ray/auth_token" ]; then
+  ray get-auth-token --generate >/dev/null
+fi
 PORT=${1:-6380}
 CPUS=${2:-1}
 ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus="$CPUS" \

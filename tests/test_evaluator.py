@@ -78,3 +78,13 @@ def test_an_evaluator_that_dies_is_released_and_the_trial_falls_back(ray_local, 
     # the lease was given back: the next trial is not left waiting
     got = ray_local.get(lease.acquire.remote(5.0))
     assert got is not None and got[0] == i
+
+
+def test_a_lost_lease_falls_back_and_the_lease_lives_on_the_drivers_node(ray_local, sub):
+    """The lease is placed on the driver's node; if it is lost anyway (its node died: the CI
+    failure of a 2-node sweep), a trial evaluates in its own worker instead of failing."""
+    lease = start_pool("lostlease", 1)
+    here = ray_local.get_runtime_context().get_node_id()
+    assert ray_local.get(lease.node_id.remote()) == here
+    ray_local.kill(lease, no_restart=True)
+    assert evaluate_in_pool("lostlease", sub, OPTIONS, ["cell_type"], False, False) is None

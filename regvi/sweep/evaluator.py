@@ -21,9 +21,11 @@ Data flow::
 
 The evaluators reserve no CPU: while one evaluates, the trial that asked waits, so the trial's
 own CPU is what it computes with. Actors are owned by the sweep driver (they end with it) and
-found by name. When none is reachable (a trial run outside ``python -m regvi.sweep``,
-``evaluation.pool: false``, an evaluator that died), the trial evaluates in its own worker, as
-before; the metrics are the same.
+found by name. The lease actor is pinned to the driver's node (it lives and dies with the
+sweep); the evaluators may run anywhere and are restarted elsewhere when their node dies. When
+the pool is unreachable for any reason (a trial run outside ``python -m regvi.sweep``,
+``evaluation.pool: false``, an evaluator or the lease lost with its node), the trial evaluates
+in its own worker, as before; the metrics are the same. A pool failure never fails a trial.
 """
 
 from __future__ import annotations
@@ -112,17 +114,28 @@ class EvaluatorLease:
     def size(self) -> int:
         return len(self.evaluators)
 
+    def node_id(self) -> str:
+        """The Ray node this lease runs on (the driver's, see :func:`start_pool`)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 def start_pool(sweep: str, size: int) -> Any:
     """Start ``size`` evaluators and their lease actor for sweep ``sweep`` (from the driver).
 
     Returns the lease actor's handle; keep it (and so the actors) alive for the sweep."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     evaluator = ray.remote(num_cpus=0, max_restarts=1, max_task_retries=0)(Evaluator)
+    # the lease on the driver's node: losing another node must not take the pool with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     lease = ray.remote(num_cpus=0, max_restarts=0)(EvaluatorLease)
     actors = [evaluator.remote() for _ in range(max(1, size))]
-    return lease.options(name=LEASE_NAME.format(sweep=sweep), get_if_exists=True).remote(actors)
+    return lease.options(
+        name=LEASE_NAME.format(sweep=sweep), get_if_exists=True, scheduling_strategy=here
+    ).remote(actors)
 
 
 def evaluate_in_pool(
@@ -138,15 +151,24 @@ def evaluate_in_pool(
         lease = ray.get_actor(LEASE_NAME.format(sweep=sweep))
     except ValueError:
         return None
-    got = ray.get(lease.acquire.remote())
+    try:
+        got = ray.get(lease.acquire.remote())
+    except ray.exceptions.RayError as err:  # the lease is gone (its node died)
+        logger.warning("evaluator pool unreachable (%s): evaluating in the trial", err)
+        return None
     if got is None:
         logger.warning("no free evaluator after %.0f s: evaluating in the trial", ACQUIRE_TIMEOUT_S)
         return None
     i, actor = got
     try:
         return ray.get(actor.run.remote(sub, options, keys, umap, coords))
-    except ray.exceptions.RayActorError as err:  # the evaluator died (OOM, node lost)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+        # the evaluator died (OOM, node lost); an error raised by the evaluation itself is
+        # the trial's error and propagates
         logger.warning("evaluator %d failed (%s): evaluating in the trial", i, err)
         return None
     finally:
-        lease.release.remote(i)
+        try:
+            lease.release.remote(i)
+        except ray.exceptions.RayError:
+            pass
