@@ -45,10 +45,17 @@ def _csr(n=50, g=30, density=0.2, seed=0):
 def test_gather_csr_rows_equals_scipy_rows(device):
     X = _csr()
     dev = DeviceCSR(X, device)
-    assert dev.nbytes == 8 * (X.shape[0] + 1) + 12 * X.nnz
+    assert dev.nbytes == 8 * (X.shape[0] + 1) + 8 * X.nnz  # int64 indptr, int32 indices
     for idx in (np.array([3, 7, 0, 49, 3]), np.arange(50)[::-1], np.array([7]), np.array([], int)):
         got = dev.rows(torch.as_tensor(idx.copy(), device=device)).cpu().numpy()
         np.testing.assert_array_equal(got, X[idx].toarray())
+        # with the entry count from the host row pointers (no device sync): the same rows
+        total = dev.n_entries(idx)
+        assert total == X[idx].nnz
+        hint = gather_csr_rows(
+            dev.indptr, dev.indices, dev.data, torch.as_tensor(idx.copy(), device=device), 30, total
+        )
+        np.testing.assert_array_equal(hint[0].cpu().numpy(), X[idx].toarray())
     # all-empty selection
     got, flat, values = gather_csr_rows(dev.indptr, dev.indices, dev.data, torch.tensor([7, 7]), 30)
     assert got.shape == (2, 30) and float(got.abs().sum()) == 0.0 and len(flat) == len(values) == 0

@@ -6,8 +6,9 @@ the bottleneck of a small model. :class:`DeviceCountBatches` uploads ``indptr``,
 (:func:`gather_csr_rows`), so a training step moves only the minibatch's row indices to the
 device. The same code runs on CPU (tests; ``device="cpu"``).
 
-:func:`resolve_data_on_device` decides ``"auto"``: on a GPU, when the matrix plus a working
-margin fits in a share of the free device memory; never for memory-mapped (out-of-core) data.
+:func:`resolve_data_on_device` decides ``"auto"``: on a GPU, when the matrix fits in a share of
+the memory this process may use (the device's free memory, or a fractional-GPU trial's cap);
+never for memory-mapped data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from regvi.data.loader import CountBatches, MultiCountBatches
 
-#: ``data_on_device="auto"`` uses at most this share of the device's free memory for the counts
+#: ``data_on_device="auto"`` uses at most this share of the process's device budget for the counts
 DEVICE_MEMORY_SHARE = 0.5
 
 
@@ -40,8 +41,11 @@ class DeviceCSR:
         csr = X if sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array) else sp.csr_matrix(X)
         self.shape = tuple(int(s) for s in csr.shape)
         self.device = torch.device(device)
-        self.indptr = torch.as_tensor(np.asarray(csr.indptr, dtype=np.int64), device=self.device)
-        self.indices = torch.as_tensor(np.asarray(csr.indices, dtype=np.int64), device=self.device)
+        # host copy of the row pointers: a batch's entry count is known without a device sync
+        self.host_indptr = np.asarray(csr.indptr, dtype=np.int64)
+        self.indptr = torch.as_tensor(self.host_indptr, device=self.device)
+        # column indices fit int32 (n_features < 2**31): 8 device bytes per non-zero, not 12
+        self.indices = torch.as_tensor(np.asarray(csr.indices, dtype=np.int32), device=self.device)
         self.data = torch.as_tensor(np.asarray(csr.data, dtype=np.float32), device=self.device)
 
     @property
@@ -49,15 +53,20 @@ class DeviceCSR:
         """Device bytes held by the three arrays."""
         return sum(t.numel() * t.element_size() for t in (self.indptr, self.indices, self.data))
 
+    def n_entries(self, idx: np.ndarray) -> int:
+        """Stored entries of rows ``idx`` (host arithmetic: no wait for the device)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return int((self.host_indptr[idx + 1] - self.host_indptr[idx]).sum())
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense float32 rows ``X[idx]`` (in the order of ``idx``), built on the device."""
         return gather_csr_rows(self.indptr, self.indices, self.data, idx, self.shape[1])[0]
 
     def rows_with_entries(
-        self, idx: torch.Tensor
+        self, idx: torch.Tensor, total: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dense rows plus their stored entries (flat positions, values); see gather_csr_rows."""
-        return gather_csr_rows(self.indptr, self.indices, self.data, idx, self.shape[1])
+        return gather_csr_rows(self.indptr, self.indices, self.data, idx, self.shape[1], total)
 
 
 def gather_csr_rows(
@@ -66,12 +75,15 @@ def gather_csr_rows(
     data: torch.Tensor,
     idx: torch.Tensor,
     n_cols: int,
+    total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense ``(len(idx), n_cols)`` rows of a CSR matrix, vectorised (no Python loop).
 
     Row ``i`` of the result is matrix row ``idx[i]``: for every stored entry of the selected
     rows, its source position is ``indptr[idx[i]] + k`` and its destination ``i · n_cols +
-    indices[...]``; one scatter writes them all.
+    indices[...]``; one scatter writes them all. ``total``, the number of stored entries of
+    the selected rows, sizes the outputs; given (from host row pointers), the gather runs
+    without waiting for the device, otherwise it is read back from the device.
 
     Returns
     -------
@@ -81,7 +93,8 @@ def gather_csr_rows(
     starts = indptr.index_select(0, idx)
     lengths = indptr.index_select(0, idx + 1) - starts
     out = torch.zeros(len(idx) * n_cols, dtype=data.dtype, device=data.device)
-    total = int(lengths.sum())
+    if total is None:
+        total = int(lengths.sum())  # a device → host sync
     if total == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=data.device)
         return out.view(len(idx), n_cols), empty, data[:0]
@@ -116,9 +129,11 @@ class DeviceCountBatches(CountBatches):
         return self.csr.shape[0]
 
     def __getitem__(self, idx: Any) -> dict[str, torch.Tensor]:
-        tidx = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-        tidx = tidx.to(self.device, non_blocking=True)
-        x, flat, values = self.csr.rows_with_entries(tidx)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        hidx = np.ascontiguousarray(idx, dtype=np.int64)
+        tidx = torch.from_numpy(hidx).to(self.device, non_blocking=True)
+        x, flat, values = self.csr.rows_with_entries(tidx, self.csr.n_entries(hidx))
         batch = {"x": x, "index": tidx, "x_nonzero": flat, "x_values": values}
         for k, v in self.covariates.items():
             batch[k] = v.index_select(0, tidx)
@@ -140,13 +155,13 @@ def to_device(
 
 
 def device_bytes_needed(data: CountBatches | MultiCountBatches) -> int:
-    """Bytes :func:`to_device` would allocate (int64 indptr / indices, float32 values)."""
+    """Bytes :func:`to_device` would allocate (int64 indptr, int32 indices, float32 values)."""
     parts = data.parts.values() if isinstance(data, MultiCountBatches) else [data]
     total = 0
     for p in parts:
         X = p.X
         nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
-        total += 8 * (X.shape[0] + 1) + 12 * nnz
+        total += 8 * (X.shape[0] + 1) + 8 * nnz
         total += sum(v.numel() * v.element_size() for v in p.covariates.values())
     return total
 
@@ -163,7 +178,8 @@ def resolve_data_on_device(
     ----------
     setting
         ``True``, ``False`` or ``"auto"`` (on a CUDA device when the counts take at most
-        :data:`DEVICE_MEMORY_SHARE` of its free memory; never for memory-mapped data).
+        :data:`DEVICE_MEMORY_SHARE` of what this process may allocate there,
+        :func:`device_memory_budget`; never for memory-mapped data).
     data
         The host minibatch view.
     device
@@ -177,8 +193,24 @@ def resolve_data_on_device(
         return bool(setting)
     if device.type != "cuda" or memory_mapped:
         return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return device_bytes_needed(data) <= DEVICE_MEMORY_SHARE * free
+    return device_bytes_needed(data) <= DEVICE_MEMORY_SHARE * device_memory_budget(device)
+
+
+#: the per-process caps set by :func:`limit_gpu_memory`, by device index
+_GPU_FRACTION: dict[int, float] = {}
+
+
+def device_memory_budget(device: torch.device) -> int:
+    """Bytes this process may still allocate on CUDA ``device``: the device's free memory, or
+    less under this process's cap (:func:`limit_gpu_memory`, a fractional-GPU trial's share)
+    minus what its caching allocator already holds."""
+    free, total = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = _GPU_FRACTION.get(index)
+    if fraction is None:
+        return int(free)
+    capped = int(fraction * total) - torch.cuda.memory_reserved(device)
+    return max(0, min(int(free), capped))
 
 
 #: Lightning precision settings regvi supports (``"32"`` / ``"bf16"`` / ``"16"`` are aliases)
@@ -242,4 +274,5 @@ def limit_gpu_memory(fraction: float, device: torch.device | None = None) -> flo
         return None
     dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    _GPU_FRACTION[dev.index if dev.index is not None else torch.cuda.current_device()] = fraction
     return fraction
