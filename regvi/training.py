@@ -47,6 +47,7 @@ class TrainSettings:
     n_epochs_kl_warmup: int | None = 50
     scale_lr_with_batch_size: bool = False
     batch_size: int = 128
+    compile: bool = False
 
     def effective_lr(self) -> float:
         """lr, or lr · B / 128 when scaling with batch size."""
@@ -114,6 +115,7 @@ class TrainingPlan(pl.LightningModule):
         self.epoch_offset = 0
         #: optimizer ``state_dict`` to resume from (a restarted sweep worker)
         self.optimizer_state: dict[str, Any] | None = None
+        self._compiled_loss: Callable[..., dict[str, torch.Tensor]] | None = None
 
     @property
     def kl_weight(self) -> float:
@@ -146,9 +148,25 @@ class TrainingPlan(pl.LightningModule):
         self._train_acc = _EpochAccumulator()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.module.loss(batch, self.n_obs_train, kl_weight=self.kl_weight)
+        if self.settings.compile:
+            out = self._compiled_step(batch)
+        else:
+            out = self.module.loss(batch, self.n_obs_train, kl_weight=self.kl_weight)
         self._train_acc.add(out, batch["index"].shape[0])
         return out["loss"]
+
+    def _compiled_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The training loss through ``torch.compile`` (``train(compile=True)``).
+
+        A GPU step of this model is bound by launching ~400 small kernels, not by the GPU
+        (``benchmarks/bench_gpu_profile.py``); compiling fuses the element-wise work. Shapes
+        are dynamic (batch rows and stored entries vary) and the KL weight is passed as a
+        tensor, so neither a new batch nor a warmup epoch triggers a recompile.
+        """
+        if self._compiled_loss is None:
+            self._compiled_loss = torch.compile(self.module.loss, dynamic=True)
+        kl = torch.tensor(self.kl_weight, dtype=torch.float32, device=self.device)
+        return self._compiled_loss(batch, self.n_obs_train, kl_weight=kl)
 
     def on_validation_epoch_start(self) -> None:
         self._val_acc = _EpochAccumulator()

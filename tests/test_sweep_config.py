@@ -71,6 +71,8 @@ def test_relative_data_path_resolves_against_config_folder(tmp_path):
         (lambda c: c["search"].update(n_latent={"type": "int", "low": 1.5, "high": 4}), "integer"),
         (lambda c: c["training"].update(max_epochs="ten"), r"training\.max_epochs"),
         (lambda c: c["training"].update(max_epochs=-1), "positive"),
+        (lambda c: c["training"].update(compile="yes"), r"training\.compile: 'yes'; expected true"),
+        (lambda c: c["training"].update(early_stopping=1), r"training\.early_stopping: 1"),
         (lambda c: c.update(resources={"workers": 0}), r"resources\.workers"),
         (lambda c: c.update(resources={"gpus_per_worker": 1.5}), "gpus_per_worker"),
         (

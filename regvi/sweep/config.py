@@ -56,6 +56,14 @@ def _train_args() -> set[str]:
     return params - {"epoch_callback", "progress_bar", "accelerator", "devices", "seed"}
 
 
+def _bool_train_args() -> set[str]:
+    """train() arguments that are switches (bool defaults: early_stopping, compile, ...)."""
+    from regvi.model import RegVI
+
+    params = inspect.signature(RegVI.train).parameters
+    return {n for n, p in params.items() if isinstance(p.default, bool)}
+
+
 def _check_device_settings(training: dict[str, Any], gpus: float) -> None:
     """training.precision / training.data_on_device against the trial's resources."""
     from regvi.data.device import PRECISIONS
@@ -363,6 +371,10 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
     for k in ("max_epochs", "batch_size", "patience"):
         if k in training:
             _number(training[k], f"training.{k}", positive=True, integer=True)
+    switches = _bool_train_args()
+    for k, v in training.items():
+        if k in switches and not isinstance(v, bool):
+            raise ConfigError(f"training.{k}: {v!r}; expected true or false")
     # search
     search = _require_mapping(raw.get("search"), "search")
     params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
