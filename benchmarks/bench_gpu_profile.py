@@ -62,23 +62,29 @@ def _timed(fn, n: int, device: torch.device) -> float:
     return (time.perf_counter() - t) / n
 
 
+def _train(adata, arch, batch: int, device: torch.device, epochs: int, compile: bool):
+    """A model trained through ``model.train`` (counts on the device); returns it, its
+    history and the median s per training step after the first epoch."""
+    model = regvi.RegVI(adata, library_key="library", n_hidden=arch[0], n_latent=arch[1])
+    hist = model.train(
+        max_epochs=epochs,
+        batch_size=batch,
+        early_stopping=False,
+        progress_bar=False,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        data_on_device=True,
+        validation_fraction=0.05,
+        compile=compile,
+    )
+    steps = int(np.ceil(len(model.train_indices) / batch))
+    return model, hist, float(np.median(hist["epoch_time_s"].to_numpy()[1:])) / steps
+
+
 def profile_case(adata, arch: tuple[int, int], batch: int, device: torch.device, n: int) -> dict:
     """Lightning vs bare step times, parts of the bare step, GPU busy share, compiled step."""
     hidden, latent = arch
     row: dict[str, Any] = {"batch": batch, "n_hidden": hidden, "n_latent": latent}
-    model = regvi.RegVI(adata, library_key="library", n_hidden=hidden, n_latent=latent)
-    acc = "gpu" if device.type == "cuda" else "cpu"
-    hist = model.train(
-        max_epochs=3,
-        batch_size=batch,
-        early_stopping=False,
-        progress_bar=False,
-        accelerator=acc,
-        data_on_device=True,
-        validation_fraction=0.05,
-    )
-    steps = int(np.ceil(len(model.train_indices) / batch))
-    row["lightning_s_per_step"] = float(np.median(hist["epoch_time_s"].to_numpy()[1:])) / steps
+    model, _, row["lightning_s_per_step"] = _train(adata, arch, batch, device, 3, False)
     module = model.module.to(device).train()
     data = to_device(model._dataset(), device)
     n_obs = len(model.train_indices)
@@ -142,26 +148,13 @@ def train_compile_case(adata, arch: tuple[int, int], batch: int, device: torch.d
     the first epoch (which holds the compilation), and the validation ELBO reached."""
     hidden, latent = arch
     row: dict[str, Any] = {"batch": batch, "n_hidden": hidden, "n_latent": latent}
-    acc = "gpu" if device.type == "cuda" else "cpu"
     for flag in (False, True):
         torch.manual_seed(0)
-        model = regvi.RegVI(adata, library_key="library", n_hidden=hidden, n_latent=latent)
         t = time.perf_counter()
-        hist = model.train(
-            max_epochs=5,
-            batch_size=batch,
-            early_stopping=False,
-            progress_bar=False,
-            accelerator=acc,
-            data_on_device=True,
-            validation_fraction=0.05,
-            compile=flag,
-        )
-        steps = int(np.ceil(len(model.train_indices) / batch))
+        _, hist, per_step = _train(adata, arch, batch, device, 5, flag)
         key = "compiled" if flag else "eager"
-        epochs = hist["epoch_time_s"].to_numpy()
-        row[f"{key}_s_per_step"] = float(np.median(epochs[1:])) / steps
-        row[f"{key}_first_epoch_s"] = float(epochs[0])
+        row[f"{key}_s_per_step"] = per_step
+        row[f"{key}_first_epoch_s"] = float(hist["epoch_time_s"].iloc[0])
         row[f"{key}_wall_s"] = time.perf_counter() - t
         row[f"{key}_validation_elbo"] = float(hist["validation_elbo"].iloc[-1])
     row["speedup"] = row["eager_s_per_step"] / row["compiled_s_per_step"]
