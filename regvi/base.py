@@ -286,7 +286,7 @@ class BaseModel:
             the priors are computed in float32.
         compile
             Run the training loss through ``torch.compile`` (dynamic shapes). On a GPU this
-            model's step is bound by kernel launches, and compiling made a step 1.4–2.1×
+            model's step is bound by kernel launches, and compiling made a step 1.5–2.2×
             faster on an H200 (``benchmarks/bench_gpu_profile.py``); the first step pays the
             compilation (15–70 s). Needs a C++ compiler on CPU and Triton on GPU.
         progress_bar

@@ -116,6 +116,8 @@ class TrainingPlan(pl.LightningModule):
         #: optimizer ``state_dict`` to resume from (a restarted sweep worker)
         self.optimizer_state: dict[str, Any] | None = None
         self._compiled_loss: Callable[..., dict[str, torch.Tensor]] | None = None
+        #: (KL weight, the same as a device tensor): made once per warmup value, not per step
+        self._kl_tensor: tuple[float, torch.Tensor] | None = None
 
     @property
     def kl_weight(self) -> float:
@@ -165,8 +167,10 @@ class TrainingPlan(pl.LightningModule):
         """
         if self._compiled_loss is None:
             self._compiled_loss = torch.compile(self.module.loss, dynamic=True)
-        kl = torch.tensor(self.kl_weight, dtype=torch.float32, device=self.device)
-        return self._compiled_loss(batch, self.n_obs_train, kl_weight=kl)
+        kl = self.kl_weight
+        if self._kl_tensor is None or self._kl_tensor[0] != kl:
+            self._kl_tensor = (kl, torch.tensor(kl, dtype=torch.float32, device=self.device))
+        return self._compiled_loss(batch, self.n_obs_train, kl_weight=self._kl_tensor[1])
 
     def on_validation_epoch_start(self) -> None:
         self._val_acc = _EpochAccumulator()

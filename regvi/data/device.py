@@ -200,13 +200,17 @@ def resolve_data_on_device(
 _GPU_FRACTION: dict[int, float] = {}
 
 
+def _cuda_index(device: torch.device) -> int:
+    """``device``'s CUDA index (``cuda`` alone means the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_memory_budget(device: torch.device) -> int:
     """Bytes this process may still allocate on CUDA ``device``: the device's free memory, or
     less under this process's cap (:func:`limit_gpu_memory`, a fractional-GPU trial's share)
     minus what its caching allocator already holds."""
     free, total = torch.cuda.mem_get_info(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    fraction = _GPU_FRACTION.get(index)
+    fraction = _GPU_FRACTION.get(_cuda_index(device))
     if fraction is None:
         return int(free)
     capped = int(fraction * total) - torch.cuda.memory_reserved(device)
@@ -274,5 +278,5 @@ def limit_gpu_memory(fraction: float, device: torch.device | None = None) -> flo
         return None
     dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_per_process_memory_fraction(fraction, dev)
-    _GPU_FRACTION[dev.index if dev.index is not None else torch.cuda.current_device()] = fraction
+    _GPU_FRACTION[_cuda_index(dev)] = fraction
     return fraction
