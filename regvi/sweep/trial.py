@@ -305,8 +305,22 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
     return metrics
 
 
+def counts_layer(data_cfg: dict[str, Any]) -> str | None:
+    """The layer the model reads the evaluated modality's counts from (``None``: ``X``).
+
+    ``data.layer`` is one name, or for multimodal data one name or a dict modality → layer
+    (as :class:`regvi.RegMultiVI` takes it)."""
+    layer = data_cfg.get("layer")
+    if isinstance(layer, dict):
+        return layer.get(counts_modality(data_cfg))
+    return layer
+
+
 def _lowcount(model, adata, sub, idx, cfg, label_key, plots: Path) -> dict[str, float]:
-    """Low-count robustness: thinned counts of the subsample re-encoded by the model."""
+    """Low-count robustness: thinned counts of the subsample re-encoded by the model.
+
+    The thinned counts replace the counts the model reads: ``layers[data.layer]`` when the
+    sweep sets a layer, else ``X`` (multimodal: the evaluated modality's layer)."""
     import pandas as pd
 
     from evaluation.evaluate import counts_matrix
@@ -314,10 +328,14 @@ def _lowcount(model, adata, sub, idx, cfg, label_key, plots: Path) -> dict[str, 
 
     data = cfg["data"]
     multimodal = isinstance(adata, dict)
+    layer = counts_layer(data) if multimodal else data.get("layer")
 
     def encode(X):
         thinned = sub.copy()
-        thinned.X = X
+        if layer is None:
+            thinned.X = X
+        else:
+            thinned.layers[layer] = X
         if multimodal:  # thin the evaluated modality only; the others as observed
             name = counts_modality(data)
             other = {m: a[idx].copy() for m, a in adata.items() if m != name}
@@ -327,9 +345,7 @@ def _lowcount(model, adata, sub, idx, cfg, label_key, plots: Path) -> dict[str, 
     t = time.perf_counter()
     labels = sub.obs[label_key].astype(str).to_numpy() if label_key else None
     emb = np.asarray(sub.obsm["X_regvi"], dtype=np.float32)
-    found = low_count_robustness(
-        encode, counts_matrix(sub, data.get("layer")), emb, labels, seed=cfg["seed"]
-    )
+    found = low_count_robustness(encode, counts_matrix(sub, layer), emb, labels, seed=cfg["seed"])
     found = {k: float(v) for k, v in found.items() if v is not None and math.isfinite(float(v))}
     found["eval_seconds_lowcount"] = time.perf_counter() - t
     # the metric tables written by the evaluation include them too
