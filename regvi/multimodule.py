@@ -209,6 +209,30 @@ class RegMultiVIModule(nn.Module):
             out[m] = mod.decoder(dec_in, mod.decoder_cats(view.get("nn_conditioning"), z.dtype))
         return out
 
+    def decoder_means(
+        self, z: torch.Tensor, batch: dict[str, Any], library: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """NB mean mu_m(z) = exp(l_m) · (rho_m(z) + s_m) · y_m of every modality (spec §2, §6).
+
+        The same mu as the likelihood uses (:meth:`RegVIModule.generative` with theta at its
+        posterior mean): library ``library[m]`` ``(B, 1)`` (usually the posterior mean of m's
+        library encoder), ambient s_m and feature scaling y_m of the cell's categories, the
+        covariate switches of ``disabled_covariates`` applied. Since s_m and y_m do not depend
+        on z, ∂mu_m / ∂z = exp(l_m) · y_m · ∂rho_m / ∂z.
+        """
+        return {
+            m: self.mods[m].generative(
+                z, library[m], self.modality_batch(batch, m), sample_theta=False
+            )["mu"]
+            for m in self.modalities
+        }
+
+    def posterior_library(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Posterior-mean log library l_m ``(B, 1)`` of every modality (no gradient)."""
+        with torch.no_grad():
+            inf = self.inference(batch, sample=False)
+        return {m: inf["modalities"][m]["library"].detach() for m in self.modalities}
+
     # ------------------------------------------------------------------ loss
     def loss(
         self,

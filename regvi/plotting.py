@@ -91,7 +91,8 @@ def plot_attribution(
             rasterized=True,
         )
         fig.colorbar(sc_, ax=ax, label=f"log2 ||J_{mods[0]}|| / ||J_{mods[1]}||")
-        ax.set_title(f"attribution: {mods[0]} (red) vs {mods[1]} (blue)")
+        target = getattr(attribution, "target", "rho")
+        ax.set_title(f"attribution of {target}: {mods[0]} (red) vs {mods[1]} (blue)")
     else:
         blocks = np.stack([per_cell[f"jacobian_{m}"] for m in mods], axis=1)
         lead = blocks.argmax(1)

@@ -187,6 +187,8 @@ def test_three_modalities(paired):
     attr = model.get_modality_attribution(batch_size=100)
     assert {"jacobian_atac", "jacobian_protein", "jacobian_rna"} <= set(attr.per_cell)
     assert "log2_ratio" not in attr.per_cell
+    assert {f"{m}_decoder_total_attr" for m in model.modalities} <= set(attr.per_cell)
+    assert not any(c.startswith("log2_") for c in attr.upstream_obs().columns)
     s = attr.summary()
     share = sum(s[f"attribution_share_led_{m}"] for m in model.modalities)
     assert share == pytest.approx(1.0)
@@ -204,10 +206,11 @@ def test_jacobian_attribution_matches_full_jacobian_and_finite_differences(paire
         for k, v in batch.items()
     }
     z = torch.randn(16, 5, dtype=torch.float64)
-    res = modality_attribution(module, z, batch)
+    res = modality_attribution(module, z, batch, target="rho")
+    assert res["target"] == "rho"
     g_atac = 120
     for cell in (0, 7, 15):
-        J = full_jacobian(module, z, batch, cell)  # (120 + 40, 5)
+        J = full_jacobian(module, z, batch, cell, target="rho")  # (120 + 40, 5)
         assert J.shape == (160, 5)
         blocks = {"atac": slice(0, 3), "rna": slice(3, 5)}
         rows = {"atac": slice(0, g_atac), "rna": slice(g_atac, 160)}
@@ -229,6 +232,183 @@ def test_jacobian_attribution_matches_full_jacobian_and_finite_differences(paire
         np.testing.assert_allclose(((fp - fm) / (2 * h)).numpy(), J[:, j].numpy(), atol=1e-6)
 
 
+def _to_double(batch):
+    """Floating tensors of a (nested) minibatch in float64."""
+    return {
+        k: _to_double(v)
+        if isinstance(v, dict)
+        else (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in batch.items()
+    }
+
+
+def _mu_setup(paired, n=16):
+    """float64 module with per-cell feature scaling (ATAC) and ambient (RNA) made non-trivial."""
+    model = regvi.RegMultiVI(
+        paired,
+        library_key="library",
+        feature_scaling_covariate_keys="library",
+        n_hidden=16,
+        n_latent={"atac": 3, "rna": 2},
+    )
+    module = model.module.double().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in module.mods.values():
+            for p in [*mod.feature_scaling_raw, *mod.ambient_log]:
+                p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    batch = _to_double(_first_batch(model, n))
+    z = torch.randn(n, 5, dtype=torch.float64, generator=gen)
+    library = {
+        m: 2.0 + torch.randn(n, 1, dtype=torch.float64, generator=gen) for m in ("atac", "rna")
+    }
+    return model, module, batch, z, library
+
+
+def _mu_by_hand(module, z, batch, library):
+    """mu_d = exp(l_d) · (rho_d + s_d) · y_d from the module's own pieces (spec §2)."""
+    rho = module.decoder_rates(z, batch)
+    out = []
+    for m in module.modalities:
+        mod, view = module.mods[m], module.modality_batch(batch, m)
+        s = mod.ambient_rate(view.get("ambient"))
+        y = mod.feature_scaling(view.get("feature_scaling"))
+        rate = rho[m] + (0.0 if s is None else s)
+        out.append(torch.exp(library[m]) * rate * (1.0 if y is None else y))
+    return torch.cat(out, -1)
+
+
+def test_mu_attribution_matches_jacrev_finite_differences_and_scaled_rho(paired):
+    _, module, batch, z, library = _mu_setup(paired)
+    # per-cell feature scaling and ambient really vary here
+    assert batch["feature_scaling"].shape[1] == 1
+    assert module.mods["atac"].feature_scaling(batch["feature_scaling"]).shape == (16, 120)
+    # decoder_means is the likelihood's mu (generative at the posterior mean) ...
+    inf = module.inference(batch, sample=False)
+    gen = module.generative(inf["qz_mean"], inf, batch, sample_theta=False)
+    lib_post = module.posterior_library(batch)
+    mu = module.decoder_means(inf["qz_mean"], batch, lib_post)
+    for m in module.modalities:
+        torch.testing.assert_close(mu[m], gen[m]["mu"])
+    # ... and equals exp(l) · (rho + s) · y built by hand
+    torch.testing.assert_close(
+        torch.cat(list(module.decoder_means(z, batch, library).values()), -1),
+        _mu_by_hand(module, z, batch, library),
+    )
+    res = modality_attribution(module, z, batch, target="mu", library=library)
+    rho_res = modality_attribution(module, z, batch, target="rho")
+    assert res["target"] == "mu"
+    blocks = {"atac": slice(0, 3), "rna": slice(3, 5)}
+    rows = {"atac": slice(0, 120), "rna": slice(120, 160)}
+    for cell in (0, 9, 15):
+        # reference: reverse-mode Jacobian of the hand-built mu of this one cell
+        def f(z_row, cell=cell):
+            zz = z.clone()
+            zz = torch.cat([zz[:cell], z_row[None], zz[cell + 1 :]])
+            return _mu_by_hand(module, zz, batch, library)[cell]
+
+        J = torch.func.jacrev(f)(z[cell].clone()).detach()
+        assert J.shape == (160, 5)
+        torch.testing.assert_close(full_jacobian(module, z, batch, cell, "mu", library), J)
+        J_rho = full_jacobian(module, z, batch, cell, target="rho")
+        for d, dec in enumerate(["atac", "rna"]):
+            # ∂mu/∂z = exp(l) · y · ∂rho/∂z (the ambient does not depend on z)
+            mod, view = module.mods[dec], module.modality_batch(batch, dec)
+            y = mod.feature_scaling(view.get("feature_scaling"))
+            y = torch.ones(1) if y is None else y[min(cell, y.shape[0] - 1)]
+            scale = torch.exp(library[dec][cell]) * y
+            torch.testing.assert_close(J[rows[dec]], scale[:, None] * J_rho[rows[dec]])
+            for b, blk in enumerate(["atac", "rna"]):
+                Jdb = J[rows[dec], blocks[blk]]
+                assert res["block_sq"][cell, d, b] == pytest.approx(float((Jdb**2).sum()), rel=1e-8)
+                ref_l1 = float(Jdb.abs().mean(0).sum())
+                assert res["block_l1"][cell, d, b] == pytest.approx(ref_l1, rel=1e-8)
+            np.testing.assert_allclose(
+                res["per_dim"][dec][cell], J[rows[dec]].abs().mean(0).numpy(), rtol=1e-8
+            )
+        # central finite differences of every latent column of mu
+        h = 1e-6
+        for j in range(5):
+            zp, zm = z.clone(), z.clone()
+            zp[cell, j] += h
+            zm[cell, j] -= h
+            with torch.no_grad():
+                fp = torch.cat(list(module.decoder_means(zp, batch, library).values()), -1)[cell]
+                fm = torch.cat(list(module.decoder_means(zm, batch, library).values()), -1)[cell]
+            fd = ((fp - fm) / (2 * h)).numpy()
+            np.testing.assert_allclose(fd, J[:, j].numpy(), rtol=1e-5, atol=1e-6 * np.abs(fd).max())
+    # without per-cell feature scaling (RNA), mu scores are exp(l)-scaled rho scores
+    e2 = np.exp(2 * library["rna"][:, 0].numpy())
+    np.testing.assert_allclose(res["block_sq"][:, 1, :], e2[:, None] * rho_res["block_sq"][:, 1, :])
+    np.testing.assert_allclose(
+        res["per_dim"]["rna"], np.sqrt(e2)[:, None] * rho_res["per_dim"]["rna"], rtol=1e-10
+    )
+    # default library: the posterior mean of each library encoder
+    dflt = modality_attribution(module, z, batch)
+    expl = modality_attribution(module, z, batch, "mu", lib_post)
+    np.testing.assert_array_equal(dflt["block_sq"], expl["block_sq"])
+    with pytest.raises(ValueError, match="target"):
+        modality_attribution(module, z, batch, target="px_rate")
+
+
+def test_attribution_per_decoder_totals_and_upstream_log2(paired):
+    model, module, batch, z, library = _mu_setup(paired, n=24)
+    parts, start = [], 0
+    for sub in make_loader(model._dataset(), np.arange(24), 10, shuffle=False):  # 10, 10, 4
+        s = slice(start, start + sub["index"].shape[0])
+        start = s.stop
+        lib = {m: v[s] for m, v in library.items()}
+        parts.append(modality_attribution(module, z[s], _to_double(sub), "mu", lib))
+    whole = modality_attribution(module, z, batch, "mu", library)
+    attr = regvi.attribution.ModalityAttribution.concatenate(parts, module.modalities)
+    assert attr.target == "mu"
+    pc, mods = attr.per_cell, ["atac", "rna"]
+    sl = {"atac": slice(0, 3), "rna": slice(3, 5)}
+    for dec in mods:
+        A = whole["per_dim"][dec]  # (n, D) mean_g |∂mu_{d,g}/∂z_j|
+        np.testing.assert_allclose(attr.per_dim[dec], A, rtol=1e-12)
+        # upstream: total = attr.sum(axis=1) over ALL latent dims; own = the decoder's block
+        np.testing.assert_allclose(pc[f"{dec}_decoder_total_attr"], A.sum(1), rtol=1e-10)
+        np.testing.assert_allclose(pc[f"{dec}_decoder_own_attr"], A[:, sl[dec]].sum(1), rtol=1e-10)
+        for blk in mods:
+            np.testing.assert_allclose(pc[f"attr_{dec}_{blk}"], A[:, sl[blk]].sum(1), rtol=1e-10)
+        np.testing.assert_allclose(
+            pc[f"{dec}_decoder_total_attr"], pc[f"attr_{dec}_atac"] + pc[f"attr_{dec}_rna"]
+        )
+    for blk in mods:  # block totals summed over decoders
+        np.testing.assert_allclose(
+            pc[f"attr_{blk}"], pc[f"attr_atac_{blk}"] + pc[f"attr_rna_{blk}"], rtol=1e-12
+        )
+        np.testing.assert_allclose(
+            pc[f"jacobian_{blk}"] ** 2,
+            pc[f"jacobian_atac_{blk}"] ** 2 + pc[f"jacobian_rna_{blk}"] ** 2,
+        )
+    # upstream regularizedvi store_attribution_results:
+    # log2(total_attrs[mod0] / (total_attrs[mod1] + 1e-10)), mod0 < mod1 alphabetically
+    total = {m: whole["per_dim"][m].sum(axis=1) for m in mods}
+    ref = np.log2(total["atac"] / (total["rna"] + 1e-10))
+    np.testing.assert_allclose(pc["log2_atac_vs_rna_attr"], ref, rtol=1e-10)
+    up = attr.upstream_obs(suffix="_x")
+    assert list(up.columns) == [
+        "atac_decoder_total_attr_x",
+        "atac_decoder_own_attr_x",
+        "rna_decoder_total_attr_x",
+        "rna_decoder_own_attr_x",
+        "log2_atac_vs_rna_attr_x",
+    ]
+    np.testing.assert_allclose(up["log2_atac_vs_rna_attr_x"], ref, rtol=1e-10)
+    s = attr.summary()
+    assert all(isinstance(v, float) for v in s.values())
+    assert s["attribution_target_mu"] == 1.0
+    assert s["attribution_log2_atac_vs_rna_attr_median"] == pytest.approx(np.median(ref))
+    assert s["attribution_log2_atac_vs_rna_attr_mean"] == pytest.approx(np.mean(ref))
+    assert s["attribution_rna_decoder_total_attr_median"] == pytest.approx(np.median(total["rna"]))
+    with pytest.raises(ValueError, match="targets"):
+        regvi.attribution.ModalityAttribution.concatenate(
+            [parts[0], {**parts[1], "target": "rho"}], mods
+        )
+
+
 def test_attribution_api_summary_and_plot(mm_trained, tmp_path):
     model, _ = mm_trained
     attr = model.get_modality_attribution(batch_size=128)
@@ -243,6 +423,24 @@ def test_attribution_api_summary_and_plot(mm_trained, tmp_path):
     assert attr.per_dim["rna"].shape == (300, 7) and (attr.per_dim["rna"] >= 0).all()
     s = attr.summary()
     assert s["attribution_share_led_atac"] + s["attribution_share_led_rna"] == pytest.approx(1)
+    # default target: the NB mean mu; "rho" on request, recorded in the result and summary
+    assert attr.target == "mu" and s["attribution_target_mu"] == 1.0
+    assert {"attribution_median_atac", "attribution_log2_ratio_median"} <= set(s)
+    assert "attribution_log2_atac_vs_rna_attr_median" in s
+    rho = model.get_modality_attribution(batch_size=128, target="rho")
+    assert rho.target == "rho" and rho.summary()["attribution_target_mu"] == 0.0
+    # RNA has no feature scaling: mean|∂mu/∂z_j| = exp(l) · mean|∂rho/∂z_j| for every j
+    ratio = attr.per_dim["rna"] / rho.per_dim["rna"]
+    np.testing.assert_allclose(ratio, ratio[:, :1].repeat(7, 1), rtol=1e-4)
+    lib = np.concatenate(
+        [
+            model.module.posterior_library(b)["rna"].numpy()
+            for b in make_loader(model._dataset(), np.arange(300), 128, shuffle=False)
+        ]
+    )
+    np.testing.assert_allclose(ratio[:, 0], np.exp(lib[:, 0]), rtol=1e-4)
+    with pytest.raises(ValueError, match="target"):
+        model.get_modality_attribution(target="lambda")
     # memory-bounded: batch size does not change the result
     small = model.get_modality_attribution(batch_size=37)
     np.testing.assert_allclose(small.per_cell.to_numpy(), pc.to_numpy(), rtol=1e-5)
