@@ -62,8 +62,14 @@ def check_inputs(
     dataset_key: str | None,
     technical_keys: Sequence[str],
     markers: str | Path | Sequence[str] | None,
+    neighbourhood: bool = True,
 ) -> None:
-    """Refuse bad input before any work: names the missing key / file and what exists."""
+    """Refuse bad input before any work: names the missing key / file and what exists.
+
+    With ``neighbourhood``, a curated marker file or gene list must have at least
+    :data:`~evaluation.markers.MIN_MARKERS` genes in ``adata.var_names`` (else ``ValueError``
+    naming the source and how many of how many genes were found), and ``markers="data"`` needs
+    ``label_key``: the ``nc_*`` metrics are never silently left out."""
     if embedding_key not in adata.obsm:
         raise KeyError(f"embedding {embedding_key!r} not in adata.obsm (have {list(adata.obsm)})")
     emb = np.asarray(adata.obsm[embedding_key])
@@ -87,6 +93,15 @@ def check_inputs(
             raise ValueError(f"{role} {key!r} has {n_nan} missing values")
     if isinstance(markers, str | Path) and str(markers) != "data" and not Path(markers).is_file():
         raise FileNotFoundError(f"marker file {markers} does not exist")
+    if not neighbourhood or markers is None:
+        return
+    if isinstance(markers, str) and markers == "data":
+        if label_key is None:
+            raise ValueError("markers='data' (data-driven markers) needs label_key")
+        return
+    from evaluation.markers import present_marker_genes
+
+    present_marker_genes(markers, [str(v) for v in adata.var_names])
 
 
 def evaluate(
@@ -124,7 +139,10 @@ def evaluate(
         Layer with raw counts (default ``X``).
     markers
         Curated marker CSV path, a list of gene names, ``"data"`` (data-driven from
-        ``label_key``) or ``None`` (data-driven when labels exist, else skipped).
+        ``label_key``) or ``None`` (data-driven when labels exist, else skipped and recorded in
+        ``info["neighbourhood_skipped"]``). With ``neighbourhood``, fewer than 2 marker genes in
+        the data is a ``ValueError`` raised before the kNN graph is built (a curated file or
+        list: before any work).
     n_subsample
         Evaluation subsample size (label × library strata, seeded); ``None`` = all cells.
     seed
@@ -140,7 +158,16 @@ def evaluate(
         Parallel jobs for scib-metrics.
     """
     technical_keys = list(technical_keys)
-    check_inputs(adata, embedding_key, library_key, label_key, dataset_key, technical_keys, markers)
+    check_inputs(
+        adata,
+        embedding_key,
+        library_key,
+        label_key,
+        dataset_key,
+        technical_keys,
+        markers,
+        neighbourhood,
+    )
     timings: dict[str, float] = {}
     t = time.perf_counter()
     strata = [k for k in (label_key, library_key) if k is not None]
@@ -150,6 +177,7 @@ def evaluate(
     counts = counts_matrix(adata, layer)[idx]
     library = obs[library_key].astype(str).to_numpy()
     labels = obs[label_key].astype(str).to_numpy() if label_key else None
+    genes = _marker_genes(adata, counts, labels, label_key, markers) if neighbourhood else None
     nb = compute_neighbours(emb, k=90, seed=seed)
     timings["knn"] = time.perf_counter() - t
     metrics: dict[str, float] = {"eval_n_cells": float(len(idx))}
@@ -174,7 +202,7 @@ def evaluate(
     if neighbourhood:
         t = time.perf_counter()
         nc = _neighbourhood(
-            adata, idx, counts, obs, nb, library, labels, dataset_key, technical_keys, markers, seed
+            adata, counts, obs, nb, library, genes, dataset_key, technical_keys, seed
         )
         if nc is not None:
             result, n_markers = nc
@@ -198,28 +226,37 @@ def evaluate(
     return Evaluation(metrics, per_cell, tables, info, emb)
 
 
-def _neighbourhood(
-    adata, idx, counts, obs, nb, library, labels, dataset_key, technical_keys, markers, seed
-):
-    from evaluation.markers import data_driven_markers, load_marker_csv
-    from evaluation.neighbourhood import neighbourhood_metrics
+def _marker_genes(adata, counts, labels, label_key, markers) -> list[str] | None:
+    """Marker genes of the neighbourhood metrics (``None``: no markers and no labels, skipped).
+
+    Raises ``ValueError`` when fewer than :data:`~evaluation.markers.MIN_MARKERS` are found."""
+    from evaluation.markers import data_driven_markers, present_marker_genes, require_markers
 
     var_names = [str(v) for v in adata.var_names]
     if markers is None and labels is None:
         return None
     if markers is None or (isinstance(markers, str) and markers == "data"):
         if labels is None:
-            raise ValueError("markers='data' needs label_key")
-        genes = data_driven_markers(counts, var_names, labels)
-    elif isinstance(markers, str | Path):
-        genes = load_marker_csv(markers, var_names)
-    else:
-        present = set(var_names)
-        genes = [g for g in markers if g in present]
-    if len(genes) < 2:
+            raise ValueError("markers='data' (data-driven markers) needs label_key")
+        return require_markers(
+            data_driven_markers(counts, var_names, labels),
+            None,
+            f"data-driven markers from label_key {label_key!r} ({len(set(labels))} labels, "
+            f"{len(labels)} subsampled cells; genes with a cluster mean > 1 count per 10k and "
+            "specificity > 0.1)",
+            hint="check that the counts are raw, or give a curated marker list (markers=CSV path "
+            "or gene names), or neighbourhood=False",
+        )
+    return present_marker_genes(markers, var_names)
+
+
+def _neighbourhood(adata, counts, obs, nb, library, genes, dataset_key, technical_keys, seed):
+    from evaluation.markers import marker_indices
+    from evaluation.neighbourhood import neighbourhood_metrics
+
+    if genes is None:
         return None
-    pos = {g: i for i, g in enumerate(var_names)}
-    marker_idx = np.array([pos[g] for g in genes])
+    marker_idx = marker_indices(genes, [str(v) for v in adata.var_names])
     dataset = obs[dataset_key].astype(str).to_numpy() if dataset_key else None
     technical = {k: obs[k].astype(str).to_numpy() for k in technical_keys} or None
     result = neighbourhood_metrics(

@@ -9,6 +9,12 @@ Two sources, usable together:
   are kept and the ``top_n`` most specific per cluster are returned.
 
 :func:`marker_indices` turns gene names into the column indices the metrics take.
+
+The metrics need at least ``MIN_MARKERS`` = 2 marker genes in the data (a Pearson correlation
+over fewer genes is undefined). :func:`present_marker_genes` (a curated CSV or gene list) and
+:func:`require_markers` (any resolved set, e.g. a data-driven one) refuse fewer with a
+``ValueError`` that names the source, how many of how many genes were found and what the data's
+gene names look like -- so that a run never silently goes without its ``nc_*`` metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 MARKER_COLUMNS = ("gene", "cell_type", "lineage", "category")
+MIN_MARKERS = 2  # marker genes needed for a per-cell Pearson correlation
 TARGET_SUM = 1e4  # counts per 10k: the scale on which ``min_mean`` is expressed
 
 
@@ -59,6 +66,40 @@ def normalise_total(counts, target_sum: float = 1.0) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(scale) @ X)
 
 
+def read_marker_csv(path: str | Path) -> list[str]:
+    """All marker genes a curated CSV names, whether in the data or not.
+
+    Parameters
+    ----------
+    path
+        CSV with (at least) the columns ``gene, cell_type, lineage, category``.
+
+    Returns
+    -------
+    list of str
+        Unique, stripped, non-empty gene names in file order.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be parsed or lacks a required column (the message names both).
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable marker CSV ({err})") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in MARKER_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: marker CSV needs columns {list(MARKER_COLUMNS)}; missing {missing} "
+            f"(found {list(table.columns)})"
+        )
+    genes = table["gene"].dropna().str.strip()
+    return list(dict.fromkeys(g for g in genes if g))
+
+
 def load_marker_csv(path: str | Path, var_names: Sequence[str]) -> list[str]:
     """Curated marker genes present in ``var_names``.
 
@@ -79,21 +120,109 @@ def load_marker_csv(path: str | Path, var_names: Sequence[str]) -> list[str]:
     ValueError
         If the file cannot be parsed or lacks a required column (the message names both).
     """
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, dtype=str, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable marker CSV ({err})") from err
-    table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in MARKER_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(
-            f"{path}: marker CSV needs columns {list(MARKER_COLUMNS)}; missing {missing} "
-            f"(found {list(table.columns)})"
-        )
-    genes = table["gene"].dropna().str.strip()
     present = set(map(str, var_names))
-    return list(dict.fromkeys(g for g in genes if g and g in present))
+    return [g for g in read_marker_csv(path) if g in present]
+
+
+def require_markers(
+    found: Sequence[str],
+    n_requested: int | None,
+    source: str,
+    var_names: Sequence[str] = (),
+    not_found: Sequence[str] = (),
+    hint: str = "",
+    min_markers: int = MIN_MARKERS,
+) -> list[str]:
+    """``found`` if it has at least ``min_markers`` genes, else a ``ValueError`` that says why.
+
+    Parameters
+    ----------
+    found
+        Marker genes present in the data.
+    n_requested
+        How many genes the source named (``None`` where that is not a count, e.g. data-driven).
+    source
+        What the genes came from, for the message (``"marker file /x.csv"``, ...).
+    var_names
+        The data's gene names (a few are quoted in the message, to show a naming mismatch).
+    not_found
+        Requested genes absent from the data (a few are quoted).
+    hint
+        Extra advice appended to the message.
+    min_markers
+        Minimum number of genes.
+
+    Returns
+    -------
+    list of str
+        ``found`` as a list.
+
+    Raises
+    ------
+    ValueError
+        Fewer than ``min_markers`` genes found.
+    """
+    found = list(found)
+    if len(found) >= min_markers:
+        return found
+    of = f" of {n_requested}" if n_requested is not None else ""
+    msg = (
+        f"{source}: {len(found)}{of} marker genes found in the data {found}; the neighbourhood "
+        f"metrics (nc_*) need at least {min_markers}"
+    )
+    if len(not_found):
+        msg += f". Not found, e.g. {list(not_found)[:5]}"
+    if len(var_names):
+        msg += f"; the data's var_names look like {[str(v) for v in list(var_names)[:5]]}"
+    fix = hint or "give marker genes named as in var_names, or neighbourhood=False"
+    raise ValueError(f"{msg}. Fix: {fix}")
+
+
+def present_marker_genes(
+    markers: str | Path | Sequence[str],
+    var_names: Sequence[str],
+    min_markers: int = MIN_MARKERS,
+) -> list[str]:
+    """Genes of a curated marker CSV or a gene list that are in ``var_names`` (≥ ``min_markers``).
+
+    Parameters
+    ----------
+    markers
+        Path of a curated marker CSV (see :func:`read_marker_csv`) or a list of gene names.
+    var_names
+        ``(n_genes,)`` gene names of the count matrix.
+    min_markers
+        Minimum number of genes found.
+
+    Returns
+    -------
+    list of str
+        Unique marker genes found in ``var_names``, in the source's order.
+
+    Raises
+    ------
+    ValueError
+        Unreadable CSV, or fewer than ``min_markers`` genes found: the message names the file (or
+        the list), how many of how many genes were found, some missing ones and some var_names.
+    """
+    if isinstance(markers, str | Path):
+        requested = read_marker_csv(markers)
+        source = f"marker file {markers}"
+    else:
+        requested = list(dict.fromkeys(map(str, markers)))
+        source = f"marker list {requested[:5]}{' ...' if len(requested) > 5 else ''}"
+    present = set(map(str, var_names))
+    found = [g for g in requested if g in present]
+    return require_markers(
+        found,
+        len(requested),
+        source,
+        var_names,
+        [g for g in requested if g not in present],
+        hint="use gene names as in var_names (symbols vs Ensembl IDs?), markers='data' "
+        "(data-driven from label_key), or neighbourhood=False",
+        min_markers=min_markers,
+    )
 
 
 def data_driven_markers(

@@ -5,17 +5,24 @@ Failure mode of a cell at one level (``library``: cross mask ``cross_library``, 
 ``w`` = ``corr_avg_same_library``, ``c`` = ``corr_avg`` of the cross mask and ``n_c`` its
 neighbour count, checked in this order:
 
-1. missing (``NaN``): the cell's marker profile is constant, or no other cell is in its cross
-   population (e.g. its library is alone in its dataset) -- the level says nothing about it;
+1. missing (``NaN``): no other cell is in its cross population (e.g. its library is alone in
+   its dataset) -- the level does not apply to it (plots label it ``n/a``);
 2. ``"orphan"``: ``n_c == 0`` -- no neighbour from another library / dataset (not integrated);
-3. ``"noisy"``: the cell has same-library neighbours but ``w < HIGH_CORR`` (or ``w`` undefined) --
+   judged from the graph alone, so also for cells without marker signal;
+3. ``"no_marker_signal"``: the cell's marker profile is constant -- in practice no marker counts
+   at all (all markers equal is the rare other case) -- so no correlation with it is defined and
+   the rules below cannot judge it. A property of the data, not of the embedding: its share
+   (``frac_no_marker_signal_<level>``, and ``frac_no_marker_signal`` over all cells in
+   :func:`evaluation.neighbourhood.neighbourhood_metrics`) says how much of the data the
+   correlation-based modes leave unjudged;
+4. ``"noisy"``: the cell has same-library neighbours but ``w < HIGH_CORR`` (or ``w`` undefined) --
    even its own-library neighbourhood does not share its markers, so its cross-batch placement
    cannot be judged (low-quality cell or locally unstructured embedding);
-4. ``"ideal"``: ``c >= max(HIGH_CORR, chance)`` -- mixed across batches with cells that express
+5. ``"ideal"``: ``c >= max(HIGH_CORR, chance)`` -- mixed across batches with cells that express
    the same markers;
-5. ``"false_merge"``: ``c <= chance`` (or ``c`` undefined) -- its cross-batch neighbours are no
+6. ``"false_merge"``: ``c <= chance`` (or ``c`` undefined) -- its cross-batch neighbours are no
    more similar to it than random cells: merged with a different population (over-correction);
-6. ``"merged"``: in between (``chance < c < max(HIGH_CORR, chance)``) -- mixed with cross-batch
+7. ``"merged"``: in between (``chance < c < max(HIGH_CORR, chance)``) -- mixed with cross-batch
    cells that share its markers only partly (e.g. related subtypes merged).
 
 ``chance`` is the median ``corr_avg`` of the same mask on the degree-matched random graph (mean
@@ -29,7 +36,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-FAILURE_MODES = ("orphan", "ideal", "merged", "noisy", "false_merge")
+from evaluation.nc_baselines import isolation_ratio
+
+FAILURE_MODES = ("orphan", "ideal", "merged", "noisy", "false_merge", "no_marker_signal")
 HIGH_CORR = 0.5  # corr_avg at or above which a neighbourhood "expresses the same markers"
 CHANCE_CORR_FALLBACK = 0.0  # chance-level corr_avg when no random baseline is available
 
@@ -67,20 +76,22 @@ def failure_modes(
     Returns
     -------
     pandas.Categorical
-        ``(n_cells,)`` with categories ``FAILURE_MODES``; missing where not applicable.
+        ``(n_cells,)`` with categories ``FAILURE_MODES``; missing where the level does not apply
+        (empty cross population).
     """
     chance = CHANCE_CORR_FALLBACK if not np.isfinite(chance) else float(chance)
     ideal_at = max(high, chance)
-    applicable = np.asarray(profile_ok, bool) & (np.nan_to_num(population_cross) > 0)
+    applicable = np.nan_to_num(population_cross) > 0
     orphan = applicable & (np.asarray(n_cross) == 0)
-    rest = applicable & ~orphan
+    no_signal = applicable & ~orphan & ~np.asarray(profile_ok, bool)
+    rest = applicable & ~orphan & ~no_signal
     noisy = rest & (np.asarray(n_within) > 0) & ~(np.asarray(corr_within) >= high)
     judged = rest & ~noisy
     ideal = judged & (np.asarray(corr_cross) >= ideal_at)
     false_merge = judged & ~ideal & ~(np.asarray(corr_cross) > chance)
     merged = judged & ~ideal & ~false_merge
-    conditions = [orphan, noisy, ideal, false_merge, merged]
-    names = ["orphan", "noisy", "ideal", "false_merge", "merged"]
+    conditions = [orphan, no_signal, noisy, ideal, false_merge, merged]
+    names = ["orphan", "no_marker_signal", "noisy", "ideal", "false_merge", "merged"]
     values = np.select(conditions, names, default="")
     return pd.Categorical(np.where(values == "", None, values), categories=FAILURE_MODES)
 
@@ -112,6 +123,12 @@ def composite_scores(h: Mapping[str, float]) -> dict[str, float]:
     ``lib = 0.4 H3 + 0.3 (1 − clip(H5, 0, 2)) + 0.3 H11``; ``ds`` likewise with H7 / H9 / H12;
     ``batch = mean(lib, ds)``; ``total = 0.6 H1 + 0.4 batch``. ``NaN`` components are skipped and
     the remaining weights renormalised.
+
+    H5 / H9 are the isolation ratios ``o / (e + τ)`` of eq. ISO
+    (:mod:`evaluation.nc_baselines`), so the isolation term ``1 − clip(H5, 0, 2)`` lies in
+    [−1, 1] (+1 = nobody isolated, 0 = as isolated as random / as ``τ``, −1 = twice that or
+    worse) and moves by at most ``1 / (n τ)`` when one of ``n`` cells becomes isolated: the
+    composite total by at most ``0.4 · 0.3 / (n τ)``.
 
     Parameters
     ----------
@@ -164,8 +181,11 @@ def stratified_summary(
     pandas.DataFrame
         One row per group: the group column(s), ``n_cells``, and per mask ``median_corr_avg_<m>``,
         ``median_r_mean_<m>``, ``mean_frac_<m>``, ``isolated_<m>`` (observed isolated fraction),
-        ``expected_isolated_<m>``, ``isolation_norm_<m>``; per failure-mode level
-        ``frac_<mode>_<level>`` (fraction of the cells with a defined mode).
+        ``expected_isolated_<m>``, ``isolation_norm_<m>`` (eq. ISO of
+        :mod:`evaluation.nc_baselines` on the group's cells); per failure-mode level
+        ``frac_<mode>_<level>`` (fraction of the cells with a defined mode); and
+        ``frac_no_marker_signal`` (fraction of all the group's cells without marker signal) when
+        ``per_cell`` has the boolean ``no_marker_signal`` column.
     """
     cols: dict[str, pd.Series] = {}
     for m in masks:
@@ -175,6 +195,8 @@ def stratified_summary(
         expected = per_cell[f"expected_isolated_{m}"]
         cols[f"isolated_{m}"] = (per_cell[f"n_{m}"] == 0).astype(float).where(expected.notna())
         cols[f"expected_isolated_{m}"] = expected
+    if "no_marker_signal" in per_cell:
+        cols["frac_no_marker_signal"] = per_cell["no_marker_signal"].astype(float)
     for col in per_cell.columns:
         if col.startswith("failure_mode_"):
             level = col.removeprefix("failure_mode_")
@@ -196,6 +218,7 @@ def stratified_summary(
         axis=1,
     )
     for m in masks:
-        exp = out[f"expected_isolated_{m}"]
-        out[f"isolation_norm_{m}"] = out[f"isolated_{m}"] / exp.where(exp > 0)
+        out[f"isolation_norm_{m}"] = isolation_ratio(
+            out[f"isolated_{m}"], out[f"expected_isolated_{m}"]
+        )
     return out.reset_index()

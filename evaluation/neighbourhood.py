@@ -13,7 +13,9 @@ neighbours in ``<m>``), ``r_mean_<m>``, ``r_median_<m>``, ``r_weighted_<m>`` (co
 weighted mean), ``r_std_<m>`` (ddof = 0) of the r to individual neighbours (neighbours with a
 constant profile skipped), ``n_<m>``, ``frac_<m>`` (= ``n_<m> / n_neighbours``),
 ``expected_isolated_<m>`` (``(1 − p)^k``, ``NaN`` where the population is empty); plus
-``n_neighbours`` and ``failure_mode_library`` / ``failure_mode_dataset`` (categorical).
+``n_neighbours``, ``no_marker_signal`` (bool: constant marker profile, in practice no marker
+counts, so every correlation of the cell is ``NaN``) and ``failure_mode_library`` /
+``failure_mode_dataset`` (categorical, see :mod:`evaluation.nc_summary`).
 
 Headline keys (``NeighbourhoodResult.headline``; always present, ``NaN`` when not applicable).
 "lib cross mask" = ``cross_library``, or ``between_libraries`` when no dataset key is given (all
@@ -24,7 +26,8 @@ cells are then one dataset):
 - ``H3_median_corr_cross_library``: median ``corr_avg`` of the lib cross mask (cells with ≥ 1 such
   neighbour)
 - ``H4_gap_cross_library`` = H1 − H3
-- ``H5_isolation_norm_cross_library``: observed / expected isolated fraction, lib cross mask
+- ``H5_isolation_norm_cross_library``: isolation ratio of the lib cross mask, observed isolated
+  fraction / (expected + ``τ``) (eq. ISO of :mod:`evaluation.nc_baselines`, ``τ`` = 0.01)
 - ``H7_median_corr_cross_dataset``, ``H8_gap_cross_dataset`` (= H1 − H7),
   ``H9_isolation_norm_cross_dataset``
 - ``H11_overlap_cross_library``, ``H12_overlap_cross_dataset``: overlap of the 50-bin histograms
@@ -37,7 +40,9 @@ cells are then one dataset):
 number on a degree-matched random graph (mean over ``n_random_repeats``). Per applicable mask
 there are also ``median_corr_avg_<m>``, ``median_r_mean_<m>``, ``isolated_<m>``,
 ``expected_isolated_<m>``, ``isolation_norm_<m>`` (and their ``random_`` versions), and per level
-``frac_<mode>_<level>``.
+``frac_<mode>_<level>`` (fraction of the level's applicable cells in each failure mode, including
+``no_marker_signal``). ``frac_no_marker_signal`` is the fraction of all cells without marker
+signal (defined whether or not any failure-mode level applies).
 """
 
 from __future__ import annotations
@@ -256,7 +261,9 @@ def neighbourhood_metrics(
     else:
         random_head = dict.fromkeys(HEADLINE_KEYS, np.nan)
 
-    profile_ok = np.isfinite(z[:, 0])
+    profile_ok = np.isfinite(z[:, 0])  # constant profiles are NaN rows
+    per_cell["no_marker_signal"] = ~profile_ok
+    headline["frac_no_marker_signal"] = float(np.mean(~profile_ok)) if n else np.nan
     for level, m in cross_masks(list(populations), has_dataset).items():
         if m is None or "same_library" not in populations:
             continue

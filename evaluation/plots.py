@@ -12,6 +12,28 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+#: Legend entry of missing obs values (e.g. a failure-mode level that does not apply).
+MISSING_LABEL = "n/a"
+
+
+def category_labels(values: pd.Series) -> pd.Categorical:
+    """Legend categories of an obs column: values as strings, missing ones as ``"n/a"``.
+
+    Parameters
+    ----------
+    values
+        ``(n_cells,)`` obs column (any dtype). For ``failure_mode_<level>`` columns a missing
+        value means the level does not apply to the cell (no cross population); cells without
+        marker signal have their own mode, ``"no_marker_signal"``.
+
+    Returns
+    -------
+    pandas.Categorical
+        ``(n_cells,)`` string categories, never ``"nan"`` for a missing value.
+    """
+    values = pd.Series(values).astype(object)
+    return pd.Categorical(values.where(values.notna(), MISSING_LABEL).astype(str))
+
 
 def plot_embedding(
     coords: np.ndarray,
@@ -20,12 +42,14 @@ def plot_embedding(
     path: str | Path,
     title: str = "UMAP",
 ) -> Path:
-    """Scatter of 2-d ``coords`` coloured by each obs key (categorical), one panel per key."""
+    """Scatter of 2-d ``coords`` coloured by each obs key (categorical), one panel per key.
+
+    Missing values are drawn as the category ``"n/a"`` (see :func:`category_labels`)."""
     path = Path(path)
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.6), squeeze=False)
     order = np.random.default_rng(0).permutation(len(coords))  # no category drawn on top
     for ax, key in zip(axes[0], keys, strict=True):
-        cats = pd.Categorical(obs[key].astype(str))
+        cats = category_labels(obs[key])
         cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
         colors = cmap(cats.codes[order] % cmap.N)
         ax.scatter(coords[order, 0], coords[order, 1], c=colors, s=2, linewidths=0, rasterized=True)

@@ -10,18 +10,32 @@ import pytest
 import scipy.sparse as sp
 
 import regvi
+from evaluation.evaluate import check_inputs, evaluate
 from evaluation.knn import compute_neighbours
-from evaluation.markers import data_driven_markers, load_marker_csv, marker_indices
+from evaluation.markers import (
+    data_driven_markers,
+    load_marker_csv,
+    marker_indices,
+    present_marker_genes,
+)
 from evaluation.nc_baselines import (
+    ISOLATION_TOLERANCE,
     degree_matched_random_graph,
     expected_isolation,
     histogram_overlap,
     isolation_norm,
+    isolation_ratio,
 )
 from evaluation.nc_correlation import neighbour_mean_correlation, rowwise_pearson
 from evaluation.nc_masks import cell_groups, edge_list, edge_masks, mask_populations
-from evaluation.nc_summary import composite_scores, failure_modes, weighted_nanmean
+from evaluation.nc_summary import (
+    FAILURE_MODES,
+    composite_scores,
+    failure_modes,
+    weighted_nanmean,
+)
 from evaluation.neighbourhood import HEADLINE_KEYS, neighbourhood_metrics
+from evaluation.plots import category_labels
 
 CURATED = Path(__file__).resolve().parents[2] / "shared/data/markers/immune_marker_genes.csv"
 
@@ -157,7 +171,11 @@ def test_constant_profiles_give_nan():
     assert np.isnan(pc.loc[0, "corr_avg_same_library"])
     # a constant neighbour in the weighted mean does not make it constant
     assert np.isfinite(pc.loc[0, "corr_avg_between_libraries"])
-    assert pc["failure_mode_library"].isna()[[1, 2]].all()
+    # no longer a silent NaN: labelled, flagged per cell and counted
+    assert (pc["failure_mode_library"][[1, 2]] == "no_marker_signal").all()
+    assert pc["no_marker_signal"].tolist() == [False, True, True, False, False]
+    assert res.headline["frac_no_marker_signal"] == pytest.approx(2 / 5)
+    assert res.headline["frac_no_marker_signal_library"] == pytest.approx(2 / 5)
     x = np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 3.0], [0.1, 0.1, 0.1], [0.0, 0.0, 0.0]])
     y = np.array([[1.0, 2.0, 3.0], [3.0, 3.0, 3.0], [1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
     assert np.isnan(rowwise_pearson(x, y)).all()
@@ -241,7 +259,7 @@ def test_isolation_expectation_by_hand():
     np.testing.assert_allclose(pc["expected_isolated_between_libraries"], (1 - p) ** k)
     observed, _, norm = isolation_norm(pc["n_between_libraries"].to_numpy(), ((1 - p) ** k), p * 4)
     assert observed == pytest.approx(np.mean(pc["n_between_libraries"] == 0))
-    assert norm == pytest.approx(observed / np.mean((1 - p) ** k))
+    assert norm == pytest.approx(observed / (np.mean((1 - p) ** k) + ISOLATION_TOLERANCE))
     assert res.headline["H5_isolation_norm_cross_library"] == pytest.approx(norm)
     assert np.isnan(isolation_norm(np.zeros(3), np.ones(3), np.zeros(3))[2])
 
@@ -303,8 +321,11 @@ def test_failure_modes_rules():
         "ideal",
         "false_merge",
     ]
-    ok[1] = False
-    assert pd.isna(failure_modes(within, n_within, cross, n_cross, pop, ok, chance=0.2)[1])
+    ok[[0, 1, 5]] = False  # constant marker profiles
+    modes = failure_modes(within, n_within, cross, n_cross, pop, ok, chance=0.2)
+    assert modes[0] == "orphan"  # judged from the graph alone
+    assert modes[1] == "no_marker_signal"  # was a silent NaN
+    assert pd.isna(modes[5])  # no cross population: the level does not apply
 
 
 def test_summaries(sim_graph):
@@ -360,3 +381,157 @@ def test_data_driven_markers():
     adata = regvi.simulate(n_cells=300, n_genes=60, n_cell_types=3, n_libraries=2, seed=1)
     genes = data_driven_markers(adata.X, adata.var_names, adata.obs["cell_type"], top_n=5)
     assert 5 <= len(genes) <= 15 and len(set(genes)) == len(genes)
+
+
+def _cut_cross_edges(conn, library: np.ndarray, cells: np.ndarray) -> sp.csr_matrix:
+    """``conn`` without the edges (both directions) joining ``cells`` to other libraries."""
+    coo = sp.coo_matrix(conn)
+    touch = np.isin(coo.row, cells) | np.isin(coo.col, cells)
+    keep = ~(touch & (library[coo.row] != library[coo.col]))
+    return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=conn.shape)
+
+
+def test_isolation_ratio_floors_the_expected_fraction():
+    """Eq. ISO: ``o / (e + τ)``; 0 when nobody is isolated, ``o / e`` where ``e ≫ τ``."""
+    assert isolation_ratio(0.0, 1e-15) == 0.0
+    assert isolation_ratio(0.0005, 1e-15) == pytest.approx(0.0005 / ISOLATION_TOLERANCE)
+    assert isolation_ratio(0.4, 0.4) == pytest.approx(0.4 / 0.41)
+    with pytest.raises(ValueError, match="tolerance"):
+        isolation_ratio(0.1, 0.1, tolerance=0.0)
+    # 1 isolated cell of 2000 whose expected isolation is ~1e-15: was 0.0005 / 1e-15 = 5e11
+    n_in_mask = np.full(2000, 30)
+    n_in_mask[0] = 0
+    observed, expected, norm = isolation_norm(n_in_mask, np.full(2000, 1e-15), np.full(2000, 999))
+    assert (observed, expected) == (pytest.approx(0.0005), pytest.approx(1e-15))
+    assert norm == pytest.approx(0.05)
+    # a population nobody can be isolated from (p = 1, e = 0) is no longer NaN
+    assert isolation_norm(np.array([3, 0]), np.zeros(2), np.ones(2))[2] == pytest.approx(50.0)
+
+
+def test_one_isolated_cell_moves_the_composite_a_little():
+    """Issue #13: with ``e ≈ 1e-15`` one isolated cell flipped the isolation term from +1 to −1
+    (``nc_composite_total`` −0.24 at 2000 cells); now it moves by ``≤ 0.4 · 0.3 / (n τ)``, while a
+    massively isolated library still drives the composite down."""
+    n = 2000
+    adata = regvi.simulate(n_cells=n, n_genes=100, n_cell_types=4, n_libraries=2, seed=0)
+    codes = adata.obs["cell_type"].cat.codes.to_numpy()
+    emb = 4.0 * np.eye(4)[codes] + np.random.default_rng(0).normal(size=(n, 4))
+    conn = sp.csr_matrix(compute_neighbours(emb, k=51).connectivities(50))
+    library = adata.obs["library"].astype(str).to_numpy()
+
+    def headline(graph) -> dict[str, float]:
+        res = neighbourhood_metrics(adata.X, graph, np.arange(100), library, n_random_repeats=0)
+        return res.headline
+
+    base = headline(conn)
+    one = headline(_cut_cross_edges(conn, library, np.array([0])))
+    many = headline(_cut_cross_edges(conn, library, np.flatnonzero(library == "lib_0")[: n // 6]))
+    assert base["isolated_between_libraries"] == 0.0
+    assert one["isolated_between_libraries"] == pytest.approx(1 / n)
+    assert one["expected_isolated_between_libraries"] < 1e-10  # common population, k ≈ 50
+    assert one["H5_isolation_norm_cross_library"] == pytest.approx(1 / n / ISOLATION_TOLERANCE)
+    step = base["composite_total"] - one["composite_total"]
+    assert 0 < step < 0.01  # was 0.24
+    assert step <= 0.4 * 0.3 / (n * ISOLATION_TOLERANCE) + 1e-3  # + the tiny H3 / H11 change
+    # a sixth of the cells isolated: the term hits its −1 floor, the composite drops as before
+    assert many["H5_isolation_norm_cross_library"] >= 2
+    assert base["composite_total"] - many["composite_total"] > 0.2
+    for h in (base, one, many):
+        term = 1 - np.clip(h["H5_isolation_norm_cross_library"], 0, 2)
+        assert -1 <= term <= 1
+
+
+def test_cells_without_marker_counts_are_a_labelled_failure_mode(sim_graph):
+    """Issue #13: cells with no marker counts were a silent NaN mode ("nan" in the UMAP legend)
+    left out of every ``frac_<mode>_<level>``; now they are ``no_marker_signal`` and counted."""
+    adata, conn, library, dataset, technical = sim_graph
+    counts = np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X, dtype=float)
+    markers = np.arange(20)
+    silent = np.arange(0, adata.n_obs, 10)  # 60 of 600 cells
+    counts[silent[:, None], markers] = 0.0
+    res = neighbourhood_metrics(
+        counts, conn, markers, library, dataset, technical, n_random_repeats=0
+    )
+    pc, h = res.per_cell, res.headline
+    flagged = np.flatnonzero(pc["no_marker_signal"].to_numpy())
+    assert set(silent) <= set(flagged)
+    share = flagged.size / adata.n_obs
+    assert h["frac_no_marker_signal"] == pytest.approx(share)
+    for level in ("library", "dataset"):
+        modes = pc[f"failure_mode_{level}"]
+        judged = modes.notna()
+        no_signal = (modes == "no_marker_signal") | (modes == "orphan")
+        assert no_signal[pc["no_marker_signal"] & judged].all()
+        assert h[f"frac_no_marker_signal_{level}"] == pytest.approx(
+            np.mean(modes[judged] == "no_marker_signal")
+        )
+        assert h[f"frac_no_marker_signal_{level}"] > 0.05
+        fracs = [h[f"frac_{m}_{level}"] for m in FAILURE_MODES]
+        assert sum(fracs) == pytest.approx(1.0)  # the no-signal cells are in the denominator
+    lib = res.summaries["library"]
+    per_lib = pd.Series(pc["no_marker_signal"].to_numpy()).groupby(library).mean()
+    np.testing.assert_allclose(lib.set_index("library")["frac_no_marker_signal"], per_lib)
+    # plots: a missing mode (level not applicable) is "n/a", never "nan"
+    labels = category_labels(pd.Series(pd.Categorical(["ideal", None], categories=FAILURE_MODES)))
+    assert list(labels.astype(str)) == ["ideal", "n/a"]
+
+
+@pytest.fixture(scope="module")
+def small_adata():
+    adata = regvi.simulate(n_cells=300, n_genes=60, n_cell_types=3, n_libraries=2, seed=1)
+    codes = adata.obs["cell_type"].cat.codes.to_numpy()
+    rng = np.random.default_rng(1)
+    adata.obsm["X_emb"] = (4.0 * np.eye(3)[codes] + rng.normal(size=(adata.n_obs, 3))).astype(
+        np.float32
+    )
+    return adata
+
+
+def test_evaluate_refuses_fewer_than_two_markers(small_adata, tmp_path):
+    """Issue #13: fewer than 2 markers in the data silently skipped every nc_* metric."""
+    a = small_adata
+    args = dict(embedding_key="X_emb", library_key="library", scib=False)
+    few = ["gene_1", "CD3E", "MS4A1"]
+    with pytest.raises(ValueError, match=r"marker list .*: 1 of 3 marker genes.*\['gene_1'\]"):
+        evaluate(a, markers=few, **args)
+    # refused by the input check itself, i.e. before any work
+    with pytest.raises(ValueError, match="1 of 3"):
+        check_inputs(a, "X_emb", "library", None, None, [], few)
+    if CURATED.is_file():  # gene symbols vs the data's names: the message shows both
+        n_curated = len(dict.fromkeys(pd.read_csv(CURATED)["gene"].dropna().str.strip()))
+        with pytest.raises(ValueError, match=rf"marker file {CURATED}: 0 of {n_curated} .*gene_0"):
+            evaluate(a, markers=CURATED, **args)
+    csv = tmp_path / "one.csv"
+    csv.write_text("gene,cell_type,lineage,category\ngene_3,T,L,x\nNOPE,B,L,x\n")
+    with pytest.raises(ValueError, match=r"one\.csv: 1 of 2 .*NOPE"):
+        evaluate(a, markers=str(csv), **args)
+    with pytest.raises(ValueError, match="needs label_key"):
+        check_inputs(a, "X_emb", "library", None, None, [], "data")
+    # not asked for: no error, no nc_* metrics
+    ev = evaluate(a, markers=few, neighbourhood=False, **args)
+    assert not any(k.startswith("nc_") for k in ev.metrics)
+    # enough markers: the metrics and the no-marker-signal share are there
+    ok = evaluate(a, markers=["gene_1", "gene_2", "NOPE", "gene_5"], **args)
+    assert ok.metrics["eval_n_markers"] == 3.0
+    assert np.isfinite(ok.metrics["nc_composite_total"])
+    assert 0 <= ok.metrics["nc_frac_no_marker_signal"] <= 1
+    assert present_marker_genes(["gene_1", "gene_2", "NOPE"], a.var_names) == ["gene_1", "gene_2"]
+
+
+def test_evaluate_refuses_an_empty_data_driven_marker_set(small_adata):
+    """Data-driven markers (``markers=None`` with labels, or ``"data"``) that come up short raise
+    too: here every cell has the same counts, so no gene is specific to any of 12 labels."""
+    a = small_adata[:240].copy()
+    a.X = sp.csr_matrix(np.tile(np.arange(1, 61, dtype=np.float32), (a.n_obs, 1)))
+    a.obs["flat"] = pd.Categorical([f"c{i % 12}" for i in range(a.n_obs)])
+    for markers in (None, "data"):
+        with pytest.raises(ValueError, match=r"data-driven markers from label_key 'flat'.*: 0 "):
+            evaluate(
+                a,
+                "X_emb",
+                "library",
+                label_key="flat",
+                markers=markers,
+                scib=False,
+                n_subsample=None,
+            )
