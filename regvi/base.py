@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from regvi.checks import check_bool, check_float, check_int, check_str
 from regvi.data import make_loader, train_validation_split
 from regvi.data.counts import iter_row_blocks, row_totals
 from regvi.data.device import (
@@ -71,11 +72,37 @@ class _GroupMeans:
         self.sums = np.zeros((n_groups, n_cols))
         self.counts = np.bincount(self.codes, minlength=n_groups)
 
-    def add(self, start: int, stop: int, block: Any) -> None:
-        self.sums += _group_sums(block, self.codes[start:stop], self.n_groups)
+    def add_rows(self, codes: np.ndarray, block: Any) -> None:
+        """Add the rows of ``block`` whose groups are ``codes``."""
+        self.sums += _group_sums(block, codes, self.n_groups)
 
     def result(self) -> np.ndarray:
         return self.sums / np.maximum(self.counts, 1)[:, None]
+
+
+def _library_stats(
+    log_lib: np.ndarray, codes: np.ndarray, use: np.ndarray, fallback: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group mean, variance and cell count of the log library over the cells in ``use``.
+
+    A group without cells in ``use`` (e.g. all its cells went to validation) takes its stats
+    from the cells in ``fallback`` (every cell with counts); a group without any cells takes the
+    mean of the other groups' means and variance 1.
+    """
+    means, variances = np.full(n_groups, np.nan), np.ones(n_groups)
+    n = np.zeros(n_groups, dtype=np.int64)
+    for p in range(n_groups):
+        for mask in (use, fallback):
+            vals = log_lib[(codes == p) & mask]
+            if len(vals):
+                means[p] = vals.mean()
+                variances[p] = vals.var() if len(vals) > 1 else 1.0
+                n[p] = int(((codes == p) & use).sum())
+                break
+    if np.isnan(means).all():
+        means[:] = 0.0
+    means[np.isnan(means)] = np.nanmean(means)
+    return means, variances, n
 
 
 def initialise_from_data(
@@ -85,6 +112,7 @@ def initialise_from_data(
     data_init: bool,
     dispersion_init: str,
     chunk_nnz: int | None = None,
+    cells: np.ndarray | None = None,
 ) -> None:
     """Library prior (always) and data-dependent init (spec §3) of one modality's module.
 
@@ -106,58 +134,73 @@ def initialise_from_data(
         ``"data"``: method-of-moments theta.
     chunk_nnz
         Stored values per row chunk.
+    cells
+        Boolean mask of the cells the statistics are taken from (``train()`` passes the
+        training cells, so nothing is learnt from validation cells); default all. Cells without
+        counts (a modality missing in a cell) never count.
     """
+    n_all = X.shape[0]
+    use = np.ones(n_all, dtype=bool) if cells is None else np.asarray(cells, dtype=bool)
+    if use.shape != (n_all,):
+        raise ValueError(f"cells mask has shape {use.shape}; expected ({n_all},)")
     totals = row_totals(X, chunk_nnz)
     nonzero = totals > 0
     log_lib = np.log(np.maximum(totals, 1.0))
     lib_codes = cov["library_size"][:, 0]
     n_lib = module.config.n_library_groups
-    means, variances = np.zeros(n_lib), np.ones(n_lib)
-    for p in range(n_lib):
-        vals = log_lib[(lib_codes == p) & nonzero]
-        if len(vals):
-            means[p] = vals.mean()
-            variances[p] = vals.var() if len(vals) > 1 else 1.0
+    means, variances, n_per_group = _library_stats(
+        log_lib, lib_codes, use & nonzero, nonzero, n_lib
+    )
     module.set_library_prior(
-        torch.tensor(means, dtype=torch.float32), torch.tensor(variances, dtype=torch.float32)
+        torch.tensor(means, dtype=torch.float32),
+        torch.tensor(variances, dtype=torch.float32),
+        torch.tensor(n_per_group),
     )
     if not (data_init or dispersion_init == "data"):
         return
+    use = use & nonzero
     offset = float(module.library_log_offset)
-    n_cells, n_genes = X.shape
-    col_sum = np.zeros(n_genes)  # CSR: sum of Xn / n (scipy's mean); dense: sum of Xn
-    ambient = []
+    n_cells, n_genes = int(use.sum()), X.shape[1]
+    if n_cells == 0:
+        return
+    col_sum = np.zeros(n_genes)
+    ambient: list[tuple[np.ndarray, _GroupMeans]] = []
     if module.config.use_ambient:
-        ambient = [
-            _GroupMeans(cov["ambient"][:, k], n, n_genes)
-            for k, n in enumerate(module.config.n_ambient_per_key)
-        ]
-    disp_mean = disp_sq = None
+        for k, n in enumerate(module.config.n_ambient_per_key):
+            codes = cov["ambient"][use, k]
+            ambient.append((cov["ambient"][:, k], _GroupMeans(codes, n, n_genes)))
+    disp: tuple[np.ndarray, _GroupMeans, _GroupMeans] | None = None
     if dispersion_init == "data":
         n_disp = module.log_theta_mean.shape[0]
-        codes = cov["dispersion"][:, 0] if n_disp > 1 else np.zeros(n_cells, dtype=np.int64)
-        disp_mean = _GroupMeans(codes, n_disp, n_genes)
-        disp_sq = _GroupMeans(codes, n_disp, n_genes)
+        codes = cov["dispersion"][:, 0] if n_disp > 1 else np.zeros(n_all, dtype=np.int64)
+        disp = (
+            codes,
+            _GroupMeans(codes[use], n_disp, n_genes),
+            _GroupMeans(codes[use], n_disp, n_genes),
+        )
     for start, stop, block in iter_row_blocks(X, chunk_nnz):
+        keep = use[start:stop]
+        if not keep.any():
+            continue
+        block = block if keep.all() else block[keep]
         _, Xn = _depth_normalised_stats(block, offset)
-        if sp.issparse(Xn):
-            col_sum += np.asarray((Xn * (1.0 / n_cells)).sum(axis=0)).ravel()
-        else:
-            col_sum += Xn.sum(axis=0)
-        for acc in ambient:
-            acc.add(start, stop, Xn)
-        if disp_mean is not None and disp_sq is not None:
-            disp_mean.add(start, stop, Xn)
-            disp_sq.add(start, stop, Xn.multiply(Xn) if sp.issparse(Xn) else Xn**2)
+        col_sum += np.asarray(Xn.sum(axis=0)).ravel()
+        for all_codes, acc in ambient:
+            acc.add_rows(all_codes[start:stop][keep], Xn)
+        if disp is not None:
+            all_codes, disp_mean, disp_sq = disp
+            sub = all_codes[start:stop][keep]
+            disp_mean.add_rows(sub, Xn)
+            disp_sq.add_rows(sub, Xn.multiply(Xn) if sp.issparse(Xn) else Xn**2)
         del Xn
-    mean_expr = col_sum if sp.issparse(X) else col_sum / n_cells
+    mean_expr = col_sum / n_cells
     ambient_means = None
     if module.config.use_ambient:
-        ambient_means = [torch.tensor(acc.result(), dtype=torch.float32) for acc in ambient]
+        ambient_means = [torch.tensor(acc.result(), dtype=torch.float32) for _, acc in ambient]
     theta = None
-    if disp_mean is not None and disp_sq is not None:
-        m = disp_mean.result()
-        v = disp_sq.result() - m**2
+    if disp is not None:
+        m = disp[1].result()
+        v = disp[2].result() - m**2
         excess = np.maximum(v - m, 1e-8)
         # 90% of the excess variance is biological (explained by z), 10% technical
         theta = torch.tensor(m**2 / (0.1 * excess), dtype=torch.float32)
@@ -165,6 +208,46 @@ def initialise_from_data(
         module.data_init(torch.tensor(mean_expr, dtype=torch.float32), ambient_means, theta)
     elif theta is not None:
         module.data_init(None, None, theta)  # dispersion only; keep default init
+
+
+def _check_train_options(args: Mapping[str, Any]) -> int:
+    """Type- and range-check :meth:`BaseModel.train` arguments before any work; return the seed.
+
+    A string where a bool or a number belongs (a YAML / CLI ``"False"``) is refused with the
+    argument named, never taken as truthy.
+    """
+    check_int("max_epochs", args["max_epochs"], 1)
+    check_int("batch_size", args["batch_size"], 1)
+    check_float("lr", args["lr"], positive=True)
+    check_float("weight_decay", args["weight_decay"], minimum=0.0)
+    check_float("eps", args["eps"], positive=True)
+    check_float("validation_fraction", args["validation_fraction"], 0.0, 1.0, below_maximum=True)
+    check_int("patience", args["patience"], 1)
+    check_float("min_delta_per_feature", args["min_delta_per_feature"], minimum=0.0)
+    check_int("n_epochs_kl_warmup", args["n_epochs_kl_warmup"], 0, allow_none=True)
+    for name in (
+        "scale_lr_with_batch_size",
+        "stratify_validation",
+        "early_stopping",
+        "stop_during_warmup",
+        "restore_best",
+        "compile",
+        "progress_bar",
+    ):
+        check_bool(name, args[name])
+    if args["data_on_device"] != "auto":
+        try:
+            check_bool("data_on_device", args["data_on_device"])
+        except TypeError:
+            raise TypeError(
+                f"data_on_device={args['data_on_device']!r}; expected True, False or 'auto'"
+            ) from None
+    check_str("accelerator", args["accelerator"])
+    if args["initialise"] is not None:
+        check_bool("initialise", args["initialise"])
+    self = args["self"]
+    seed = getattr(self, "seed", 0) if args["seed"] is None else args["seed"]
+    return int(check_int("seed", seed, 0))
 
 
 @contextlib.contextmanager
@@ -204,6 +287,43 @@ class BaseModel:
     def _dataset(self) -> Any:
         raise NotImplementedError
 
+    def _build_module(self) -> Any:
+        """A new module from ``self.config`` (weights drawn from torch's global RNG)."""
+        raise NotImplementedError
+
+    def _initialise_module(self, cells: np.ndarray | None) -> None:
+        """Library prior and data-dependent init of ``self.module`` from ``cells`` (mask)."""
+        raise NotImplementedError
+
+    def _batches(
+        self,
+        data: Any,
+        indices: np.ndarray | None,
+        batch_size: int,
+        category_fallback: Mapping[str, str] | None = None,
+    ) -> Any:
+        raise NotImplementedError
+
+    def _initialise(self, seed: int, cells: np.ndarray | None = None) -> None:
+        """Draw the weights from ``seed`` and initialise from the data in ``cells``.
+
+        The weights come from a generator seeded with ``seed`` (torch's global RNG is left as
+        it was), so two models built with the same seed are identical whatever ran before.
+        Called at construction (all cells) and by the first :meth:`train` of an untrained
+        model (its seed, its training cells): one seed sets weights, split, minibatch order
+        and sampling noise.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self._build_module()
+        module = getattr(self, "module", None)
+        if module is None:
+            self.module = fresh
+        else:  # same objects (a caller may hold a reference to the module)
+            module.load_state_dict(fresh.state_dict())
+        self._initialise_module(cells)
+        self.init_seed = seed
+
     def _validation_batch_size(self, batch_size: int) -> int:
         """Large validation batches (fewer steps), capped at ~4M dense entries per batch so wide
         data (e.g. 25k ATAC peaks) does not multiply peak memory."""
@@ -232,7 +352,7 @@ class BaseModel:
         stop_during_warmup: bool = False,
         restore_best: bool = False,
         n_epochs_kl_warmup: int | None = 50,
-        seed: int = 0,
+        seed: int | None = None,
         accelerator: str = "cpu",
         devices: int | str = 1,
         data_on_device: bool | str = "auto",
@@ -244,6 +364,7 @@ class BaseModel:
         shard: tuple[int, int] | None = None,
         early_stopping_state: Mapping[str, float] | None = None,
         optimizer_state: Mapping[str, Any] | None = None,
+        initialise: bool | None = None,
         **trainer_kwargs: Any,
     ) -> pd.DataFrame:
         """Train with Adam and (optionally) early stopping on the validation ELBO.
@@ -271,7 +392,11 @@ class BaseModel:
         n_epochs_kl_warmup
             Linear KL warmup length in epochs (``None``/0: no warmup).
         seed
-            Seed for the split, shuffling and initial weights' sampling noise.
+            One seed for everything random (default: the model's construction ``seed``): the
+            split, minibatch order, sampling noise and, on the first training of an untrained
+            model, the initial weights (redrawn from this seed) and the data-dependent
+            initialisation (recomputed from the training cells only). The same call with the
+            same seed gives the same model.
         accelerator, devices
             Passed to ``lightning.Trainer``.
         data_on_device
@@ -304,6 +429,10 @@ class BaseModel:
         optimizer_state
             An Adam ``state_dict()`` to continue from (moments and step counts), e.g. after a
             worker restart; see :func:`regvi.io.load_optimizer_state`.
+        initialise
+            Redraw the weights from ``seed`` and redo the data-dependent initialisation from the
+            training cells before training. ``None`` (default): only on the first training of
+            an untrained model; ``False``: train the weights as they are (e.g. set by hand).
         **trainer_kwargs
             Passed to ``lightning.Trainer`` (e.g. ``strategy``, ``plugins``, ``precision``).
 
@@ -315,11 +444,7 @@ class BaseModel:
         """
         import lightning.pytorch as pl
 
-        for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
-            if not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name}={value!r}; expected a positive integer")
-        if not lr > 0:
-            raise ValueError(f"lr={lr!r}; expected a positive number")
+        seed = _check_train_options(locals())
         device = training_device(accelerator)
         precision = check_precision(precision, device)
         n_cells = len(self._dataset())
@@ -333,6 +458,11 @@ class BaseModel:
             strata = pd.Series(["|".join(t) for t in zip(*parts, strict=True)]).to_numpy()
         train_idx, val_idx = train_validation_split(n_cells, validation_fraction, seed, strata)
         self.train_indices, self.validation_indices = train_idx, val_idx
+        if initialise or (initialise is None and not self.is_trained and not len(self.history)):
+            # first training: weights from this seed, data-dependent init from training cells
+            in_train = np.zeros(n_cells, dtype=bool)
+            in_train[train_idx] = True
+            self._initialise(seed, in_train)
         data = self._dataset()
         on_device = resolve_data_on_device(
             data_on_device, data, device, memory_mapped=dataset_is_memory_mapped(data)
@@ -363,7 +493,7 @@ class BaseModel:
             n_epochs_kl_warmup,
             scale_lr_with_batch_size,
             batch_size,
-            compile=bool(compile),
+            compile=compile,
         )
         plan = TrainingPlan(self.module, n_obs_train=len(train_idx), settings=settings)
         plan.epoch_offset = len(self.history)
@@ -415,6 +545,46 @@ class BaseModel:
         )
         self.is_trained = True
         return self.history
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def get_elbo(
+        self,
+        data: Any = None,
+        indices: np.ndarray | None = None,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> float:
+        """Negative ELBO per cell (reconstruction + KL_z + KL_l), as in validation.
+
+        z and l are sampled from q (one draw per cell, from ``seed``; torch's global RNG is
+        left as it was); theta is at its posterior mean exp(mu_theta), so the estimate carries
+        no dispersion-sampling noise.
+
+        Parameters
+        ----------
+        data
+            Data to score (default: the setup data); checked like
+            :meth:`get_latent_representation`'s.
+        indices
+            Cells to score (e.g. ``model.validation_indices``).
+        batch_size
+            Cells per batch.
+        seed
+            Seed of the z and l draws.
+        """
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
+        self.module.eval()
+        n_obs = len(self.train_indices) if self.train_indices is not None else 1
+        total, n = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for batch in self._batches(data, indices, batch_size):
+                out = self.module.loss(batch, n_obs, skip_n_obs_check=True, sample_theta=False)
+                b = batch["index"].shape[0]
+                total, n = total + float(out["elbo"]) * b, n + b
+        return total / max(n, 1)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:

@@ -204,6 +204,10 @@ def load(path: str | os.PathLike, adata: Any = None) -> RegVI | RegMultiVI:
     except Exception as err:  # safetensors raises its own error types on corrupt files
         raise ValueError(f"{path / WEIGHTS} is not a readable safetensors file: {err}") from None
     expected = set(module.state_dict())
+    for key in expected - set(state):
+        # saved before the containment prior's mean became a buffer: the config's value
+        if key.endswith("dispersion_rate_prior_mean"):
+            state[key] = module.state_dict()[key].clone()
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(
@@ -219,6 +223,7 @@ def load(path: str | os.PathLike, adata: Any = None) -> RegVI | RegMultiVI:
     model.config = config
     model.module = module
     model.setup_kwargs = meta.get("setup_kwargs", {})
+    model.seed = int(model.setup_kwargs.get("seed", 0))
     model.is_trained = bool(meta.get("is_trained", False))
     model.history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
     model.train_indices = model.validation_indices = None
@@ -260,6 +265,7 @@ def _load_multimodal(
     model.var_names = {m: list(v) for m, v in meta["var_names"].items()}
     model.layers = dict(meta.get("layers", {}))
     model.setup_kwargs = meta.get("setup_kwargs", {})
+    model.seed = int(model.setup_kwargs.get("seed", 0))
     model.is_trained = bool(meta.get("is_trained", False))
     model.history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
     model.train_indices = model.validation_indices = None

@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from regvi.base import BaseModel, initialise_from_data
+from regvi.checks import check_bool, check_choice, check_int
 from regvi.data import (
     CountBatches,
     CovariateRegistry,
@@ -20,7 +21,7 @@ from regvi.data import (
     validate_counts,
 )
 from regvi.data.registry import MODEL_PURPOSES
-from regvi.module import ModuleConfig, RegVIModule
+from regvi.module import ModuleConfig, RegVIModule, check_module_options
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,13 @@ class RegVI(BaseModel):
     data_init
         Data-dependent initialisation of decoder bias and ambient (default on).
     dispersion_init
-        ``"prior"`` (theta at 9) or ``"data"`` (method of moments).
+        ``"prior"`` (theta at 9) or ``"data"`` (method of moments; the containment prior's
+        hyper-prior mean moves with it, see :meth:`regvi.module.RegVIModule.data_init`).
+    seed
+        Seed of the initial weights (construction is reproducible and leaves torch's global
+        RNG alone); also :meth:`train`'s default seed. The first :meth:`train` redraws the
+        weights from its own seed and recomputes the data-dependent initialisation from the
+        training cells only.
     **model_kwargs
         Further :class:`regvi.module.ModuleConfig` fields (``use_ambient``,
         ``regularise_background``, ``dispersion``, ``dispersion_prior_mean``,
@@ -104,6 +111,7 @@ class RegVI(BaseModel):
         dropout_rate: float = 0.1,
         data_init: bool = True,
         dispersion_init: Literal["prior", "data"] = "prior",
+        seed: int = 0,
         **model_kwargs: Any,
     ):
         if not isinstance(adata, AnnData):
@@ -114,8 +122,12 @@ class RegVI(BaseModel):
             raise TypeError(
                 f"unknown RegVI argument(s) {unknown}; model options are {sorted(known)}"
             )
-        if dispersion_init not in ("prior", "data"):
-            raise ValueError(f"dispersion_init={dispersion_init!r}; expected 'prior' or 'data'")
+        sizes = {"n_hidden": n_hidden, "n_latent": n_latent, "n_layers": n_layers}
+        check_module_options({**sizes, "dropout_rate": dropout_rate, **model_kwargs})
+        check_bool("allow_non_integer", allow_non_integer)
+        check_bool("data_init", data_init)
+        check_choice("dispersion_init", dispersion_init, ("prior", "data"))
+        self.seed = int(check_int("seed", seed, 0))
         local = locals()
         registry_kwargs = {k: local[k] for k in REGISTRY_ARGS}
         self.registry = CovariateRegistry.from_anndata(adata, **registry_kwargs)
@@ -141,16 +153,29 @@ class RegVI(BaseModel):
             "allow_non_integer": allow_non_integer,
             "data_init": data_init,
             "dispersion_init": dispersion_init,
+            "seed": self.seed,
         }
-        self.module = RegVIModule(self.config)
         self.adata = adata
         self._X = X
         self._covariates = self.registry.encode(adata.obs, MODEL_PURPOSES)
-        initialise_from_data(self.module, X, self._covariates, data_init, dispersion_init)
         self.history = pd.DataFrame()
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
+        self._initialise(self.seed)
+
+    def _build_module(self) -> RegVIModule:
+        return RegVIModule(self.config)
+
+    def _initialise_module(self, cells: np.ndarray | None) -> None:
+        initialise_from_data(
+            self.module,
+            self._X,
+            self._covariates,
+            self.setup_kwargs["data_init"],
+            self.setup_kwargs["dispersion_init"],
+            cells=cells,
+        )
 
     # ------------------------------------------------------------------ inference
     def _batches(

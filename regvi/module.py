@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from regvi.checks import check_bool, check_choice, check_float, check_int
 from regvi.nn import (
+    ACTIVATIONS,
     CategoricalInjector,
     Decoder,
     Encoder,
@@ -117,22 +119,70 @@ class ModuleConfig:
         return set(cls.__dataclass_fields__) - DERIVED_FIELDS
 
     def __post_init__(self) -> None:
-        if self.dispersion not in ("gene-batch", "gene"):
-            raise ValueError(f"dispersion={self.dispersion!r}; expected 'gene-batch' or 'gene'")
-        for name in ("n_latent", "n_hidden", "n_layers", "n_genes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}; expected a positive integer")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate={self.dropout_rate}; expected 0 <= p < 1")
-        for name in (
-            "dispersion_prior_mean",
-            "dispersion_prior_alpha",
-            "library_variance_weight",
-            "library_centring_sensitivity",
-        ):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive number")
+        check_module_options(self.to_dict(), all_fields=True)
+        for name in _FLOAT_OPTIONS:  # 1 and 1.0 are the same setting; keep JSON stable
+            setattr(self, name, float(getattr(self, name)))
+
+
+#: float options of ModuleConfig: (minimum, maximum, positive, maximum exclusive)
+_FLOAT_OPTIONS: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "dropout_rate": (0.0, 1.0, False, True),
+    "ambient_prior_alpha": (None, None, True, False),
+    "ambient_prior_beta": (None, None, True, False),
+    "feature_scaling_prior_alpha": (None, None, True, False),
+    "dispersion_prior_mean": (None, None, True, False),
+    "dispersion_prior_alpha": (None, None, True, False),
+    "library_variance_weight": (None, None, True, False),
+    "library_centring_sensitivity": (None, None, True, False),
+    "decoder_l2": (0.0, None, False, False),
+}
+_BOOL_OPTIONS = (
+    "use_layer_norm",
+    "use_ambient",
+    "regularise_background",
+    "use_feature_scaling",
+    "library_residual",
+)
+#: integer options and their minimum
+_INT_OPTIONS = {
+    "n_genes": 1,
+    "n_latent": 1,
+    "n_hidden": 1,
+    "n_layers": 1,
+    "n_continuous": 0,
+    "n_dispersion_groups": 1,
+    "n_library_groups": 1,
+}
+_CHOICE_OPTIONS = {
+    "dispersion": ("gene-batch", "gene"),
+    "var_activation": ("exp", "softplus"),
+    "activation": ACTIVATIONS,
+}
+
+
+def check_module_options(options: dict[str, Any], all_fields: bool = False) -> None:
+    """Type- and range-check :class:`ModuleConfig` options, naming the option on error.
+
+    ``options`` may hold a subset of the fields (a user's keyword arguments, checked before any
+    data is read); ``all_fields`` also checks the data-derived group counts.
+    """
+    for name, value in options.items():
+        if name in _BOOL_OPTIONS:
+            check_bool(name, value)
+        elif name in _FLOAT_OPTIONS:
+            lo, hi, positive, exclusive = _FLOAT_OPTIONS[name]
+            check_float(name, value, lo, hi, positive, exclusive)
+        elif name in _INT_OPTIONS:
+            check_int(name, value, _INT_OPTIONS[name])
+        elif name in _CHOICE_OPTIONS:
+            check_choice(name, value, _CHOICE_OPTIONS[name])
+        elif name == "n_latent_decoder":
+            check_int(name, value, 1, allow_none=True)
+        elif all_fields and name.startswith("n_"):
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"{name}={value!r}; expected a list of integers")
+            for i, v in enumerate(value):
+                check_int(f"{name}[{i}]", v, 1)
 
 
 class RegVIModule(nn.Module):
@@ -196,6 +246,11 @@ class RegVIModule(nn.Module):
         # lambda_d of the containment prior, softplus-parameterised, init at its prior mean 1/m.
         lam0 = float(inverse_softplus(torch.tensor(1.0 / c.dispersion_prior_mean)))
         self.dispersion_rate_raw = nn.Parameter(torch.full((n_disp,), lam0))
+        # E[lambda_d] of the hyper-prior Gamma(alpha, alpha / E[lambda_d]): 1/m, or moved to the
+        # data with dispersion_init="data" (see data_init)
+        self.register_buffer(
+            "dispersion_rate_prior_mean", torch.full((n_disp,), 1.0 / c.dispersion_prior_mean)
+        )
         # Library prior statistics m_p (centred) and v_p, set from training data.
         self.register_buffer("library_prior_mean", torch.zeros(c.n_library_groups))
         self.register_buffer("library_prior_var", torch.ones(c.n_library_groups))
@@ -207,13 +262,31 @@ class RegVIModule(nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def set_library_prior(self, group_mean: torch.Tensor, group_var: torch.Tensor) -> None:
-        """Set m_p (centred: m_p − mean_p m_p + log s) and v_p from per-group log-library stats."""
+    def set_library_prior(
+        self,
+        group_mean: torch.Tensor,
+        group_var: torch.Tensor,
+        group_cells: torch.Tensor | None = None,
+    ) -> None:
+        """Set m_p (centred: m_p − mean_p m_p + log s) and v_p from per-group log-library stats.
+
+        The library encoder's output bias starts where the prior is: at the cell-weighted mean
+        of the centred m_p (``group_cells`` cells per group; default equal weights), i.e.
+        ≈ log s, so q(l) starts at p(l) also for s ≠ 1 (ATAC: log 0.2 ≈ −1.6). In the residual
+        form (:meth:`library_posterior_mean`) the encoder is a residual around
+        log s + w · (log L − mean_p m_p), and its bias starts at 0.
+        """
         s = self.config.library_centring_sensitivity
         offset = group_mean.mean() - math.log(s)
         self.library_log_offset.copy_(offset)
         self.library_prior_mean.copy_(group_mean - offset)
         self.library_prior_var.copy_(group_var.clamp_min(1e-4))
+        if self.config.library_residual:
+            self.l_encoder.mean.bias.zero_()
+            return
+        weights = torch.ones_like(group_mean) if group_cells is None else group_cells.float()
+        weights = weights / weights.sum().clamp_min(1.0)
+        self.l_encoder.mean.bias.fill_(float((weights * self.library_prior_mean).sum()))
 
     @torch.no_grad()
     def data_init(
@@ -243,9 +316,14 @@ class RegVIModule(nn.Module):
                 # several ambient keys add up: split the 0.2 × mean evenly between them
                 param.copy_(torch.log((0.2 * means / n_keys).clamp_min(1e-6)))
         if dispersion_init is not None:
-            self.log_theta_mean.copy_(
-                torch.log(dispersion_init.clamp(0.01, 20.0)).expand_as(self.log_theta_mean)
-            )
+            theta = dispersion_init.clamp(0.01, 20.0).expand_as(self.log_theta_mean)
+            self.log_theta_mean.copy_(torch.log(theta))
+            # Move the containment prior with the data: lambda_d and the hyper-prior mean
+            # E[lambda_d] to 1 / mean_g(1/sqrt(theta_gd)) (E[1/sqrt(theta) | lambda] = 1/lambda),
+            # so the prior does not pull the data-initialised theta back to 1/m² (= 9).
+            lam = 1.0 / theta.rsqrt().mean(-1)
+            self.dispersion_rate_prior_mean.copy_(lam)
+            self.dispersion_rate_raw.copy_(inverse_softplus(lam))
 
     # ------------------------------------------------------------------ parameters
     def dispersion_rate(self) -> torch.Tensor:
@@ -292,11 +370,9 @@ class RegVIModule(nn.Module):
         ql_mean, ql_var = self.l_encoder(h, enc_cats)
         out: dict[str, Any] = {}
         if self.config.library_residual:
-            # residual form: q(l) mean = encoder + w_obs · observed centred log library
-            l_obs = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0)) - self.library_log_offset
             w_scale = F.softplus(self.library_w_scale_raw)
             log_w = self.library_w_mean + (w_scale * torch.randn_like(w_scale) if sample else 0.0)
-            ql_mean = ql_mean + torch.exp(log_w) * l_obs
+            ql_mean = self.library_posterior_mean(ql_mean, x, torch.exp(log_w))
             out["library_log_w"] = log_w
         z = qz_mean + qz_var.sqrt() * torch.randn_like(qz_mean) if sample else qz_mean
         library = ql_mean + ql_var.sqrt() * torch.randn_like(ql_mean) if sample else ql_mean
@@ -304,6 +380,23 @@ class RegVIModule(nn.Module):
             qz_mean=qz_mean, qz_var=qz_var, ql_mean=ql_mean, ql_var=ql_var, z=z, library=library
         )
         return out
+
+    def library_posterior_mean(
+        self, residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        """Residual library form: E_q[l_n] = r_n + log s + w · (log L_n − mean_p m_p).
+
+        ``r_n`` is the library encoder's output, L_n the observed total count, m_p the
+        uncentred per-group mean log library and s the centring sensitivity: at r = 0 and
+        w = 1 the posterior mean is the prior's centring (log s + centred log library) for any
+        s and w, without a (w − 1) · log s shift.
+        """
+        log_s = math.log(self.config.library_centring_sensitivity)
+        # library_log_offset = mean_p m_p − log s
+        centred = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0)) - (
+            self.library_log_offset + log_s
+        )
+        return residual + log_s + w * centred
 
     def generative(
         self,
@@ -343,7 +436,8 @@ class RegVIModule(nn.Module):
         The Exponential prior is on u = 1/sqrt(theta); q is over log theta, so the density is
         transformed with |du / dlog theta| = u / 2. That Jacobian puts the prior's mode at
         theta = lambda² (≈ 9 at the default prior mean m = 1/3 of 1/sqrt(theta)).
-        Convention: lambda_d ~ Gamma(alpha, rate = alpha · m), so E[lambda] = 1/m and
+        Convention: lambda_d ~ Gamma(alpha, rate = alpha / E[lambda_d]) with E[lambda_d] = 1/m
+        (rate alpha · m) unless ``dispersion_init="data"`` moved it, and
         E[1/sqrt(theta) | lambda] = 1/lambda.
         """
         c = self.config
@@ -352,7 +446,9 @@ class RegVIModule(nn.Module):
         neg_entropy = -normal_entropy(self.log_theta_scale()).sum()
         log_p_u = (exponential_log_prob(u, lam[:, None]) + torch.log(0.5 * u)).sum()
         log_p_lam = gamma_log_prob(
-            lam, c.dispersion_prior_alpha, c.dispersion_prior_alpha * c.dispersion_prior_mean
+            lam,
+            c.dispersion_prior_alpha,
+            c.dispersion_prior_alpha / self.dispersion_rate_prior_mean,
         ).sum()
         return neg_entropy - log_p_u - log_p_lam
 
@@ -400,6 +496,7 @@ class RegVIModule(nn.Module):
         sample: bool = True,
         skip_n_obs_check: bool = False,
         return_per_gene: bool = False,
+        sample_theta: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """Negative ELBO with the plate rule of spec §4.
 
@@ -416,6 +513,10 @@ class RegVIModule(nn.Module):
             Sample z, l and theta (training); ``False`` uses posterior means.
         return_per_gene
             Also return the per-gene reconstruction loss (summed over the batch / B).
+        sample_theta
+            Sample theta from q(log theta) (``None``: as ``sample``). Validation and
+            :meth:`regvi.RegVI.get_elbo` pass ``False``: z and l sampled, theta at its posterior
+            mean exp(mu_theta), so the early-stopping ELBO carries no dispersion noise.
 
         Returns
         -------
@@ -426,7 +527,9 @@ class RegVIModule(nn.Module):
         x = batch["x"]
         check_n_obs(n_obs, x.shape[0], skip_n_obs_check)
         inf = self.inference(batch, sample=sample)
-        gen = self.generative(inf["z"], inf["library"], batch, sample_theta=sample)
+        if sample_theta is None:
+            sample_theta = sample
+        gen = self.generative(inf["z"], inf["library"], batch, sample_theta=sample_theta)
         local = self.local_terms(batch, inf, gen, per_gene=return_per_gene)
         # local (cell plate) terms: summed over non-batch dims, MEANED over the minibatch
         reconstruction = local["reconstruction"].mean()

@@ -15,13 +15,14 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from regvi.attribution import ModalityAttribution, modality_attribution
+from regvi.attribution import ModalityAttribution, check_target, modality_attribution
 from regvi.base import BaseModel, initialise_from_data
+from regvi.checks import check_bool, check_choice, check_float, check_int
 from regvi.data import CovariateRegistry, MultiCountBatches, get_counts, make_loader
 from regvi.data.counts import validate_counts
 from regvi.data.registry import MODEL_PURPOSES
 from regvi.model import REGISTRY_ARGS
-from regvi.module import ModuleConfig
+from regvi.module import ModuleConfig, check_module_options
 from regvi.multimodule import (
     _GROUP_PURPOSES,
     SWITCHABLE_PURPOSES,
@@ -172,6 +173,33 @@ def _per_modality(name: str, value: Any, modalities: Sequence[str]) -> dict[str,
     return {m: value for m in modalities}
 
 
+def _check_per_modality_options(
+    options: Mapping[str, Any],
+    allow_non_integer: Any,
+    lr_multipliers: Mapping[str, Any] | None,
+) -> None:
+    """Type-check options given as a scalar or a dict by modality, before any data is read."""
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            for m, v in value.items():
+                try:
+                    check_module_options({name: v})
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"{err} (modality {m!r})") from None
+        else:
+            check_module_options({name: value})
+    if isinstance(allow_non_integer, Mapping):
+        for m, v in allow_non_integer.items():
+            check_bool(f"allow_non_integer[{m!r}]", v)
+    else:
+        check_bool("allow_non_integer", allow_non_integer)
+    if lr_multipliers is not None:
+        if not isinstance(lr_multipliers, Mapping):
+            raise TypeError(f"lr_multipliers={lr_multipliers!r}; expected a dict modality → factor")
+        for m, v in lr_multipliers.items():
+            check_float(f"lr_multipliers[{m!r}]", v, positive=True)
+
+
 def modality_covariates(
     cov: Mapping[str, np.ndarray], disabled: Sequence[str]
 ) -> dict[str, np.ndarray]:
@@ -248,6 +276,7 @@ class RegMultiVI(BaseModel):
         dispersion_init: Literal["prior", "data"] = "prior",
         disabled_covariates: Mapping[str, Sequence[str]] | None = None,
         lr_multipliers: Mapping[str, float] | None = None,
+        seed: int = 0,
         **model_kwargs: Any,
     ):
         known = ModuleConfig.user_options()
@@ -256,10 +285,22 @@ class RegMultiVI(BaseModel):
             raise TypeError(
                 f"unknown RegMultiVI argument(s) {unknown}; model options are {sorted(known)}"
             )
-        if dispersion_init not in ("prior", "data"):
-            raise ValueError(f"dispersion_init={dispersion_init!r}; expected 'prior' or 'data'")
+        check_bool("data_init", data_init)
+        check_choice("dispersion_init", dispersion_init, ("prior", "data"))
+        self.seed = int(check_int("seed", seed, 0))
         mods = select_modalities(mdata, modalities)
         names = list(mods)
+        _check_per_modality_options(
+            {
+                "n_hidden": n_hidden,
+                "n_latent": n_latent,
+                "n_layers": n_layers,
+                "dropout_rate": dropout_rate,
+                **model_kwargs,
+            },
+            allow_non_integer,
+            lr_multipliers,
+        )
         layers = _per_modality("layer", layer, names)
         allow = _per_modality("allow_non_integer", allow_non_integer, names)
         disabled = {m: list(v) for m, v in (disabled_covariates or {}).items()}
@@ -335,31 +376,42 @@ class RegMultiVI(BaseModel):
             disabled_covariates={m: v for m, v in disabled.items() if v},
             lr_multipliers={m: float(v) for m, v in (lr_multipliers or {}).items()},
         )
-        self.module = RegMultiVIModule(self.config)
         self.var_names = {m: [str(v) for v in a.var_names] for m, a in mods.items()}
         self.layers = {m: layers.get(m) for m in names}
         self.setup_kwargs = {
             "allow_non_integer": {m: bool(allow.get(m, False)) for m in names},
             "data_init": data_init,
             "dispersion_init": dispersion_init,
+            "seed": self.seed,
         }
         self.count_summary = summaries
         self.mdata = mdata
         self._obs = obs
         self._Xs = Xs
-        for m in names:
-            cov_m = modality_covariates(
-                self._covariates, self.config.disabled_covariates.get(m, [])
-            )
-            observed = np.asarray(Xs[m].sum(axis=1)).ravel() > 0
-            X_obs = Xs[m][observed] if not observed.all() else Xs[m]
-            cov_obs = {k: v[observed] for k, v in cov_m.items()} if not observed.all() else cov_m
-            initialise_from_data(self.module.mods[m], X_obs, cov_obs, data_init, dispersion_init)
         self.history = pd.DataFrame()
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
         self.attribution_: ModalityAttribution | None = None
+        self._initialise(self.seed)
+
+    def _build_module(self) -> RegMultiVIModule:
+        return RegMultiVIModule(self.config)
+
+    def _initialise_module(self, cells: np.ndarray | None) -> None:
+        # cells without counts in a modality are left out of its statistics
+        for m in self.modalities:
+            cov_m = modality_covariates(
+                self._covariates, self.config.disabled_covariates.get(m, [])
+            )
+            initialise_from_data(
+                self.module.mods[m],
+                self._Xs[m],
+                cov_m,
+                self.setup_kwargs["data_init"],
+                self.setup_kwargs["dispersion_init"],
+                cells=cells,
+            )
 
     # ------------------------------------------------------------------ BaseModel hooks
     @property
@@ -540,27 +592,48 @@ class RegMultiVI(BaseModel):
         indices: np.ndarray | None = None,
         batch_size: int = 256,
         category_fallback: Mapping[str, str] | None = None,
+        target: str = "mu",
     ) -> ModalityAttribution:
         """Jacobian modality attribution at the posterior mean (spec §6).
 
-        For each cell, J_{d,m} = ∂rho_d / ∂z_m is the Jacobian of decoder d's output rate with
-        respect to modality m's latent block. Per-cell scores ``||J_m||_F`` (over all decoders'
-        outputs) and per-latent-dimension mean ``|∂rho_d / ∂z_j|`` are computed with one
-        forward-mode JVP per latent column (memory independent of the latent size).
+        For each cell, J_{d,m} = ∂f_d / ∂z_m is the Jacobian of decoder d's output f_d with
+        respect to modality m's latent block, f_d = mu_d = exp(l_d) · (rho_d + s_d) · y_d (the NB
+        mean, ``target="mu"``, l_d the posterior-mean library; ∂mu_d/∂z = exp(l_d) · y_d ·
+        ∂rho_d/∂z) or f_d = rho_d (``target="rho"``). Per-cell scores ``||J_m||_F`` (over all
+        decoders' outputs), per-latent-dimension mean ``|∂f_d / ∂z_j|`` and upstream
+        regularizedvi's per-decoder totals are computed with one forward-mode JVP per latent
+        column (memory independent of the latent size); see :mod:`regvi.attribution`.
+
+        Parameters
+        ----------
+        mdata
+            Data (default: the setup data).
+        indices
+            Subset of cells.
+        batch_size
+            Cells per batch.
+        category_fallback
+            ``{key: reference_category}`` for unseen categories.
+        target
+            ``"mu"`` (default) or ``"rho"``: what is differentiated.
 
         Returns
         -------
         ModalityAttribution
             ``per_cell`` (DataFrame: ``jacobian_<m>`` per block, ``jacobian_<d>_<m>`` per
-            decoder × block, ``log2_ratio`` for two modalities), ``per_dim`` (decoder →
-            ``(n_cells, D)``) and ``summary()``. Also kept as ``model.attribution_``.
+            decoder × block, ``attr_<d>_<m>``, ``<d>_decoder_total_attr``,
+            ``<d>_decoder_own_attr``, and for two modalities ``log2_ratio`` and upstream's
+            ``log2_<m0>_vs_<m1>_attr``), ``per_dim`` (decoder → ``(n_cells, D)``), ``target``,
+            ``upstream_obs()`` and ``summary()``. Also kept as ``model.attribution_``.
         """
+        check_target(target)
         self.module.eval()
         parts = []
         for batch in self._batches(mdata, indices, batch_size, category_fallback):
             with torch.no_grad():
-                z = self.module.inference(batch, sample=False)["qz_mean"]
-            parts.append(modality_attribution(self.module, z, batch))
+                inf = self.module.inference(batch, sample=False)
+            library = {m: inf["modalities"][m]["library"] for m in self.modalities}
+            parts.append(modality_attribution(self.module, inf["qz_mean"], batch, target, library))
         index = self._obs.index if mdata is None else None
         if index is not None and indices is not None:
             index = index[np.asarray(indices)]

@@ -241,8 +241,11 @@ class RegMultiVIModule(nn.Module):
         kl_weight: float = 1.0,
         sample: bool = True,
         skip_n_obs_check: bool = False,
+        sample_theta: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """Negative ELBO: per-modality local terms meaned over cells + global terms / N_train.
+
+        ``sample`` and ``sample_theta`` as in :meth:`regvi.module.RegVIModule.loss`.
 
         Returns the same totals as :meth:`RegVIModule.loss` plus ``reconstruction_<m>``,
         ``kl_z_<m>``, ``kl_library_<m>``, ``global_<m>`` and ``theta_mean_<m>`` per modality.
@@ -250,7 +253,9 @@ class RegMultiVIModule(nn.Module):
         n_batch = batch["index"].shape[0]
         check_n_obs(n_obs, n_batch, skip_n_obs_check)
         inf = self.inference(batch, sample=sample)
-        gen = self.generative(inf["z"], inf, batch, sample_theta=sample)
+        gen = self.generative(
+            inf["z"], inf, batch, sample_theta=sample if sample_theta is None else sample_theta
+        )
         out: dict[str, torch.Tensor] = {}
         zero = inf["z"].new_zeros(())
         totals = {"reconstruction": zero, "kl_z": zero, "kl_library": zero}

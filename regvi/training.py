@@ -178,7 +178,11 @@ class TrainingPlan(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # z and l are sampled (an ELBO estimate); theta at its posterior mean (spec §2)
         out = self.module.loss(
-            batch, self.n_obs_train, kl_weight=self.kl_weight, skip_n_obs_check=True
+            batch,
+            self.n_obs_train,
+            kl_weight=self.kl_weight,
+            skip_n_obs_check=True,
+            sample_theta=False,
         )
         self._val_acc.add(out, batch["index"].shape[0])
 

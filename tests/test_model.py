@@ -194,7 +194,7 @@ def test_divergence_is_a_clear_error(sim):
     with torch.no_grad():
         m.module.decoder.out.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="not finite"):
-        m.train(max_epochs=2, early_stopping=False, progress_bar=False)
+        m.train(max_epochs=2, early_stopping=False, progress_bar=False, initialise=False)
 
 
 def test_stratified_validation_uses_labels(sim):

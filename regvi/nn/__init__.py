@@ -7,9 +7,17 @@ from regvi.nn.distributions import (
     gamma_poisson_log_prob_unnormalised,
     normal_kl,
 )
-from regvi.nn.layers import CategoricalInjector, Decoder, Encoder, FCBlock, LibraryEncoder
+from regvi.nn.layers import (
+    ACTIVATIONS,
+    CategoricalInjector,
+    Decoder,
+    Encoder,
+    FCBlock,
+    LibraryEncoder,
+)
 
 __all__ = [
+    "ACTIVATIONS",
     "CategoricalInjector",
     "Decoder",
     "Encoder",

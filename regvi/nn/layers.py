@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
+#: names accepted by ``activation=``
+ACTIVATIONS = tuple(_ACTIVATIONS)
 
 
 def _activation(name: str) -> nn.Module:
