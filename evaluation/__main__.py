@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.dataset_key,
                 args.technical_keys,
                 args.markers,
+                neighbourhood=not args.no_neighbourhood,
             )
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
