@@ -189,6 +189,51 @@ def config_missing_data_file(tmp: Path) -> Callable[[], object]:
     return lambda: load_config(path)
 
 
+def config_misspelt_objective(tmp: Path) -> Callable[[], object]:
+    path = _config(tmp, objective={"metric": "scib_totl"})
+    return lambda: load_config(path)
+
+
+def config_objective_switched_off(tmp: Path) -> Callable[[], object]:
+    path = _config(tmp, objective={"metric": "lowcount_q0.5_displacement", "mode": "max"})
+    return lambda: load_config(path)
+
+
+def config_asha_without_validation(tmp: Path) -> Callable[[], object]:
+    path = _config(
+        tmp,
+        training={"validation_fraction": 0.0},
+        objective={"metric": "training_wall_s", "mode": "min"},  # a final-report metric
+    )
+    return lambda: load_config(path)
+
+
+def _atlas_config(tmp: Path, **data) -> Path:
+    _sim().write_h5ad(tmp / "atlas.h5ad")
+    return _config(tmp, data={"path": "atlas.h5ad", "library_key": "library", **data})
+
+
+def dry_run_misspelt_library_key(tmp: Path) -> Callable[[], object]:
+    from regvi.sweep.data_check import check_data_files
+
+    cfg = load_config(_atlas_config(tmp, library_key="lane"))
+    return lambda: check_data_files(cfg)
+
+
+def dry_run_missing_layer(tmp: Path) -> Callable[[], object]:
+    from regvi.sweep.data_check import check_data_files
+
+    cfg = load_config(_atlas_config(tmp, layer="counts"))
+    return lambda: check_data_files(cfg)
+
+
+def sweep_misspelt_labels_key(tmp: Path) -> Callable[[], object]:
+    from regvi.sweep.runner import run_sweep
+
+    cfg = load_config(_atlas_config(tmp, labels_key="celltype"))
+    return lambda: run_sweep(cfg)
+
+
 # ---------------------------------------------------------------- files
 def unwritable_output_folder(tmp: Path) -> Callable[[], object]:
     from regvi.sweep.runner import run_sweep
@@ -351,6 +396,42 @@ CASES = [
         config_missing_data_file,
         ConfigError,
         r"data.path: file .*atlas.h5ad does not exist",
+    ),
+    Case(
+        "config: misspelt objective",
+        config_misspelt_objective,
+        ConfigError,
+        r"objective\.metric: 'scib_totl' is not a metric the trials report; closest: 'scib_total'",
+    ),
+    Case(
+        "config: objective of an evaluation switched off",
+        config_objective_switched_off,
+        ConfigError,
+        r"'lowcount_q0\.5_displacement' is not reported .* needs evaluation\.lowcount: true",
+    ),
+    Case(
+        "config: ASHA without validation",
+        config_asha_without_validation,
+        ConfigError,
+        r"scheduler: ASHA prunes on .*'validation_elbo'.* training\.validation_fraction > 0",
+    ),
+    Case(
+        "dry-run: misspelt library_key",
+        dry_run_misspelt_library_key,
+        ConfigError,
+        r"data\.library_key: 'lane' is not an obs column of .*atlas\.h5ad",
+    ),
+    Case(
+        "dry-run: missing layer",
+        dry_run_missing_layer,
+        ConfigError,
+        r"data\.layer: 'counts' is not a layer of .*atlas\.h5ad; available layers: \[\]",
+    ),
+    Case(
+        "sweep: misspelt labels_key (refused before any folder)",
+        sweep_misspelt_labels_key,
+        ConfigError,
+        r"data\.labels_key: 'celltype' is not an obs column of .*atlas\.h5ad",
     ),
     Case(
         "unwritable output folder",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,373 @@ def test_bad_multimodal_data_sections(tmp_path):
             parse_config({**base, "data": data}, tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match=r"per-modality mapping needs data\.modalities"):
         parse_config(_base(model={"n_latent": {"rna": 3}}))
+
+
+# ------------------------------------------------ metric names (issue #13)
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    from regvi.sweep.__main__ import main
+
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_misspelt_objective_is_refused_with_the_closest_names():
+    with pytest.raises(ConfigError, match=r"objective\.metric: 'scib_totl' is not a metric") as e:
+        parse_config(_base(objective={"metric": "scib_totl"}), REPO / "sweeps" / "x.yaml")
+    assert "closest: 'scib_total'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"objective\.metric\[1\]: 'scib_bach'.*'scib_batch'"):
+        parse_config(_base(objective={"metric": ["scib_bio", "scib_bach"]}))
+    with pytest.raises(ConfigError, match=r"closest: 'validation_elbo'"):
+        parse_config(_base(objective={"metric": "validaton_elbo"}))
+    with pytest.raises(ConfigError, match=r"objective\.metric: \[3\]; expected a metric name"):
+        parse_config(_base(objective={"metric": [3]}))
+
+
+def _merged(raw: dict, over: dict) -> dict:
+    out = dict(raw)
+    for k, v in over.items():
+        out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+_NO_LABELS = {"data": {"labels_key": None}}
+
+
+@pytest.mark.parametrize(
+    ("metric", "needs", "off", "on"),
+    [
+        ("scib_total", "evaluation.scib: true", {"evaluation": {"scib": False}}, {}),
+        ("scib_kbet_per_label", "data.labels_key", _NO_LABELS, {}),
+        (
+            "nc_composite_total",
+            "evaluation.neighbourhood: true",
+            {"evaluation": {"neighbourhood": False}},
+            {},
+        ),
+        ("nc_composite_total", "evaluation.markers", _NO_LABELS, {}),
+        (
+            "nc_H7_median_corr_cross_dataset",
+            "data.dataset_key",
+            {},
+            {"data": {"dataset_key": "donor"}},
+        ),
+        (
+            "nc_median_corr_avg_between_condition",
+            "data.technical_covariate_keys",
+            {},
+            {"data": {"technical_covariate_keys": ["condition"]}},
+        ),
+        (
+            "lowcount_q0.25_displacement",
+            "evaluation.lowcount: true",
+            {},
+            {"evaluation": {"lowcount": True}},
+        ),
+        (
+            "validation_elbo",
+            "training.validation_fraction > 0",
+            {"training": {"validation_fraction": 0.0}, "scheduler": {"name": "fifo"}},
+            {},
+        ),
+        ("train_reconstruction_rna", "data.modalities", {}, None),
+        ("attribution_median_atac", "data.modalities", {}, None),
+    ],
+)
+def test_metric_of_a_switched_off_evaluation_is_refused_naming_the_switch(
+    tmp_path, metric, needs, off, on
+):
+    raw = _base(objective={"metric": metric})
+    pattern = rf"objective\.metric: '{re.escape(metric)}' is not reported .*needs .*"
+    with pytest.raises(ConfigError, match=pattern + re.escape(needs)):
+        parse_config(_merged(raw, off), REPO / "sweeps" / "x.yaml")
+    # with the switch on, the same objective is accepted
+    if on is None:
+        cfg = parse_config(_multimodal(tmp_path, objective={"metric": metric}), tmp_path / "c.yaml")
+    else:
+        cfg = parse_config(_merged(raw, on), REPO / "sweeps" / "x.yaml")
+    assert cfg.objective_metrics == [metric]
+
+
+def test_a_searched_validation_fraction_that_may_be_zero_disables_validation_metrics():
+    raw = _base(objective={"metric": "scib_total"}, scheduler={"name": "fifo"})
+    raw["search"]["validation_fraction"] = {"type": "categorical", "values": [0.0, 0.1]}
+    parse_config(raw)  # a final objective: fine
+    raw["objective"] = {"metric": "validation_elbo"}
+    with pytest.raises(ConfigError, match=r"search\.validation_fraction may be 0"):
+        parse_config(raw)
+
+
+def test_asha_needs_a_per_epoch_metric_the_trials_report():
+    off = {"training": {"max_epochs": 3, "validation_fraction": 0.0}}
+    with pytest.raises(ConfigError, match=r"scheduler: ASHA prunes on .*'validation_elbo'"):
+        parse_config(_base(**off, objective={"metric": "scib_total"}))
+    # FIFO, or ASHA on a per-epoch objective the trials do report, are fine
+    parse_config(_base(**off, objective={"metric": "scib_total"}, scheduler={"name": "fifo"}))
+    cfg = parse_config(_base(**off, objective={"metric": "train_elbo"}))
+    from regvi.sweep.runner import asha_metric, final_only_objective
+
+    assert asha_metric(cfg) == ("train_elbo", "min") and not final_only_objective(cfg)
+    cfg = parse_config(_base(objective={"metric": "training_wall_s", "mode": "min"}))
+    assert final_only_objective(cfg)  # a final-report metric, whatever its prefix
+
+
+def test_list_metrics_works_even_when_the_objective_is_misspelt(tmp_path, capsys):
+    raw = _base(objective={"metric": "scib_totl"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    rc, out, err = _cli([tmp_path / "c.yaml", "--list-metrics"], capsys)
+    assert rc == 0, err
+    assert "scib_total" in out and "low-count robustness [final report]: off" in out
+
+
+def _h5ad(tmp_path: Path, name: str = "atlas.h5ad", **change) -> Path:
+    import regvi
+
+    a = regvi.simulate(n_cells=120, n_genes=30, n_cell_types=2, n_libraries=2, seed=0)
+    del a.uns["truth"]
+    for key, value in change.items():
+        setattr(a, key, value) if key == "X" else a.obs.__setitem__(key, value)
+    a.write_h5ad(tmp_path / name)
+    return tmp_path / name
+
+
+def _sim_config(tmp_path: Path, **over) -> Path:
+    raw = {
+        "name": "sim",
+        "data": {"path": "atlas.h5ad", "library_key": "library", "labels_key": "cell_type"},
+        "search": {"n_hidden": {"type": "categorical", "values": [16, 32]}},
+        "storage": {"path": str(tmp_path / "runs")},
+    }
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(raw.get(k), dict) else v
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "c.yaml"
+
+
+def test_dry_run_refuses_a_misspelt_objective(tmp_path, capsys):
+    _h5ad(tmp_path)
+    cfg = _sim_config(tmp_path, objective={"metric": "scib_totl"})
+    rc, _, err = _cli([cfg, "--dry-run"], capsys)
+    assert rc == 2
+    assert "objective.metric: 'scib_totl'" in err and "'scib_total'" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_refuses_a_misspelt_library_key_naming_key_and_file(tmp_path, capsys):
+    path = _h5ad(tmp_path)
+    rc, out, err = _cli([_sim_config(tmp_path), "--dry-run"], capsys)
+    assert rc == 0, err
+    assert f"{path}: 120 cells x 30 features, counts in X" in out
+    rc, _, err = _cli([_sim_config(tmp_path, data={"library_key": "librar"}), "--dry-run"], capsys)
+    assert rc == 2
+    assert f"data.library_key: 'librar' is not an obs column of {path}" in err
+    assert "closest: ['library']" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def _non_integer(tmp_path):
+    import regvi
+
+    a = regvi.simulate(n_cells=120, n_genes=30, n_cell_types=2, n_libraries=2, seed=0)
+    return {"X": a.X.astype("float32") * 0.5}
+
+
+@pytest.mark.parametrize(
+    ("change", "over", "match"),
+    [
+        ({}, {"data": {"labels_key": "celltype"}}, r"data\.labels_key: 'celltype' is not an obs"),
+        ({}, {"data": {"layer": "counts"}}, r"data\.layer: 'counts' is not a layer of .*atlas"),
+        (
+            {},
+            {"data": {"technical_covariate_keys": ["library", "lane"]}},
+            r"data\.technical_covariate_keys: 'lane'",
+        ),
+        (_non_integer, {}, r"non-integer values \(e\.g\. .*set data\.layer to the counts layer"),
+        (
+            {"library": ["a", None] * 60},
+            {},
+            r"data \(.*atlas\.h5ad\): obs\['library'\] has 60 missing",
+        ),
+        (
+            {"donor": ["d0", "d1"] * 60},
+            {"data": {"dataset_key": "donor"}},
+            r"every 'library' level must belong to exactly one dataset",
+        ),
+        (
+            {},
+            {"data": {"library_key": "library", "dispersion_key": "library"}},
+            r"do not also give dispersion_key",
+        ),
+        (
+            {},
+            {"evaluation": {"markers": ["GENE_A", "GENE_B"]}},
+            r"evaluation\.markers: 0 of the genes in the list are in the var_names of .*atlas",
+        ),
+    ],
+)
+def test_dry_run_data_checks(tmp_path, capsys, change, over, match):
+    from regvi.sweep.data_check import check_data_files
+
+    _h5ad(tmp_path, **(change(tmp_path) if callable(change) else change))
+    cfg = load_config(_sim_config(tmp_path, **over))
+    with pytest.raises(ConfigError, match=match):
+        check_data_files(cfg)
+    rc, _, err = _cli([tmp_path / "c.yaml", "--dry-run"], capsys)
+    assert rc == 2 and f"error: data check ({tmp_path / 'c.yaml'}): " in err
+
+
+def test_dry_run_checks_each_modality_file(tmp_path):
+    import regvi
+    from regvi.sweep.data_check import check_data_files
+
+    data = regvi.simulate_multiome(n_cells=60, n_genes=20, n_peaks=40, n_libraries=2, seed=0)
+    raw = _multimodal(tmp_path)  # empty placeholder files, replaced by real ones below
+
+    def check(mods=data, **data_over):
+        for m, a in mods.items():
+            a.write_h5ad(tmp_path / f"{m}.h5ad")
+        cfg = parse_config({**raw, "data": {**raw["data"], **data_over}}, tmp_path / "c.yaml")
+        return check_data_files(cfg)
+
+    found = check(library_key="library")
+    assert [f.modality for f in found.files] == ["atac", "rna"] and found.levels["library"] == 2
+    with pytest.raises(ConfigError, match=r"data\.library_key: 'batch' is not an obs column of "):
+        check()  # _multimodal's library_key: in neither file
+    with pytest.raises(ConfigError, match=r"data\.layer: 'peaks' is not a layer of .*atac\.h5ad"):
+        check(library_key="library", layer={"atac": "peaks"})
+    with pytest.raises(ConfigError, match=r"'atac' \(50 cells\) and 'rna' \(60 cells\)"):
+        check({"atac": data["atac"][:50].copy(), "rna": data["rna"]}, library_key="library")
+
+
+def test_shipped_sweeps_pass_dry_run_where_their_data_exists(capsys):
+    ran = []
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        try:
+            load_config(path)
+        except ConfigError as err:  # the shared real data is not next to this checkout
+            assert "does not exist" in str(err), (path, err)
+            continue
+        rc, out, err = _cli([path, "--dry-run"], capsys)
+        assert rc == 0, (path, err)
+        assert "cells x" in out, path
+        ran.append(path.name)
+    assert "quickstart.yaml" in ran
+
+
+# ------------------------------- the name lists against the real training and evaluation
+def _names_config(tmp_path: Path, **over) -> object:
+    (tmp_path / "d.h5ad").write_bytes(b"")
+    raw = _base(data={"path": "d.h5ad", "library_key": "library", "labels_key": "cell_type"})
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(raw.get(k), dict) else v
+    return parse_config(raw, tmp_path / "c.yaml")
+
+
+def test_epoch_and_attribution_names_match_real_training(tmp_path):
+    import math
+
+    import numpy as np
+
+    import regvi
+    from regvi.sweep.metric_names import attribution_metric_names, reported_metrics
+
+    a = regvi.simulate(n_cells=120, n_genes=20, n_cell_types=2, n_libraries=2, seed=0)
+    model = regvi.RegVI(a, library_key="library", n_hidden=8, n_latent=2)
+    model.train(max_epochs=1, early_stopping=False, progress_bar=False)
+    cfg = _names_config(tmp_path)
+    assert set(model.history.columns) == set(reported_metrics(cfg, per_epoch=True))
+
+    data = regvi.simulate_multiome(n_cells=80, n_genes=20, n_peaks=40, n_libraries=2, seed=0)
+    mm = regvi.RegMultiVI(data, library_key="library", n_hidden=8, n_latent=2)
+    mm.train(max_epochs=1, early_stopping=False, progress_bar=False)
+    mcfg = parse_config(_multimodal(tmp_path), tmp_path / "c.yaml")
+    assert set(mm.history.columns) == set(reported_metrics(mcfg, per_epoch=True))
+    summary = mm.get_modality_attribution(indices=np.arange(40), batch_size=64).summary()
+    produced = {k for k, v in summary.items() if math.isfinite(v)}
+    assert produced == set(attribution_metric_names(["rna", "atac"]))
+    # training without validation reports no validation_* metric
+    no_val = regvi.RegVI(a, library_key="library", n_hidden=8, n_latent=2)
+    no_val.train(max_epochs=1, validation_fraction=0, early_stopping=False, progress_bar=False)
+    cfg = _names_config(
+        tmp_path, training={"validation_fraction": 0.0}, objective={"metric": "train_elbo"}
+    )
+    assert set(no_val.history.columns) == set(reported_metrics(cfg, per_epoch=True))
+
+
+def test_trial_bookkeeping_names_are_the_trials():
+    import inspect
+
+    from regvi.sweep import trial
+    from regvi.sweep.metric_names import EVAL_BOOKKEEPING, TRIAL_BOOKKEEPING
+
+    stamps = dict.fromkeys(("enter", "imports", "data", "model", "trained"), 0.0)
+    setup = set(trial._setup_seconds(stamps, 0.0))
+    assert setup <= set(TRIAL_BOOKKEEPING)
+    source = inspect.getsource(trial.train_worker) + inspect.getsource(trial._evaluate)
+    for name in set(TRIAL_BOOKKEEPING) - setup:
+        assert f'"{name}"' in source, name
+    for name in ("eval_seconds_total", "eval_in_pool", "eval_warm"):
+        assert name in EVAL_BOOKKEEPING and f'"{name}"' in source
+
+
+#: names only the trial adds around the evaluation (not from evaluation.evaluate)
+_TRIAL_ONLY = {"eval_seconds_total", "eval_in_pool", "eval_warm"}
+
+
+def _final_names(cfg) -> set[str]:
+    from regvi.sweep.metric_names import TRIAL_BOOKKEEPING, reported_metrics
+
+    names = set(reported_metrics(cfg, per_epoch=False)) - set(TRIAL_BOOKKEEPING) - _TRIAL_ONLY
+    return {n for n in names if not n.startswith("attribution_")}
+
+
+@pytest.mark.slow
+def test_evaluation_names_match_a_real_evaluation(tmp_path):
+    """Every switch on (labels, scib, dataset and technical keys, low-count), then a minimal
+    evaluation: the finite metrics produced are exactly the predicted names."""
+    import numpy as np
+
+    import regvi
+    from evaluation.evaluate import evaluate
+    from evaluation.reference import unintegrated_pca
+
+    a = regvi.simulate(
+        n_cells=400, n_genes=60, n_cell_types=3, n_libraries=4, n_technologies=2, seed=3
+    )
+    a.obs["dataset"] = np.where(a.obs["library"].isin(["lib_0", "lib_1"]), "d0", "d1")
+    a.obsm["X_pca"] = unintegrated_pca(a.X, n_comps=8)
+    rng = np.random.default_rng(0)
+
+    def encode(X, idx):
+        return a.obsm["X_pca"][idx] + rng.normal(0, 0.1, (len(idx), 8))
+
+    ev = evaluate(
+        a,
+        "X_pca",
+        "library",
+        "cell_type",
+        dataset_key="dataset",
+        technical_keys=["technology"],
+        n_subsample=None,
+        encode=encode,
+    )
+    produced = {k for k, v in ev.metrics.items() if np.isfinite(v)}
+    cfg = _names_config(
+        tmp_path,
+        data={"dataset_key": "dataset", "technical_covariate_keys": ["technology"]},
+        evaluation={"scib": True, "neighbourhood": True, "lowcount": True},
+    )
+    expected = _final_names(cfg)
+    assert produced == expected, (sorted(produced - expected), sorted(expected - produced))
+
+    genes = [str(g) for g in a.var_names[:12]]
+    ev = evaluate(a, "X_pca", "library", markers=genes, scib=False, n_subsample=None)
+    produced = {k for k, v in ev.metrics.items() if np.isfinite(v)}
+    cfg = _names_config(
+        tmp_path,
+        data={"path": "d.h5ad", "library_key": "library"},
+        evaluation={"scib": False, "markers": genes},
+        objective={"metric": "validation_elbo"},
+    )
+    expected = _final_names(cfg)
+    assert produced == expected, (sorted(produced - expected), sorted(expected - produced))

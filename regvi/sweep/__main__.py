@@ -1,4 +1,8 @@
-"""CLI: ``python -m regvi.sweep CONFIG [--resume] [--dry-run] [--address ADDR]``.
+"""CLI: ``python -m regvi.sweep CONFIG [--resume] [--dry-run] [--list-metrics] [--address ADDR]``.
+
+``--dry-run`` checks the config (metric names included) and the data (keys, layers, counts;
+obs/var and the matrix's metadata only, see :mod:`regvi.sweep.data_check`), prints the resolved
+search and exits. ``--list-metrics`` prints the metrics the configured trials report.
 
 Exit status: 0 done; 2 refused (bad config, data or output folder; nothing written); 3 stopped
 because storage filled up mid-sweep (free space, then ``--resume``)."""
@@ -16,7 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m regvi.sweep", description=__doc__)
     p.add_argument("config", type=Path, help="sweep YAML (see sweeps/)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved search and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config and the data (without loading it), print the resolved search, exit",
+    )
+    p.add_argument(
+        "--list-metrics",
+        action="store_true",
+        help="print the metrics the configured trials report (objective names) and exit",
+    )
     p.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)"
     )
@@ -26,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     from regvi.sweep.space import describe
 
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, check_metrics=not args.list_metrics)
         if args.trials is not None:
             cfg.trials = args.trials
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.list_metrics:
+        from regvi.sweep.metric_names import describe_metrics
+
+        print(describe_metrics(cfg))
+        return 0
     print(
         f"sweep {cfg.name!r}: {cfg.trials} trials, objective "
         f"{dict(zip(cfg.objective_metrics, cfg.objective_modes, strict=True))}, "
@@ -40,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("search space:\n" + describe(cfg))
     if args.dry_run:
+        from regvi.sweep.data_check import check_data_files
+
+        try:
+            found = check_data_files(cfg)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print("data:\n" + found.describe())
         print(json.dumps(cfg.resolved(), indent=2, default=str))
         return 0
     from regvi.sweep.runner import run_sweep

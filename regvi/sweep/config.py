@@ -2,6 +2,9 @@
 
 See ``sweeps/quickstart.yaml`` for an annotated example. Every key is checked before Ray,
 MLflow or any file is touched; relative data paths resolve against the config file's folder.
+Metric names (``objective.metric``, the metric ASHA prunes on) are checked against the metrics
+the configured trials report (:mod:`regvi.sweep.metric_names`); the data itself (keys, layers,
+counts) by :func:`regvi.sweep.data_check.check_data_files` (``--dry-run`` and before a sweep).
 """
 
 from __future__ import annotations
@@ -290,8 +293,14 @@ def _resolve_file(value: Any, base: Path, where: str) -> str:
     return str(p.resolve())
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read and validate a sweep YAML. Raises :class:`ConfigError` naming the bad key/value."""
+def load_config(
+    path: str | os.PathLike,
+    overrides: dict[str, Any] | None = None,
+    check_metrics: bool = True,
+) -> SweepConfig:
+    """Read and validate a sweep YAML. Raises :class:`ConfigError` naming the bad key/value.
+
+    ``check_metrics=False`` skips the check of metric names (to list the valid ones)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -302,11 +311,17 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     raw = _require_mapping(raw, str(path))
     if overrides:
         raw = {**raw, **overrides}
-    return parse_config(raw, path)
+    return parse_config(raw, path, check_metrics=check_metrics)
 
 
-def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
-    """Validate an already-parsed config mapping (``path`` anchors relative paths)."""
+def parse_config(
+    raw: dict[str, Any], path: Path | None = None, check_metrics: bool = True
+) -> SweepConfig:
+    """Validate an already-parsed config mapping (``path`` anchors relative paths).
+
+    Metric names (``objective.metric``, the metric ASHA prunes on) must be metrics the
+    configured trials report (:func:`regvi.sweep.metric_names.check_metric_settings`), unless
+    ``check_metrics`` is false."""
     if not raw:
         raise ConfigError(f"{path or 'config'}: empty config; needs at least 'data' and 'search'")
     _unknown(raw, SECTIONS, "config")
@@ -395,6 +410,11 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
     _unknown(obj, {"metric", "mode"}, "objective")
     metrics = obj.get("metric", "validation_elbo")
     metrics = [metrics] if isinstance(metrics, str) else metrics
+    if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
+        raise ConfigError(
+            f"objective.metric: {metrics!r}; expected a metric name or a list of two "
+            "(e.g. [scib_bio, scib_batch])"
+        )
     modes = obj.get("mode")
     if modes is None:
         modes = ["min" if m.startswith(("validation_", "train_")) else "max" for m in metrics]
@@ -459,11 +479,10 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
         if not mp.is_file():
             raise ConfigError(f"evaluation.markers: file {mp} does not exist")
         ev["markers"] = str(mp.resolve())
-    for m in metrics:
-        if m.startswith(("scib_", "nc_")) and not data.get("labels_key") and m.startswith("scib_"):
-            raise ConfigError(f"objective {m!r} needs data.labels_key (scib metrics need labels)")
-        if m.startswith("scib_") and ev.get("scib") is False:
-            raise ConfigError(f"objective {m!r} but evaluation.scib is false")
+    if ev.get("markers") == "data" and not data.get("labels_key"):
+        raise ConfigError(
+            "evaluation.markers: 'data' (markers from the labels) needs data.labels_key"
+        )
     ml = _require_mapping(raw.get("mlflow"), "mlflow")
     _unknown(ml, {"tracking_uri", "experiment", "register_model"}, "mlflow")
     storage = _require_mapping(raw.get("storage"), "storage")
@@ -474,7 +493,7 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"name: {name!r}; expected letters, digits, '-' or '_' (used in paths)")
     seed = int(_number(raw.get("seed", 0), "seed", integer=True))
-    return SweepConfig(
+    cfg = SweepConfig(
         name=name,
         config_path=path,
         data=data,
@@ -497,3 +516,9 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> SweepConfig:
         storage_path=spath.resolve(),
         seed=seed,
     )
+    # objective / ASHA metric names against the metrics the configured trials report
+    if check_metrics:
+        from regvi.sweep.metric_names import check_metric_settings
+
+        check_metric_settings(cfg)
+    return cfg

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from regvi.sweep.config import SweepConfig
+from regvi.sweep.metric_names import asha_metric, final_only_objective
 from regvi.sweep.storage import StorageFullError, is_storage_full, stopped_message
 from regvi.sweep.tracking import (
     MLflowSweepCallback,
@@ -104,13 +105,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def asha_metric(cfg: SweepConfig) -> tuple[str, str]:
-    """Per-epoch metric ASHA prunes on: the objective when it is per-epoch, else validation ELBO."""
-    if not cfg.multi_objective and cfg.objective_metrics[0].startswith(("validation_", "train_")):
-        return cfg.objective_metrics[0], cfg.objective_modes[0]
-    return "validation_elbo", "min"
-
-
 def init_ray(address: str | None, cfg: SweepConfig) -> dict[str, float]:
     """Connect to (or start) Ray and check the trial's resources fit; returns cluster resources."""
     import ray
@@ -156,15 +150,6 @@ def _static(cfg: SweepConfig, sweep_dir: Path) -> dict[str, Any]:
         "reference_cache": str(sweep_dir / "reference_cache"),
         "sweep": cfg.name,
     }
-
-
-#: Metrics that exist only in a trial's final report (evaluation after training).
-FINAL_ONLY_PREFIXES = ("scib_", "nc_", "lowcount_", "attribution_", "eval_")
-
-
-def final_only_objective(cfg: SweepConfig) -> bool:
-    """The objective is an evaluation metric, absent from the per-epoch reports."""
-    return any(m.startswith(FINAL_ONLY_PREFIXES) for m in cfg.objective_metrics)
 
 
 def _searcher(cfg: SweepConfig, sweep_dir: Path):
@@ -268,9 +253,14 @@ def run_sweep(
     """Run (or ``resume``) the sweep described by ``cfg``.
 
     Bad input is refused (``ValueError`` / ``FileExistsError`` / ``FileNotFoundError``) before
-    Ray or MLflow start. Storage filling up mid-sweep stops it with
+    Ray or MLflow start or any folder is made: first the data's keys, layers and counts
+    (:func:`~regvi.sweep.data_check.check_data_files`, as ``--dry-run`` checks them), then the
+    output folder, then the data read in full. Storage filling up mid-sweep stops it with
     :class:`~regvi.sweep.storage.StorageFullError`; free space, then ``resume``.
     """
+    from regvi.sweep.data_check import check_data_files
+
+    check_data_files(cfg)  # cheap: obs/var and matrix metadata; names the key and the file
     sweep_dir = cfg.storage_path / cfg.name
     state_path = sweep_dir / STATE_FILE
     if resume and not state_path.is_file():
