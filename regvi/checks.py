@@ -32,7 +32,10 @@ def check_int(
         kind = "an integer" + (" or None" if allow_none else "")
         raise TypeError(f"{name}={_describe(value)}; expected {kind}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name}={value!r}; expected an integer >= {minimum}")
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}"
+        )
+        raise ValueError(f"{name}={value!r}; expected {kind}")
     return int(value)
 
 
