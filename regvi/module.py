@@ -108,6 +108,11 @@ class ModuleConfig:
     library_residual: bool = False
     # decoder regularisation
     decoder_l2: float = 0.1
+    #: initial posterior std of z (``None``: PyTorch's default init of the variance head, which
+    #: gives std ≈ 1): the variance head's bias is set so that std ≈ this value and its weights
+    #: are scaled by 0.1, so the cells' posterior means are not drowned in sampling noise at
+    #: the start of training (see :meth:`RegVIModule.init_posterior_scale`)
+    encoder_var_init: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable representation."""
@@ -178,6 +183,9 @@ def check_module_options(options: dict[str, Any], all_fields: bool = False) -> N
             check_choice(name, value, _CHOICE_OPTIONS[name])
         elif name == "n_latent_decoder":
             check_int(name, value, 1, allow_none=True)
+        elif name == "encoder_var_init":
+            if value is not None:
+                check_float(name, value, positive=True)
         elif all_fields and name.startswith("n_"):
             if not isinstance(value, list | tuple):
                 raise TypeError(f"{name}={value!r}; expected a list of integers")
@@ -206,6 +214,8 @@ class RegVIModule(nn.Module):
             c.activation,
             c.var_activation,
         )
+        if c.encoder_var_init is not None:
+            self.init_posterior_scale(c.encoder_var_init)
         self.l_encoder = LibraryEncoder(
             n_enc_in,
             self.encoder_cats.n_out,
@@ -261,6 +271,19 @@ class RegVIModule(nn.Module):
             self.library_w_scale_raw = nn.Parameter(inverse_softplus(torch.tensor(0.1)))
 
     # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_posterior_scale(self, std: float) -> None:
+        """Start q(z) with std ≈ ``std`` for every cell: variance-head bias at the inverse
+        variance activation of std² (exp: log std²; softplus: log(expm1(std²))) and its weights
+        × 0.1, so the variance depends only a little on the cell at the start."""
+        head = self.z_encoder.var
+        target = torch.tensor(float(std) ** 2 - self.z_encoder.var_eps).clamp_min(1e-8)
+        bias = (
+            torch.log(target) if self.config.var_activation == "exp" else inverse_softplus(target)
+        )
+        head.bias.fill_(float(bias))
+        head.weight.mul_(0.1)
+
     @torch.no_grad()
     def set_library_prior(
         self,

@@ -306,3 +306,20 @@ def test_multimodal_same_call_twice_same_latent():
 def test_covariates_encoded_for_model_purposes(sim):
     model = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
     assert set(model._covariates) >= {p for p in MODEL_PURPOSES if p in model._covariates}
+
+
+@pytest.mark.parametrize("activation", ["exp", "softplus"])
+def test_encoder_var_init_sets_the_initial_posterior_std(sim, activation):
+    model = regvi.RegVI(
+        sim,
+        library_key="library",
+        n_hidden=64,
+        n_latent=8,
+        var_activation=activation,
+        encoder_var_init=0.1,
+    )
+    inf = model.module.inference(_first_batch(model), sample=False)
+    std = inf["qz_var"].sqrt()
+    assert float(std.mean()) == pytest.approx(0.1, rel=0.05)
+    with pytest.raises(ValueError, match="encoder_var_init"):
+        regvi.RegVI(sim, library_key="library", encoder_var_init=-1.0)
