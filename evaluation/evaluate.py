@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +38,18 @@ from evaluation.subsample import stratified_subsample
 
 @dataclass
 class Evaluation:
-    """Result of :func:`evaluate`."""
+    """Result of :func:`evaluate`.
+
+    ``per_cell`` has one row per evaluated cell, in the order of ``indices`` (positions of the
+    evaluated cells in the AnnData); rows are aligned by position, so duplicated obs_names are
+    kept as they are, never joined on."""
 
     metrics: dict[str, float]
     per_cell: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
     embedding: np.ndarray | None = None
+    indices: np.ndarray | None = None
 
 
 def counts_matrix(adata: AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
@@ -168,6 +174,7 @@ def evaluate(
         markers,
         neighbourhood,
     )
+    _warn_duplicated_names(adata.obs_names)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     strata = [k for k in (label_key, library_key) if k is not None]
@@ -208,7 +215,7 @@ def evaluate(
             result, n_markers = nc
             metrics["eval_n_markers"] = float(n_markers)
             metrics.update({f"nc_{k}": float(v) for k, v in result.headline.items()})
-            per_cell = per_cell.join(result.per_cell.set_index(per_cell.index))
+            per_cell = _add_columns(per_cell, result.per_cell)
             tables.update({f"nc_summary_{k}": v for k, v in result.summaries.items()})
         else:
             info["neighbourhood_skipped"] = "no markers (give markers= or label_key)"
@@ -223,7 +230,48 @@ def evaluate(
         timings["lowcount"] = time.perf_counter() - t
     metrics.update({f"eval_seconds_{k}": v for k, v in timings.items()})
     info["subsample_indices_sha"] = str(pd.util.hash_array(idx).sum())
-    return Evaluation(metrics, per_cell, tables, info, emb)
+    return Evaluation(metrics, per_cell, tables, info, emb, indices=idx)
+
+
+def _evaluated_obs(ev: Evaluation, obs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``obs`` (the evaluated AnnData's obs) that ``ev`` scored, by position."""
+    if ev.indices is not None and len(obs) > int(np.max(ev.indices, initial=-1)):
+        sub = obs.iloc[ev.indices]
+        if sub.index.equals(ev.per_cell.index):
+            return sub.copy()
+    if not ev.per_cell.index.is_unique or not obs.index.is_unique:
+        raise ValueError(
+            "obs is not the obs of the evaluated AnnData and its names are not unique: cannot "
+            "match the evaluated cells (call adata.obs_names_make_unique() first)"
+        )
+    return obs.loc[ev.per_cell.index].copy()
+
+
+def _add_columns(per_cell: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``new``'s columns added to ``per_cell`` row by row (by position, not by name).
+
+    A join on obs_names would multiply the rows of every duplicated name (common after
+    concatenating libraries): k copies of a name become k² rows."""
+    if len(new) != len(per_cell):
+        raise ValueError(f"per-cell results have {len(new)} rows for {len(per_cell)} cells")
+    out = per_cell.copy()
+    for col in new.columns:
+        out[col] = new[col].to_numpy()
+    return out
+
+
+def _warn_duplicated_names(obs_names: pd.Index) -> None:
+    """Warn that per-cell rows repeat duplicated obs_names (results are aligned by position)."""
+    dup = obs_names[obs_names.duplicated()].unique()
+    if len(dup):
+        shown = ", ".join(map(repr, dup[:5].tolist())) + (", ..." if len(dup) > 5 else "")
+        warnings.warn(
+            f"adata.obs_names has {len(dup)} duplicated name(s) ({shown}); cells are evaluated "
+            "by position, but the per-cell table repeats those names. Call "
+            "adata.obs_names_make_unique() to join per-cell results back by name.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _marker_genes(adata, counts, labels, label_key, markers) -> list[str] | None:
@@ -296,7 +344,7 @@ def write_outputs(
     if hist is not None:
         paths["neighbourhood_png"] = hist
     if umap and ev.embedding is not None:
-        sub_obs = obs.loc[ev.per_cell.index].copy()
+        sub_obs = _evaluated_obs(ev, obs)
         for c in ev.per_cell.columns:
             if c.startswith("failure_mode_"):
                 sub_obs[c] = ev.per_cell[c].to_numpy()

@@ -123,3 +123,40 @@ def test_sparse_reference_pca_is_centred_pca_as_scanpy(kang, tmp_path):
         unintegrated_pca(counts, n_comps=30, dense_max_entries=0, cache_dir=tmp_path), pcs
     )
     assert len(list(tmp_path.glob("pca_*_centred.npy"))) == 1
+
+
+def test_duplicated_obs_names_are_evaluated_by_position(tmp_path):
+    """Concatenated libraries with the same barcodes: one per-cell row per cell (a join on names
+    gave k² rows per name), the same values as with unique names, and a warning naming them."""
+    import anndata as ad
+    import pandas as pd
+
+    from evaluation.evaluate import evaluate, write_outputs
+    from regvi import datasets
+
+    one = datasets.kang_pbmc_small()[:300].copy()
+    dup = ad.concat([one, one])
+    dup.obs["sample"] = np.r_[one.obs["sample"].astype(str), one.obs["sample"].astype(str) + "_b"]
+    emb = np.random.default_rng(0).normal(size=(dup.n_obs, 8)).astype(np.float32)
+    emb[:, 0] += pd.factorize(dup.obs["cell_type"])[0]
+    dup.obsm["X_emb"] = emb
+    assert not dup.obs_names.is_unique
+    unique = dup.copy()
+    unique.obs_names_make_unique()
+    kwargs = dict(library_key="sample", label_key="cell_type", scib=False, n_subsample=400)
+    with pytest.warns(UserWarning, match="duplicated name.*obs_names_make_unique"):
+        ev = evaluate(dup, "X_emb", **kwargs)
+    ref = evaluate(unique, "X_emb", **kwargs)
+    assert len(ev.per_cell) == len(ref.per_cell) == 400
+    assert ev.per_cell.shape[1] > 0
+    np.testing.assert_array_equal(ev.per_cell.index, dup.obs_names[ev.indices])
+    pd.testing.assert_frame_equal(
+        ev.per_cell.reset_index(drop=True), ref.per_cell.reset_index(drop=True)
+    )
+    for key, value in ref.metrics.items():
+        if not key.startswith("eval_seconds"):
+            assert ev.metrics[key] == pytest.approx(value, nan_ok=True), key
+    coords = np.zeros((400, 2), dtype=np.float32)
+    paths = write_outputs(ev, dup.obs, tmp_path, ["cell_type", "sample"], coords=coords)
+    assert len(pd.read_csv(paths["per_cell"], index_col=0)) == 400
+    assert paths["umap"].is_file()
