@@ -265,8 +265,8 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
         "library_key": lib_key,
         "label_key": label_key,
         "dataset_key": data.get("dataset_key"),
-        "technical_keys": data.get("technical_covariate_keys") or [],
-        "layer": data.get("layer"),
+        "technical_keys": _as_list(data.get("technical_covariate_keys")),
+        "layer": counts_layer(data),
         "markers": ev_cfg.get("markers"),
         "n_subsample": None,
         "seed": cfg["seed"],
@@ -303,6 +303,13 @@ def _evaluate(model, adata, cfg: dict[str, Any], out: Path) -> dict[str, float]:
     if multimodal:
         metrics.update(_attribution(model, idx, result["coords"], label_key, sub.obs, plots))
     return metrics
+
+
+def _as_list(keys: str | list[str] | None) -> list[str]:
+    """A key or a list of keys as a list (a single string is one key, not its letters)."""
+    if keys is None:
+        return []
+    return [keys] if isinstance(keys, str) else list(keys)
 
 
 def counts_layer(data_cfg: dict[str, Any]) -> str | None:
