@@ -22,25 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from regvi.model import REGISTRY_ARGS
 from regvi.sweep.config import BUNDLED_PREFIX, ConfigError, SweepConfig
 
 #: Stored values of the count matrix whose values are checked (the first ones on disk).
 SAMPLE_VALUES = 1_000_000
 #: Data keys that name obs columns (every REGISTRY_ARGS entry but ``layer``).
-COLUMN_KEYS = (
-    "library_key",
-    "batch_key",
-    "ambient_covariate_keys",
-    "dispersion_key",
-    "library_size_key",
-    "feature_scaling_covariate_keys",
-    "nn_conditioning_covariate_keys",
-    "encoder_covariate_keys",
-    "continuous_covariate_keys",
-    "dataset_key",
-    "technical_covariate_keys",
-    "labels_key",
-)
+COLUMN_KEYS = tuple(k for k in REGISTRY_ARGS if k != "layer")
 
 
 @dataclass
