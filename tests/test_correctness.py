@@ -13,7 +13,6 @@ import torch
 import regvi
 from regvi.base import initialise_from_data
 from regvi.data import train_validation_split
-from regvi.data.registry import MODEL_PURPOSES
 from regvi.module import ModuleConfig, RegVIModule
 from regvi.training import TrainingPlan, TrainSettings
 
@@ -301,11 +300,6 @@ def test_multimodal_same_call_twice_same_latent():
         m.train(max_epochs=2, early_stopping=False, progress_bar=False, seed=0)
         latents.append(m.get_latent_representation())
     np.testing.assert_array_equal(latents[0], latents[1])
-
-
-def test_covariates_encoded_for_model_purposes(sim):
-    model = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
-    assert set(model._covariates) >= {p for p in MODEL_PURPOSES if p in model._covariates}
 
 
 @pytest.mark.parametrize("activation", ["exp", "softplus"])
