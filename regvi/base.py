@@ -210,6 +210,21 @@ def initialise_from_data(
         module.data_init(None, None, theta)  # dispersion only; keep default init
 
 
+def check_train_option(name: str, value: Any) -> None:
+    """Type- and range-check one :meth:`BaseModel.train` argument (as ``train`` does)."""
+    import inspect
+
+    args = {
+        k: p.default
+        for k, p in inspect.signature(BaseModel.train).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    if name not in args:
+        return
+    args.update({name: value, "self": None})
+    _check_train_options(args)
+
+
 def _check_train_options(args: Mapping[str, Any]) -> int:
     """Type- and range-check :meth:`BaseModel.train` arguments before any work; return the seed.
 
@@ -245,8 +260,7 @@ def _check_train_options(args: Mapping[str, Any]) -> int:
     check_str("accelerator", args["accelerator"])
     if args["initialise"] is not None:
         check_bool("initialise", args["initialise"])
-    self = args["self"]
-    seed = getattr(self, "seed", 0) if args["seed"] is None else args["seed"]
+    seed = getattr(args["self"], "seed", 0) if args["seed"] is None else args["seed"]
     return int(check_int("seed", seed, 0))
 
 

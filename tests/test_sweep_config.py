@@ -610,3 +610,24 @@ def test_evaluation_names_match_a_real_evaluation(tmp_path):
     )
     expected = _final_names(cfg)
     assert produced == expected, (sorted(produced - expected), sorted(expected - produced))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"model": {"use_ambient": "False"}}, r"model\.use_ambient: .*expected True or False"),
+        ({"model": {"n_latent": "128"}}, r"model\.n_latent: .*expected an integer"),
+        ({"training": {"lr": "1e-3"}}, r"training\.lr: .*YAML reads 1e-3 as a string"),
+        ({"training": {"validation_fraction": 1.5}}, r"training\.validation_fraction"),
+        (
+            {"search": {"library_residual": {"type": "categorical", "values": [True, "False"]}}},
+            r"search\.library_residual\.values\[1\]: .*expected True or False",
+        ),
+    ],
+)
+def test_model_and_training_values_are_type_checked_before_ray(extra, message):
+    from regvi.sweep.config import ConfigError, parse_config
+
+    base = {"data": {"path": "bundled:kang_pbmc_small", "library_key": "sample"}}
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**base, **extra}, Path("x.yaml"))

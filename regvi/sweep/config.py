@@ -218,6 +218,49 @@ class SweepConfig:
         }
 
 
+def _check_option(section: str, name: str, value: Any, prefix: bool = True) -> None:
+    """Type-check one model or training value as RegVI / ``train()`` would, before Ray starts.
+
+    A YAML ``"False"`` where a bool belongs is refused naming ``<section>.<name>`` (a mapping
+    by modality is checked value by value)."""
+    from regvi.base import check_train_option
+    from regvi.checks import check_bool, check_choice
+    from regvi.module import check_module_options
+
+    where = f"{section}.{name}" if prefix else section
+    if isinstance(value, dict) and name not in MULTIMODAL_MODEL_ARGS:
+        for m, v in value.items():
+            _check_option(f"{where}.{m}", name, v, prefix=False)
+        return
+    try:
+        if section == "training":
+            check_train_option(name, value)
+        elif name in ModuleConfig.user_options() | {"n_hidden", "n_latent", "n_layers"}:
+            check_module_options({name: value})
+        elif name == "data_init":
+            check_bool(name, value)
+        elif name == "dispersion_init":
+            check_choice(name, value, ("prior", "data"))
+        elif name in train_option_names():
+            check_train_option(name, value)
+    except (TypeError, ValueError) as err:
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = f" (YAML reads {value} as a string: write it with a dot, e.g. 1.0e-3)"
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {err}{hint}") from None
+
+
+def train_option_names() -> set[str]:
+    """Arguments of ``RegVI.train``."""
+    from regvi.model import RegVI
+
+    return set(inspect.signature(RegVI.train).parameters) - {"self", "trainer_kwargs"}
+
+
 def _parse_param(
     name: str, spec: Any, train_args: set[str], modalities: list[str] | None = None
 ) -> Param:
@@ -381,6 +424,8 @@ def parse_config(
                 raise ConfigError(
                     f"model.{k}: unknown modalities {bad}; data.modalities: {modalities}"
                 )
+    for k, v in model.items():
+        _check_option("model", k, v)
     training = dict(_require_mapping(raw.get("training"), "training"))
     _unknown(training, train_args, "training")
     for k in ("max_epochs", "batch_size", "patience"):
@@ -390,9 +435,15 @@ def parse_config(
     for k, v in training.items():
         if k in switches and not isinstance(v, bool):
             raise ConfigError(f"training.{k}: {v!r}; expected true or false")
+    for k, v in training.items():
+        _check_option("training", k, v)
     # search
     search = _require_mapping(raw.get("search"), "search")
     params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
+    for p in params:  # every value a categorical search may take, as if fixed
+        for i, v in enumerate(p.values or []):
+            option = p.name.split(".", 1)[0] if p.modality else p.name
+            _check_option(f"search.{p.name}.values[{i}]", option, v, prefix=False)
     names = {p.name for p in params}
     for p in params:
         for dep in p.when:
