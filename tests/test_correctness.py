@@ -300,6 +300,8 @@ def test_multimodal_same_call_twice_same_latent():
         m.train(max_epochs=2, early_stopping=False, progress_bar=False, seed=0)
         latents.append(m.get_latent_representation())
     np.testing.assert_array_equal(latents[0], latents[1])
+    elbo = m.get_elbo(indices=m.validation_indices, seed=0)
+    assert np.isfinite(elbo) and elbo == m.get_elbo(indices=m.validation_indices, seed=0)
 
 
 @pytest.mark.parametrize("activation", ["exp", "softplus"])
