@@ -436,7 +436,8 @@ def parse_config(
         if k in switches and not isinstance(v, bool):
             raise ConfigError(f"training.{k}: {v!r}; expected true or false")
     for k, v in training.items():
-        _check_option("training", k, v)
+        if k not in ("precision", "data_on_device"):  # checked with the resources below
+            _check_option("training", k, v)
     # search
     search = _require_mapping(raw.get("search"), "search")
     params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
