@@ -17,7 +17,8 @@ Usage
         --set default --set '{"name": "restore", "train": {"restore_best": true}}'
 
 ``--set`` adds a setting to compare: a JSON object with ``name`` and optional ``model`` /
-``train`` keyword arguments (``default`` is the plain defaults). Writes
+``train`` keyword arguments (``default`` is the plain defaults; the model value ``"$library"``
+stands for the dataset's library key, e.g. ``{"nn_conditioning_covariate_keys": "$library"}``). Writes
 ``benchmarks/results/bench_stability.json``.
 """
 
@@ -87,7 +88,9 @@ def run_one(adata, key: str, label: str, setting: dict[str, Any], seed: int, arg
     from evaluation.evaluate import evaluate
 
     sizes = regvi.RegVI.preset(args.preset)
-    model = regvi.RegVI(adata, library_key=key, **sizes, **setting.get("model", {}))
+    # "$library" in a setting's model options stands for the dataset's library key
+    extra = {k: (key if v == "$library" else v) for k, v in setting.get("model", {}).items()}
+    model = regvi.RegVI(adata, library_key=key, **sizes, **extra)
     t = time.perf_counter()
     train = {"max_epochs": args.max_epochs, "progress_bar": False, "seed": seed}
     history = model.train(**{**train, **setting.get("train", {})})

@@ -127,6 +127,14 @@ def test_sweep_end_to_end_with_scib(tmp_path):
         evaluation={"scib": True, "umap": True},
         scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2},
         budget={"trials": 3},
+        search={  # capacity and which key conditions the decoder (a covariate purpose)
+            "n_hidden": {"type": "categorical", "values": [16, 32]},
+            "n_latent": {"type": "int", "low": 3, "high": 6},
+            "nn_conditioning_covariate_keys": {
+                "type": "categorical",
+                "values": [None, "library", ["library", "cell_type"]],
+            },
+        },
     )
     out = _sweep(cfg)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -155,6 +163,10 @@ def test_sweep_end_to_end_with_scib(tmp_path):
         latent, idx = np.load(local / "eval_latent.npy"), np.load(local / "eval_indices.npy")
         model = regvi.load(f"runs:/{run.info.run_id}/model", adata=adata)
         np.testing.assert_array_equal(model.get_latent_representation(indices=idx), latent)
+        # the trial's model was built with the sampled decoder-conditioning keys
+        searched = run.data.params["nn_conditioning_covariate_keys"]
+        expected = {"None": [], "library": ["library"]}.get(searched, ["library", "cell_type"])
+        assert model.registry.purposes["nn_conditioning"] == expected, searched
         arts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
         assert {"plots/umap.png", "plots/training_curves.png"} <= arts
     best = regvi.load("models:/e2e-model@champion")

@@ -631,3 +631,163 @@ def test_model_and_training_values_are_type_checked_before_ray(extra, message):
     base = {"data": {"path": "bundled:kang_pbmc_small", "library_key": "sample"}}
     with pytest.raises(ConfigError, match=message):
         parse_config({**base, **extra}, Path("x.yaml"))
+
+
+# ------------------------------------------------------------- searched covariate purposes
+def test_covariate_purposes_are_searchable_as_categorical_obs_keys():
+    from regvi.sweep.config import decode_data_value
+
+    raw = _base()
+    raw["search"]["nn_conditioning_covariate_keys"] = {
+        "type": "categorical",
+        "values": [None, "condition", ["condition", "cell_type"]],
+    }
+    raw["search"]["feature_scaling_covariate_keys"] = {
+        "type": "categorical",
+        "values": [[], "condition"],
+    }
+    cfg = parse_config(raw, REPO / "sweeps" / "x.yaml")
+    params = {p.name: p for p in cfg.params}
+    assert params["nn_conditioning_covariate_keys"].target == "data"
+    values = params["nn_conditioning_covariate_keys"].values
+    # Optuna / Tune / MLflow hold primitives: lists travel as JSON text and decode back
+    assert values == [None, "condition", '["condition", "cell_type"]']
+    assert [decode_data_value(v) for v in values] == [
+        None,
+        "condition",
+        ["condition", "cell_type"],
+    ]
+    assert decode_data_value(params["feature_scaling_covariate_keys"].values[0]) == []
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = DefineByRun(cfg.params)
+    seen = set()
+    for _ in range(30):
+        t = study.ask()
+        space(t)
+        seen.add(t.params["params/nn_conditioning_covariate_keys"])
+        study.tell(t, 0.0)
+    assert seen == set(values)
+    assert (
+        len(
+            grid(
+                parse_config(
+                    {
+                        **raw,
+                        "search": {
+                            "nn_conditioning_covariate_keys": raw["search"][
+                                "nn_conditioning_covariate_keys"
+                            ]
+                        },
+                    }
+                )
+            )
+        )
+        == 3
+    )
+
+
+def test_trial_data_arguments_decode_searched_purposes():
+    from regvi.sweep.trial import data_arguments
+
+    static = {
+        "data": {"path": "x.h5ad", "library_key": "sample"},
+        "data_params": ["nn_conditioning_covariate_keys", "feature_scaling_covariate_keys"],
+    }
+    params = {
+        "nn_conditioning_covariate_keys": '["donor", "tech"]',
+        "feature_scaling_covariate_keys": None,
+        "n_hidden": 32,
+    }
+    data = data_arguments(static, params)
+    assert data == {
+        "path": "x.h5ad",
+        "library_key": "sample",
+        "nn_conditioning_covariate_keys": ["donor", "tech"],
+        "feature_scaling_covariate_keys": None,
+    }
+    assert static["data"] == {"path": "x.h5ad", "library_key": "sample"}  # not changed
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        (
+            {"library_key": {"type": "categorical", "values": ["condition", "cell_type"]}},
+            r"search\.library_key: 'library_key' cannot be searched: it defines what every trial",
+        ),
+        (
+            {"labels_key": {"type": "categorical", "values": ["cell_type"]}},
+            r"search\.labels_key: 'labels_key' cannot be searched",
+        ),
+        (
+            {"nn_conditioning_covariate_keys": {"type": "uniform", "low": 0, "high": 1}},
+            r"search\.nn_conditioning_covariate_keys\.type: 'uniform'; a covariate purpose is "
+            r"searched as categorical",
+        ),
+        (
+            {"encoder_covariate_keys": {"type": "categorical", "values": [None, 3]}},
+            r"search\.encoder_covariate_keys\.values\[1\]: 3; expected null \(the default\), an "
+            r"obs column name",
+        ),
+        (
+            {"encoder_covariate_keys": {"type": "categorical", "values": ["a", ["a"], "a"]}},
+            r"search\.encoder_covariate_keys\.values: .* lists a value twice",
+        ),
+        (
+            {"nn_conditioning_covariate_keys": {"type": "categorical", "values": ["[x]"]}},
+            r"'\[x\]' is not an obs column name",
+        ),
+    ],
+)
+def test_bad_searched_covariate_purposes_are_refused(search, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_base(search=search), REPO / "sweeps" / "x.yaml")
+
+
+def test_searched_purpose_also_fixed_under_data_is_refused():
+    raw = _base(
+        search={"nn_conditioning_covariate_keys": {"type": "categorical", "values": [None]}}
+    )
+    raw["data"]["nn_conditioning_covariate_keys"] = "condition"
+    with pytest.raises(ConfigError, match=r"search\.nn_conditioning_covariate_keys: also fixed"):
+        parse_config(raw, REPO / "sweeps" / "x.yaml")
+
+
+def test_dry_run_checks_every_searched_purpose_value_against_obs(tmp_path, capsys):
+    from regvi.sweep.data_check import check_data_files
+
+    _h5ad(tmp_path, technology=["t0", "t1", "t1"] * 40)
+    good = {
+        "n_hidden": {"type": "categorical", "values": [16, 32]},
+        "nn_conditioning_covariate_keys": {
+            "type": "categorical",
+            "values": [None, "technology", ["technology", "library"]],
+        },
+    }
+    summary = check_data_files(load_config(_sim_config(tmp_path, search=good)))
+    assert summary.levels["library"] == 2
+    bad = dict(good)
+    bad["nn_conditioning_covariate_keys"] = {
+        "type": "categorical",
+        "values": [None, ["technology", "technolgy"]],
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"search\.nn_conditioning_covariate_keys\.values\[1\] = \['technology', "
+        r"'technolgy'\]: data\.nn_conditioning_covariate_keys: 'technolgy' is not an obs "
+        r"column .*closest: \['technology'\]",
+    ):
+        check_data_files(load_config(_sim_config(tmp_path, search=bad)))
+    rc, _, err = _cli([tmp_path / "c.yaml", "--dry-run"], capsys)
+    assert rc == 2 and "search.nn_conditioning_covariate_keys.values[1]" in err
+    assert not (tmp_path / "runs").exists()
+    # a value the registry refuses (NaN in the column) is named too
+    _h5ad(tmp_path, technology=["t0", None, "t1"] * 40)
+    nan = {"encoder_covariate_keys": {"type": "categorical", "values": [None, "technology"]}}
+    with pytest.raises(
+        ConfigError,
+        match=r"search\.encoder_covariate_keys\.values\[1\] = 'technology': .*missing",
+    ):
+        check_data_files(load_config(_sim_config(tmp_path, search=nan)))

@@ -10,6 +10,7 @@ counts) by :func:`regvi.sweep.data_check.check_data_files` (``--dry-run`` and be
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,18 @@ MODEL_ARGS = {
     "dispersion_init",
 } | ModuleConfig.user_options()
 DATA_KEYS = {"path", "modalities", "counts_modality", "allow_non_integer", *REGISTRY_ARGS}
+#: Registry purposes a sweep may search (``target="data"``): which obs key(s) serve which
+#: purpose. ``library_key`` / ``batch_key`` / ``labels_key`` / ``dataset_key`` stay fixed: they
+#: define what the evaluation scores, so every trial must share them.
+SEARCHABLE_DATA_KEYS = (
+    "ambient_covariate_keys",
+    "dispersion_key",
+    "feature_scaling_covariate_keys",
+    "nn_conditioning_covariate_keys",
+    "encoder_covariate_keys",
+    "continuous_covariate_keys",
+    "technical_covariate_keys",
+)
 #: Model arguments only the multimodal model takes (modality → value mappings).
 MULTIMODAL_MODEL_ARGS = {"disabled_covariates", "lr_multipliers"}
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
@@ -141,7 +154,8 @@ class Param:
     values: list[Any] | None = None
     log: bool = False
     when: dict[str, Any] = field(default_factory=dict)
-    target: str = "model"  # "model" (RegVI kwargs) or "training" (train kwargs)
+    #: "model" (RegVI kwargs), "training" (train kwargs) or "data" (registry purpose keys)
+    target: str = "model"
     modality: str | None = None  # multimodal: "n_latent.rna" sets n_latent of modality rna
 
 
@@ -282,10 +296,18 @@ def _parse_param(
         target = "model"
     elif name in train_args:
         target = "training"
+    elif name in SEARCHABLE_DATA_KEYS:
+        target = "data"
+    elif name in DATA_KEYS:
+        raise ConfigError(
+            f"{where}: {name!r} cannot be searched: it defines what every trial is scored on "
+            f"(fix it under data); searchable covariate purposes: {list(SEARCHABLE_DATA_KEYS)}"
+        )
     else:
         raise ConfigError(
-            f"{where}: {name!r} is not a RegVI model or training argument; model: "
-            f"{sorted(MODEL_ARGS)}; training: {sorted(train_args)}"
+            f"{where}: {name!r} is not a RegVI model or training argument or a searchable "
+            f"covariate purpose; model: {sorted(MODEL_ARGS)}; training: {sorted(train_args)}; "
+            f"covariate purposes: {list(SEARCHABLE_DATA_KEYS)}"
         )
     spec = _require_mapping(spec, where)
     _unknown(spec, {"type", "low", "high", "values", "log", "when"}, where)
@@ -301,10 +323,19 @@ def _parse_param(
         log=bool(spec.get("log", False)),
         modality=modality,
     )
+    if target == "data" and ptype != "categorical":
+        raise ConfigError(
+            f"{where}.type: {ptype!r}; a covariate purpose is searched as categorical over obs "
+            "keys, e.g. {type: categorical, values: [null, sample, [sample, donor]]}"
+        )
     if ptype == "categorical":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.values: expected a non-empty list, got {values!r}")
+        if target == "data":
+            values = [encode_data_value(v, f"{where}.values[{i}]") for i, v in enumerate(values)]
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{where}.values: {spec['values']!r} lists a value twice")
         p.values = values
     else:
         for bound in ("low", "high"):
@@ -319,6 +350,43 @@ def _parse_param(
         if ptype == "loguniform":
             p.log = True
     return p
+
+
+def encode_data_value(value: Any, where: str) -> str | None:
+    """A searched covariate-purpose value as Optuna / Tune / MLflow can hold it.
+
+    ``null`` (the purpose's default) and one obs key stay as they are; a list of keys (or a
+    per-modality mapping) becomes its JSON text, read back by :func:`decode_data_value`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value or value.startswith(("[", "{")):
+            raise ConfigError(f"{where}: {value!r} is not an obs column name")
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return json.dumps(value)
+    if (
+        isinstance(value, dict)
+        and value
+        and all(
+            isinstance(v, str)
+            or v is None
+            or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+            for v in value.values()
+        )
+    ):
+        return json.dumps(value, sort_keys=True)
+    raise ConfigError(
+        f"{where}: {value!r}; expected null (the default), an obs column name, a list of "
+        "names ([] for none) or, for paired modalities, a mapping modality → names"
+    )
+
+
+def decode_data_value(value: Any) -> Any:
+    """Inverse of :func:`encode_data_value` (a list / mapping of keys from its JSON text)."""
+    if isinstance(value, str) and value.startswith(("[", "{")):
+        return json.loads(value)
+    return value
 
 
 def _resolve_file(value: Any, base: Path, where: str) -> str:
@@ -442,6 +510,8 @@ def parse_config(
     search = _require_mapping(raw.get("search"), "search")
     params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
     for p in params:  # every value a categorical search may take, as if fixed
+        if p.target == "data":  # obs keys: checked against the data (data_check)
+            continue
         for i, v in enumerate(p.values or []):
             option = p.name.split(".", 1)[0] if p.modality else p.name
             _check_option(f"search.{p.name}.values[{i}]", option, v, prefix=False)
@@ -450,12 +520,12 @@ def parse_config(
         for dep in p.when:
             if dep not in names:
                 raise ConfigError(f"search.{p.name}.when: {dep!r} is not a searched parameter")
-        clash = p.name in model or p.name in training
+        clash = p.name in model or p.name in training or p.name in data
         if p.modality is not None:
             base_value = model.get(p.name.split(".", 1)[0])
             clash = isinstance(base_value, dict) and p.modality in base_value
         if clash:
-            raise ConfigError(f"search.{p.name}: also fixed in model/training; keep one")
+            raise ConfigError(f"search.{p.name}: also fixed in data/model/training; keep one")
     # objective
     obj = raw.get("objective", {"metric": "validation_elbo", "mode": "min"})
     obj = _require_mapping(obj, "objective")

@@ -5,8 +5,9 @@ run :func:`check_data_files`. Each ``.h5ad`` is opened with h5py; only ``obs`` a
 read, the count matrix is inspected through its HDF5 metadata (layer present, encoding, shape,
 dtype) plus its first :data:`SAMPLE_VALUES` stored values (negative, NaN/inf, non-integer), so
 the check costs about the same on an atlas as on the bundled data. The covariate registry is
-built from the real ``obs`` with the config's data keys, exactly as the model builds it (data
-keys are not searched: every trial uses the same keys), and for multimodal data the modalities
+built from the real ``obs`` with the config's data keys, exactly as the model builds it, once
+more for every value a searched covariate purpose may take (``search.<purpose_key>``), and for
+multimodal data the modalities
 are checked to hold the same cells. Marker files of the neighbourhood metrics are matched
 against the genes.
 
@@ -17,13 +18,13 @@ before Ray starts (:func:`regvi.sweep.runner.check_data`).
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from regvi.model import REGISTRY_ARGS
-from regvi.sweep.config import BUNDLED_PREFIX, ConfigError, SweepConfig
+from regvi.sweep.config import BUNDLED_PREFIX, ConfigError, SweepConfig, decode_data_value
 
 #: Stored values of the count matrix whose values are checked (the first ones on disk).
 SAMPLE_VALUES = 1_000_000
@@ -312,16 +313,10 @@ def check_data_files(cfg: SweepConfig) -> DataSummary:
         raise ConfigError(f"data check ({cfg.config_path or 'config'}): {err}") from None
 
 
-def _check(cfg: SweepConfig) -> DataSummary:
+def _check_keys(cfg: SweepConfig, files: dict, adatas: dict, where: str) -> Any:
+    """Every data key is an obs column and the covariate registry builds from ``obs``."""
     from regvi.data.registry import CovariateRegistry
 
-    files = _file_path(cfg)
-    summaries, adatas = [], {}
-    for modality, (key, path) in files.items():
-        summary, adata = _read_file(cfg, modality, key, path)
-        summaries.append(summary)
-        adatas[modality] = adata
-    where = " or ".join(f"{m + ': ' if m else ''}{p}" for m, (_, p) in files.items())
     _check_columns(cfg, {p: set(adatas[m].obs.columns) for m, (_, p) in files.items()}, where)
     registry_kwargs = {k: cfg.data[k] for k in COLUMN_KEYS if k in cfg.data}
     try:
@@ -333,13 +328,36 @@ def _check(cfg: SweepConfig) -> DataSummary:
             mods = select_modalities(adatas, None)
             keys = sorted({c for k in COLUMN_KEYS for c in _as_list(cfg.data.get(k))})
             obs = shared_obs(mods, mods, keys)
-            registry = CovariateRegistry.from_anndata(AnnData(obs=obs), **registry_kwargs)
-        else:
-            layer = cfg.data.get("layer")
-            registry = CovariateRegistry.from_anndata(adatas[None], **registry_kwargs, layer=layer)
+            return CovariateRegistry.from_anndata(AnnData(obs=obs), **registry_kwargs)
+        layer = cfg.data.get("layer")
+        return CovariateRegistry.from_anndata(adatas[None], **registry_kwargs, layer=layer)
     except (KeyError, TypeError, ValueError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise ConfigError(f"data ({where}): {msg}") from None
+
+
+def _check(cfg: SweepConfig) -> DataSummary:
+    files = _file_path(cfg)
+    summaries, adatas = [], {}
+    for modality, (key, path) in files.items():
+        summary, adata = _read_file(cfg, modality, key, path)
+        summaries.append(summary)
+        adatas[modality] = adata
+    where = " or ".join(f"{m + ': ' if m else ''}{p}" for m, (_, p) in files.items())
+    registry = _check_keys(cfg, files, adatas, where)
+    # every value a searched covariate purpose may take, as if fixed under data
+    for p in cfg.params:
+        if p.target != "data":
+            continue
+        for i, value in enumerate(p.values or []):
+            data = {k: v for k, v in cfg.data.items() if k != p.name}
+            decoded = decode_data_value(value)
+            if decoded is not None:
+                data[p.name] = decoded
+            try:
+                _check_keys(replace(cfg, data=data), files, adatas, where)
+            except ConfigError as err:
+                raise ConfigError(f"search.{p.name}.values[{i}] = {decoded!r}: {err}") from None
     levels = {k: len(v) for k, v in registry.categories.items()}
     if cfg.multimodal:
         from regvi.sweep.trial import counts_modality

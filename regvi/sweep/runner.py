@@ -141,6 +141,7 @@ def _static(cfg: SweepConfig, sweep_dir: Path) -> dict[str, Any]:
         "training": cfg.training,
         "model_params": [p.name for p in cfg.params if p.target == "model"],
         "train_params": [p.name for p in cfg.params if p.target == "training"],
+        "data_params": [p.name for p in cfg.params if p.target == "data"],
         "evaluation": cfg.evaluation,
         "workers": cfg.workers,
         "cpus_per_worker": cfg.cpus_per_worker,

@@ -403,6 +403,17 @@ def model_arguments(static: dict[str, Any], params: dict[str, Any]) -> dict[str,
     return kwargs
 
 
+def data_arguments(static: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Fixed data keys + this trial's sampled covariate purposes (lists decoded from JSON)."""
+    from regvi.sweep.config import decode_data_value
+
+    data = dict(static["data"])
+    for k, v in params.items():
+        if k in static.get("data_params", ()):
+            data[k] = decode_data_value(v)
+    return data
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one trial = one Ray Train run (+ evaluation in rank 0)."""
     import ray.train
@@ -434,7 +445,7 @@ def run_trial(config: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "data": static["data"],
+            "data": data_arguments(static, params),
             "model_kwargs": model_kwargs,
             "train_kwargs": train_kwargs,
             "evaluation": static["evaluation"],
