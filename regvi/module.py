@@ -39,6 +39,7 @@ from regvi.nn import (
     normal_kl,
 )
 from regvi.nn.distributions import exponential_log_prob, normal_entropy
+from regvi.nn.joint_embedding import barlow_twins_loss, thin_counts
 
 FEATURE_SCALING_DIVISOR = 0.7  # y = softplus(gamma) / 0.7  (spec §2)
 
@@ -113,6 +114,14 @@ class ModuleConfig:
     #: are scaled by 0.1, so the cells' posterior means are not drowned in sampling noise at
     #: the start of training (see :meth:`RegVIModule.init_posterior_scale`)
     encoder_var_init: float | None = None
+    # joint-embedding loss for low-count cells (regvi/nn/joint_embedding.py; 0 = off)
+    #: weight of the Barlow Twins loss between z of x and of a binomially thinned copy x*
+    joint_embedding_weight: float = 0.0
+    #: per-cell thinning fraction f ~ Uniform(min, max): share of the counts x* keeps
+    joint_embedding_min_fraction: float = 0.1
+    joint_embedding_max_fraction: float = 0.5
+    #: lambda: weight of the off-diagonal (redundancy-reduction) part of the loss
+    joint_embedding_off_diagonal: float = 0.005
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable representation."""
@@ -140,6 +149,10 @@ _FLOAT_OPTIONS: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "library_variance_weight": (None, None, True, False),
     "library_centring_sensitivity": (None, None, True, False),
     "decoder_l2": (0.0, None, False, False),
+    "joint_embedding_weight": (0.0, None, False, False),
+    "joint_embedding_min_fraction": (0.0, 1.0, True, False),
+    "joint_embedding_max_fraction": (0.0, 1.0, True, False),
+    "joint_embedding_off_diagonal": (0.0, None, False, False),
 }
 _BOOL_OPTIONS = (
     "use_layer_norm",
@@ -191,6 +204,13 @@ def check_module_options(options: dict[str, Any], all_fields: bool = False) -> N
                 raise TypeError(f"{name}={value!r}; expected a list of integers")
             for i, v in enumerate(value):
                 check_int(f"{name}[{i}]", v, 1)
+    lo = options.get("joint_embedding_min_fraction")
+    hi = options.get("joint_embedding_max_fraction")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(
+            f"joint_embedding_min_fraction={lo} is above joint_embedding_max_fraction={hi}; "
+            "expected min <= max (the range of the per-cell thinning fraction)"
+        )
 
 
 class RegVIModule(nn.Module):
@@ -404,6 +424,23 @@ class RegVIModule(nn.Module):
         )
         return out
 
+    def thinned_posterior_mean(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """E_q[z | x*] of a binomially thinned copy x* of the batch's counts (joint embedding)."""
+        c = self.config
+        x_thin, _ = thin_counts(
+            batch["x"], c.joint_embedding_min_fraction, c.joint_embedding_max_fraction
+        )
+        h = self._encoder_input(x_thin, batch["continuous"])
+        qz_mean, _ = self.z_encoder(h, self.encoder_cats(batch.get("encoder"), h.dtype))
+        return qz_mean
+
+    def joint_embedding_loss(
+        self, batch: dict[str, torch.Tensor], qz_mean: torch.Tensor
+    ) -> torch.Tensor:
+        """Barlow Twins loss between E_q[z | x] (``qz_mean``) and E_q[z | x*] (unweighted)."""
+        z_thin = self.thinned_posterior_mean(batch)
+        return barlow_twins_loss(qz_mean, z_thin, self.config.joint_embedding_off_diagonal)
+
     def library_posterior_mean(
         self, residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor
     ) -> torch.Tensor:
@@ -545,7 +582,9 @@ class RegVIModule(nn.Module):
         -------
         dict
             ``loss``, ``elbo``, ``reconstruction``, ``kl_z``, ``kl_library``, each global term,
-            ``global``, ``kl_z_per_dim`` and ``theta_mean`` (detached-safe tensors).
+            ``global``, ``kl_z_per_dim`` and ``theta_mean`` (detached-safe tensors); in training
+            with ``joint_embedding_weight`` > 0 also ``joint_embedding`` (the unweighted Barlow
+            Twins loss, added to ``loss`` × the weight but not to ``elbo``).
         """
         x = batch["x"]
         check_n_obs(n_obs, x.shape[0], skip_n_obs_check)
@@ -564,6 +603,11 @@ class RegVIModule(nn.Module):
         global_total = sum(penalties.values())
         elbo = reconstruction + kl_z + kl_library
         loss = reconstruction + kl_weight * kl_z + kl_library + global_total / n_obs
+        extra: dict[str, torch.Tensor] = {}
+        weight = self.config.joint_embedding_weight
+        if weight > 0 and self.training and x.shape[0] > 1:  # training only, not in the ELBO
+            extra["joint_embedding"] = self.joint_embedding_loss(batch, inf["qz_mean"])
+            loss = loss + weight * extra["joint_embedding"]
         out = {
             "loss": loss,
             "elbo": elbo,
@@ -574,6 +618,7 @@ class RegVIModule(nn.Module):
             **{k: v / n_obs for k, v in penalties.items()},
             "kl_z_per_dim": kl_z_per_dim.mean(0),
             "theta_mean": torch.exp(gen["log_theta"]).mean(),
+            **extra,
         }
         if return_per_gene:
             out["reconstruction_per_gene"] = (torch.lgamma(x + 1.0) - local["log_lik"]).mean(0)

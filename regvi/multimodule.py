@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from regvi.module import ModuleConfig, RegVIModule, check_n_obs
+from regvi.nn.joint_embedding import barlow_twins_loss
 
 #: Covariate purposes a modality can switch off.
 SWITCHABLE_PURPOSES = (
@@ -234,6 +235,29 @@ class RegMultiVIModule(nn.Module):
         return {m: inf["modalities"][m]["library"].detach() for m in self.modalities}
 
     # ------------------------------------------------------------------ loss
+    def joint_embedding_loss(
+        self, batch: dict[str, Any], inf: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Modality → Barlow Twins loss between the joint E_q[z] and the joint E_q[z] with that
+        modality's counts binomially thinned (modalities with ``joint_embedding_weight`` > 0;
+        the other blocks as observed). Unweighted; training only."""
+        out = {}
+        for m in self.modalities:
+            if self.mods[m].config.joint_embedding_weight <= 0:
+                continue
+            view = self.modality_batch(batch, m)
+            thinned = self.mods[m].thinned_posterior_mean(view)
+            observed = view["observed"][:, None]
+            block = torch.where(observed, thinned, torch.zeros_like(thinned))
+            sl = self.slices[m]
+            z_thin = torch.cat(
+                [inf["qz_mean"][:, : sl.start], block, inf["qz_mean"][:, sl.stop :]], dim=-1
+            )
+            out[m] = barlow_twins_loss(
+                inf["qz_mean"], z_thin, self.mods[m].config.joint_embedding_off_diagonal
+            )
+        return out
+
     def loss(
         self,
         batch: dict[str, Any],
@@ -248,7 +272,9 @@ class RegMultiVIModule(nn.Module):
         ``sample`` and ``sample_theta`` as in :meth:`regvi.module.RegVIModule.loss`.
 
         Returns the same totals as :meth:`RegVIModule.loss` plus ``reconstruction_<m>``,
-        ``kl_z_<m>``, ``kl_library_<m>``, ``global_<m>`` and ``theta_mean_<m>`` per modality.
+        ``kl_z_<m>``, ``kl_library_<m>``, ``global_<m>`` and ``theta_mean_<m>`` per modality, and
+        in training ``joint_embedding_<m>`` for modalities with a joint-embedding weight (added
+        to ``loss`` × the weight, not to the ELBO).
         """
         n_batch = batch["index"].shape[0]
         check_n_obs(n_obs, n_batch, skip_n_obs_check)
@@ -290,11 +316,14 @@ class RegMultiVIModule(nn.Module):
             kl_dims.append(kl_z_dims.mean(0))
         global_total = sum(penalties_total.values())
         elbo = totals["reconstruction"] + totals["kl_z"] + totals["kl_library"]
+        joint = self.joint_embedding_loss(batch, inf) if self.training and n_batch > 1 else {}
+        out.update({f"joint_embedding_{m}": v for m, v in joint.items()})
         out.update(
             loss=totals["reconstruction"]
             + kl_weight * totals["kl_z"]
             + totals["kl_library"]
-            + global_total / n_obs,
+            + global_total / n_obs
+            + sum((self.mods[m].config.joint_embedding_weight * v for m, v in joint.items()), zero),
             elbo=elbo,
             **totals,
             **{"global": global_total / n_obs},
