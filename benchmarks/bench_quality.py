@@ -1,0 +1,400 @@
+"""Integration quality: regvi against PCA, Harmony and scvi-tools SCVI on every shared dataset.
+
+One invocation trains every method (3 seeds each by default) on every real dataset in
+``../shared/data`` and scores all latents of a dataset together in ONE scib-metrics
+``Benchmarker`` (scib's defaults, unscaled Total, the log-normalised PCA as pre-integrated
+embedding). Prints the table (mean ± sd over seeds, worst seed), writes JSON and one PNG per
+dataset (the scib table), and checks the quality goals of issue #14.
+
+Datasets (library / batch key, labels ``cell_type``; Kang reduced to 2,000 HVGs, seurat_v3 on
+the counts by batch): ``kang_sample`` (Kang 2018 PBMC by sample, 14k cells), ``kang_condition``
+(the same by ctrl / stim lane), ``kang_ctrl`` (muscat ctrl cells by donor, 8.7k),
+``mop`` (SNARE-seq2 MOp RNA by batch, 10k).
+
+Methods: ``pca`` (the Benchmarker's unintegrated reference), ``harmony`` (harmonypy on that
+PCA), ``scvi`` / ``scvi_large`` (scvi-tools SCVI 128/10 and 512/128 with its defaults and early
+stopping, in its own virtualenv: ``benchmarks/setup_scvi_env.sh``), ``regvi`` (defaults, only
+``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), and any setting given with
+``--set`` (e.g. the sweep's best; ``"$library"`` stands for the dataset's key).
+
+Every trained latent is cached under ``benchmarks/results/.cache/quality/<dataset>/`` with its
+training time and epochs, so a run can be split over processes (``--datasets`` /
+``--methods`` / ``--seeds``) and extended later; ``--score-only`` scores what is cached.
+
+Usage
+-----
+::
+
+    benchmarks/setup_scvi_env.sh                     # once
+    .venv/bin/python benchmarks/bench_quality.py     # everything (hours on 2 CPUs)
+    .venv/bin/python benchmarks/bench_quality.py --datasets kang_ctrl --methods regvi,scvi \\
+        --set '{"name": "regvi_nncond", "model": {"nn_conditioning_covariate_keys": "$library"}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+CACHE = REPO / "benchmarks" / "results" / ".cache" / "quality"
+OUT = REPO / "benchmarks" / "results" / "bench_quality.json"
+PNG_DIR = REPO / "benchmarks" / "results" / "quality"
+SCVI_PYTHON = REPO / "benchmarks" / ".venv-scvi" / "bin" / "python"
+
+#: dataset → (file, batch key, label key)
+DATASETS = {
+    "kang_sample": ("kang2018_ifnb_pbmc.h5ad", "sample", "cell_type"),
+    "kang_condition": ("kang2018_ifnb_pbmc.h5ad", "condition", "cell_type"),
+    "kang_ctrl": ("kang2018_muscat_ctrl.h5ad", "donor", "cell_type"),
+    "mop": ("mop_snareseq2_rna.h5ad", "batch", "cell_type"),
+}
+#: built-in methods; trained ones run once per seed
+METHODS = ("pca", "harmony", "scvi", "scvi_large", "regvi", "regvi_large")
+REGVI_SETTINGS = {
+    "regvi": {"name": "regvi"},
+    "regvi_large": {"name": "regvi_large", "preset": "large"},
+}
+SCVI_SIZES = {"scvi": (128, 10), "scvi_large": (512, 128)}
+N_TOP_GENES = 2000
+
+
+# ------------------------------------------------------------------ data
+def prepared(name: str) -> Path:
+    """The dataset as raw counts (HVG-reduced where it has > 4,000 genes), cached as .h5ad."""
+    path = CACHE / name / "data.h5ad"
+    if path.is_file():
+        return path
+    import anndata as ad
+    import scanpy as sc
+
+    file, key, _ = DATASETS[name]
+    adata = ad.read_h5ad(SHARED / file)
+    if adata.n_vars > 4000:
+        sc.pp.highly_variable_genes(
+            adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3", batch_key=key, subset=True
+        )
+    adata.obs[key] = adata.obs[key].astype(str).astype("category")
+    adata.obs_names_make_unique()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.h5ad")
+    adata.write_h5ad(tmp)
+    tmp.rename(path)
+    return path
+
+
+def pca_of(adata) -> np.ndarray:
+    """The Benchmarker's pre-integrated embedding: PCA (50) of the log-normalised counts."""
+    import scanpy as sc
+
+    norm = adata.copy()
+    norm.X = norm.X.astype(np.float32)
+    sc.pp.normalize_total(norm, target_sum=1e4)
+    sc.pp.log1p(norm)
+    sc.tl.pca(norm, svd_solver="arpack", mask_var=None)
+    return np.asarray(norm.obsm["X_pca"], dtype=np.float32)
+
+
+# ------------------------------------------------------------------ methods
+def _cached(name: str, method: str, seed: int | None) -> tuple[Path, Path]:
+    stem = CACHE / name / (method if seed is None else f"{method}_s{seed}")
+    return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+
+def _store(npy: Path, rec: Path, latent: np.ndarray, record: dict[str, Any]) -> None:
+    np.save(npy, np.asarray(latent, dtype=np.float32))
+    rec.write_text(json.dumps(record))
+
+
+def train_regvi(name: str, setting: dict[str, Any], seed: int, threads: int) -> None:
+    import anndata as ad
+    import torch
+
+    import regvi
+
+    torch.set_num_threads(threads)
+    _, key, _ = DATASETS[name]
+    adata = ad.read_h5ad(prepared(name))
+    sizes = regvi.RegVI.preset(setting.get("preset", "default"))
+    extra = {k: (key if v == "$library" else v) for k, v in setting.get("model", {}).items()}
+    model = regvi.RegVI(adata, library_key=key, **{**sizes, **extra})
+    t0 = time.perf_counter()
+    history = model.train(progress_bar=False, seed=seed, **setting.get("train", {}))
+    wall = time.perf_counter() - t0
+    es = model.early_stopping
+    record = {
+        "train_s": round(wall, 1),
+        "epochs": len(history),
+        "best_epoch": int(es.best_epoch) if es is not None and es.best_epoch is not None else None,
+        "setting": setting,
+    }
+    _store(*_cached(name, setting["name"], seed), model.get_latent_representation(), record)
+
+
+def train_scvi(name: str, method: str, seed: int, threads: int, python: Path) -> None:
+    if not python.is_file():
+        raise FileNotFoundError(
+            f"scvi-tools virtualenv {python} missing: run benchmarks/setup_scvi_env.sh"
+        )
+    _, key, _ = DATASETS[name]
+    n_hidden, n_latent = SCVI_SIZES[method]
+    npy, _ = _cached(name, method, seed)
+    log = npy.with_suffix(".log")
+    with log.open("w") as fh:
+        subprocess.run(
+            [
+                str(python),
+                str(REPO / "benchmarks" / "quality_scvi_child.py"),
+                str(prepared(name)),
+                key,
+                str(n_hidden),
+                str(n_latent),
+                str(seed),
+                str(threads),
+                str(npy.with_suffix("")),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+
+
+def train_harmony(name: str, seed: int) -> None:
+    import anndata as ad
+    import harmonypy
+
+    _, key, _ = DATASETS[name]
+    adata = ad.read_h5ad(prepared(name))
+    pca = _pca(name, adata)
+    t0 = time.perf_counter()
+    h = harmonypy.run_harmony(pca, adata.obs[[key]], key, random_state=seed)
+    z = np.asarray(h.Z_corr)
+    z = z if z.shape[0] == adata.n_obs else z.T
+    _store(*_cached(name, "harmony", seed), z, {"train_s": round(time.perf_counter() - t0, 1)})
+
+
+def _pca(name: str, adata) -> np.ndarray:
+    npy, rec = _cached(name, "pca", None)
+    if not npy.is_file():
+        _store(npy, rec, pca_of(adata), {"train_s": None})
+    return np.load(npy)
+
+
+# ------------------------------------------------------------------ scoring
+def score(name: str, n_jobs: int) -> dict[str, dict[str, float]]:
+    """One Benchmarker over every cached latent of ``name``: embedding → metrics (unscaled)."""
+    import anndata as ad
+    from scib_metrics.benchmark import Benchmarker
+
+    _, key, label = DATASETS[name]
+    adata = ad.read_h5ad(prepared(name))
+    adata.obsm["X_pca"] = _pca(name, adata)
+    keys = []
+    for npy in sorted((CACHE / name).glob("*.npy")):
+        if npy.stem == "pca":
+            continue
+        adata.obsm[npy.stem] = np.load(npy)
+        keys.append(npy.stem)
+    adata.obsm["pca"] = adata.obsm["X_pca"]
+    bm = Benchmarker(
+        adata,
+        batch_key=key,
+        label_key=label,
+        embedding_obsm_keys=["pca", *keys],
+        pre_integrated_embedding_obsm_key="X_pca",
+        n_jobs=n_jobs,
+        progress_bar=False,
+    )
+    bm.benchmark()
+    df = bm.get_results(min_max_scale=False)
+    df = df.loc[df.index != "Metric Type"]
+    return {str(e): {str(k): float(v) for k, v in row.items()} for e, row in df.iterrows()}
+
+
+def summarise(name: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Method → mean ± sd over seeds of Total / Bio / Batch, worst seed, time and epochs."""
+    methods: dict[str, list[str]] = {}
+    for emb in scores:
+        method = emb.rsplit("_s", 1)[0] if "_s" in emb and emb.rsplit("_s", 1)[1].isdigit() else emb
+        methods.setdefault(method, []).append(emb)
+    out = {}
+    for method, embs in methods.items():
+        tot = np.array([scores[e]["Total"] for e in embs])
+        recs = []
+        for e in embs:
+            rec = CACHE / name / f"{e}.json"
+            recs.append(json.loads(rec.read_text()) if rec.is_file() else {})
+        times = [r["train_s"] for r in recs if r.get("train_s") is not None]
+        epochs = [r["epochs"] for r in recs if r.get("epochs") is not None]
+        worst = embs[int(np.argmin(tot))]
+        out[method] = {
+            "n_seeds": len(embs),
+            "total_mean": float(tot.mean()),
+            "total_sd": float(tot.std(ddof=1)) if len(tot) > 1 else 0.0,
+            "bio_mean": float(np.mean([scores[e]["Bio conservation"] for e in embs])),
+            "batch_mean": float(np.mean([scores[e]["Batch correction"] for e in embs])),
+            "worst": worst,
+            "worst_total": float(tot.min()),
+            "train_s_mean": float(np.mean(times)) if times else None,
+            "epochs_mean": float(np.mean(epochs)) if epochs else None,
+        }
+    return out
+
+
+def goals(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The quality goals of issue #14 that this dataset's rows can check."""
+    s, lines = summary, []
+
+    def check(label: str, a: str, b: str, margin: float, worst: bool = False) -> None:
+        if a in s and b in s:
+            left = s[a]["worst_total" if worst else "total_mean"]
+            right = s[b]["total_mean"] + margin
+            mark = "ok  " if left >= right else "MISS"
+            lines.append(f"  {mark} {label}: {left:.3f} vs {right:.3f}")
+
+    check("regvi >= scvi + 0.02", "regvi", "scvi", 0.02)
+    check("regvi >= harmony", "regvi", "harmony", 0.0)
+    check("regvi_large (worst seed) >= regvi - 0.01", "regvi_large", "regvi", -0.01, worst=True)
+    check("regvi_large (worst seed) >= scvi_large", "regvi_large", "scvi_large", 0.0, worst=True)
+    return lines
+
+
+def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]) -> Path:
+    """The scib table of one dataset as a PNG: methods × metrics, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in next(iter(scores.values())) if m not in ("Total",)] + ["Total"]
+    order = sorted(summary, key=lambda m: -summary[m]["total_mean"])
+    grid = np.array(
+        [
+            [
+                np.mean([scores[e][m] for e in scores if e == meth or e.startswith(f"{meth}_s")])
+                for m in metrics
+            ]
+            for meth in order
+        ]
+    )
+    fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(metrics), 0.9 + 0.42 * len(order)))
+    ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    for i in range(len(order)):
+        for j in range(len(metrics)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    labels = [f"{m} (n={summary[m]['n_seeds']})" for m in order]
+    ax.set_yticks(range(len(order)), labels, fontsize=8)
+    ax.set_xticks(range(len(metrics)), metrics, rotation=40, ha="right", fontsize=7)
+    _, key, _ = DATASETS[name]
+    ax.set_title(f"{name} (batch: {key}) — scib-metrics, unscaled, mean over seeds", fontsize=9)
+    fig.tight_layout()
+    PNG_DIR.mkdir(parents=True, exist_ok=True)
+    path = PNG_DIR / f"scib_{name}.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-jobs", type=int, default=2, help="Benchmarker neighbour-search jobs")
+    p.add_argument("--set", action="append", default=[], help="a JSON regvi setting to add")
+    p.add_argument("--scvi-python", type=Path, default=SCVI_PYTHON)
+    p.add_argument("--train-only", action="store_true", help="train and cache; do not score")
+    p.add_argument("--score-only", action="store_true", help="score the cached latents only")
+    p.add_argument("--force", action="store_true", help="retrain cached latents")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    datasets = args.datasets.split(",")
+    bad = sorted(set(datasets) - set(DATASETS))
+    if bad:
+        p.error(f"--datasets: unknown {bad}; expected some of {list(DATASETS)}")
+    settings = dict(REGVI_SETTINGS)
+    for raw in args.set:
+        s = json.loads(raw)
+        if not isinstance(s, dict) or "name" not in s or "_s" in s["name"]:
+            p.error(f"--set {raw!r}: expected a JSON object with a 'name' (no '_s' in it)")
+        settings[s["name"]] = s
+    methods = args.methods.split(",") + [json.loads(r)["name"] for r in args.set]
+    unknown = sorted(set(methods) - set(METHODS) - set(settings))
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)} or a --set name")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.score_only:
+        for name in datasets:
+            prepared(name)
+            for method in dict.fromkeys(methods):
+                for seed in [None] if method == "pca" else seeds:
+                    npy, _ = _cached(name, method, seed)
+                    if npy.is_file() and not args.force:
+                        continue
+                    t0 = time.perf_counter()
+                    if method == "pca":
+                        import anndata as ad
+
+                        _pca(name, ad.read_h5ad(prepared(name)))
+                    elif method == "harmony":
+                        train_harmony(name, seed)
+                    elif method in SCVI_SIZES:
+                        train_scvi(name, method, seed, args.threads, args.scvi_python)
+                    else:
+                        train_regvi(name, settings[method], seed, args.threads)
+                    print(
+                        f"trained {name} {method} seed {seed}: {time.perf_counter() - t0:.0f} s",
+                        flush=True,
+                    )
+    if args.train_only:
+        return
+    doc: dict[str, Any] = {}
+    if args.out.is_file():
+        doc = json.loads(args.out.read_text())
+    doc.update(
+        {
+            "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+            "command": "benchmarks/bench_quality.py",
+            "scib": "scib-metrics Benchmarker, defaults, min_max_scale=False, one per dataset",
+        }
+    )
+    doc.setdefault("datasets", {})
+    header = f"{'dataset':<15} {'method':<16} {'n':>2} {'total':>13} {'bio':>6} {'batch':>6} "
+    print(header + f"{'worst':>6} {'train s':>8} {'epochs':>6}")
+    for name in datasets:
+        scores = score(name, args.n_jobs)
+        summary = summarise(name, scores)
+        png = plot(name, scores, summary)
+        doc["datasets"][name] = {
+            "batch_key": DATASETS[name][1],
+            "summary": summary,
+            "scores": scores,
+            "png": str(png.relative_to(REPO)),
+        }
+        for method, r in sorted(summary.items(), key=lambda kv: -kv[1]["total_mean"]):
+            t = f"{r['train_s_mean']:.0f}" if r["train_s_mean"] is not None else "-"
+            ep = f"{r['epochs_mean']:.0f}" if r["epochs_mean"] is not None else "-"
+            print(
+                f"{name:<15} {method:<16} {r['n_seeds']:>2} {r['total_mean']:.3f} ± "
+                f"{r['total_sd']:.3f} {r['bio_mean']:>6.3f} {r['batch_mean']:>6.3f} "
+                f"{r['worst_total']:>6.3f} {t:>8} {ep:>6}"
+            )
+        for line in goals(summary):
+            print(line)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.out} and {PNG_DIR.relative_to(REPO)}/scib_<dataset>.png")
+
+
+if __name__ == "__main__":
+    main()
