@@ -267,6 +267,32 @@ def goals(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def leave_one_out(doc: dict[str, Any], default: str = "regvi") -> dict[str, Any]:
+    """Leave-one-dataset-out choice among the regvi settings scored on every dataset.
+
+    For each dataset d, the setting with the best mean Total over the OTHER datasets is chosen
+    and scored on d against ``default``: a setting is adopted as a default only if it wins
+    on datasets that played no part in choosing it."""
+    data = {n: d["summary"] for n, d in doc.get("datasets", {}).items()}
+    out: dict[str, Any] = {}
+    if not data:
+        return out
+    shared = set.intersection(*(set(s) for s in data.values()))
+    candidates = sorted(m for m in shared if m.startswith("regvi") and "large" not in m)
+    if len(data) < 2 or default not in candidates or len(candidates) < 2:
+        return out
+    for held in data:
+        others = [n for n in data if n != held]
+        pick = max(candidates, key=lambda m: np.mean([data[n][m]["total_mean"] for n in others]))
+        out[held] = {
+            "chosen_on_others": pick,
+            "total": data[held][pick]["total_mean"],
+            "default_total": data[held][default]["total_mean"],
+            "gain": data[held][pick]["total_mean"] - data[held][default]["total_mean"],
+        }
+    return out
+
+
 def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]) -> Path:
     """The scib table of one dataset as a PNG: methods × metrics, mean over seeds."""
     import matplotlib
@@ -393,6 +419,16 @@ def main() -> None:
             print(line)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1))
+    loo = leave_one_out(doc)
+    if loo:
+        doc["leave_one_dataset_out"] = loo
+        args.out.write_text(json.dumps(doc, indent=1))
+        print("leave-one-dataset-out (setting chosen on the other datasets, scored on this one):")
+        for held, r in loo.items():
+            print(
+                f"  {held:<15} {r['chosen_on_others']:<16} {r['total']:.3f} vs regvi "
+                f"{r['default_total']:.3f} ({r['gain']:+.3f})"
+            )
     print(f"wrote {args.out} and {PNG_DIR.relative_to(REPO)}/scib_<dataset>.png")
 
 
