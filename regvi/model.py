@@ -58,7 +58,9 @@ class RegVI(BaseModel):
     feature_scaling_covariate_keys
         Keys of multiplicative per-gene scaling (default: the decoder-conditioning keys).
     nn_conditioning_covariate_keys
-        Categorical keys injected (one-hot) into every decoder layer.
+        Categorical keys injected (one-hot) into every decoder layer. Default (``None``): the
+        library key (the library-size key when the purposes are given one by one); ``[]`` for
+        a batch-free decoder.
     encoder_covariate_keys
         Categorical keys injected into the encoders (default none).
     continuous_covariate_keys

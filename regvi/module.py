@@ -4,7 +4,8 @@ Read top to bottom, this file is spec §2–§4:
 
 * latent          z_n ~ Normal(0, I)
 * library         l_n ~ Normal(m_p, sqrt(w · v_p)), m_p centred across groups (+ log s)
-* decoder         rho_n = softplus(Linear(FC(z_n ⊕ continuous, onehot(c_n))))   (batch-free)
+* decoder         rho_n = softplus(Linear(FC(z_n ⊕ continuous, onehot(c_n))))
+                  (c_n: decoder-conditioning keys, the library key by default; none = batch-free)
 * ambient         s_{e,g} = exp(beta_{e,g}), summed over the cell's ambient categories
 * scaling         y_{t,g} = softplus(gamma_{t,g}) / 0.7 ~ Gamma(200, 200), multiplied over keys
 * expected count  mu_ng = exp(l_n) · (rho_ng + s_{e_n,g}) · y_{t_n,g}

@@ -57,7 +57,8 @@ def test_latent_order_sizes_and_modality_defaults(paired):
     atac, rna = model.config.configs["atac"], model.config.configs["rna"]
     assert (atac.n_hidden, rna.n_hidden) == (16, 128)
     assert atac.n_latent_decoder == rna.n_latent_decoder == 8  # joint z feeds every decoder
-    assert model.module.mods["atac"].decoder.body.linears[0].in_features == 8
+    # joint z + the one-hot library (3 levels): the decoder is conditioned on it by default
+    assert model.module.mods["atac"].decoder.body.linears[0].in_features == 8 + 3
     # defaults by modality kind (spec §6)
     assert (rna.use_ambient, rna.use_feature_scaling) == (True, False)
     assert (atac.use_ambient, atac.use_feature_scaling) == (False, True)

@@ -15,7 +15,20 @@ def test_library_key_fans_out(sim):
     for purpose in ("ambient", "dispersion", "library_size"):
         assert reg.keys_for(purpose) == ["library"]
     assert reg.categories["library"] == ["lib_0", "lib_1", "lib_2"]
-    assert reg.keys_for("feature_scaling") == []  # default = decoder-conditioning keys (none)
+    # the decoder is conditioned on the library key by default; feature scaling follows it
+    assert reg.keys_for("nn_conditioning") == ["library"]
+    assert reg.keys_for("feature_scaling") == ["library"]
+    free = CovariateRegistry.from_anndata(
+        sim, library_key="library", nn_conditioning_covariate_keys=[]
+    )
+    assert free.keys_for("nn_conditioning") == [] and free.keys_for("feature_scaling") == []
+    explicit = CovariateRegistry.from_anndata(
+        sim,
+        ambient_covariate_keys="technology",
+        dispersion_key="library",
+        library_size_key="library",
+    )
+    assert explicit.keys_for("nn_conditioning") == ["library"]  # the library-size key
 
 
 def test_batch_key_is_alias(sim):
@@ -145,7 +158,10 @@ def test_parameter_shapes_per_key(sim):
     assert [tuple(p.shape) for p in m.module.feature_scaling_raw] == [(2, G), (3, G)]
     gene_only = regvi.RegVI(sim, library_key="library", dispersion="gene", n_hidden=16, n_latent=3)
     assert tuple(gene_only.module.log_theta_mean.shape) == (1, G)
-    assert [tuple(p.shape) for p in gene_only.module.feature_scaling_raw] == [(1, G)]
+    # feature scaling follows the decoder conditioning: the library key by default, else none
+    assert [tuple(p.shape) for p in gene_only.module.feature_scaling_raw] == [(3, G)]
+    free = regvi.RegVI(sim, library_key="library", nn_conditioning_covariate_keys=[], n_latent=3)
+    assert [tuple(p.shape) for p in free.module.feature_scaling_raw] == [(1, G)]
 
 
 def test_single_level_categorical_ignored_in_networks(sim):

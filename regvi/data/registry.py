@@ -94,8 +94,9 @@ class CovariateRegistry:
     ) -> CovariateRegistry:
         """Resolve the key fan-out of spec §1 and record categories.
 
-        ``library_key`` alone fans out to the ambient, dispersion and library-size groups;
-        ``batch_key`` is an alias. Combining it with an explicit ambient / dispersion /
+        ``library_key`` alone fans out to the ambient, dispersion and library-size groups and,
+        unless ``nn_conditioning_covariate_keys`` is given (``[]`` for none: a batch-free
+        decoder), to decoder conditioning; ``batch_key`` is an alias. Combining it with an explicit ambient / dispersion /
         library-size key is an error; without it, all three must be given.
         """
         library_key = _single(library_key, "library_key")
@@ -130,7 +131,9 @@ class CovariateRegistry:
                     f"without library_key (or batch_key), {', '.join(missing)} must be given; "
                     "pass library_key=<finest technical unit> to set all three at once"
                 )
-        nn_cond = _as_list(nn_conditioning_covariate_keys, "nn_conditioning_covariate_keys") or []
+        nn_cond = _as_list(nn_conditioning_covariate_keys, "nn_conditioning_covariate_keys")
+        if nn_cond is None:  # default: the decoder is conditioned on the library(-size) key
+            nn_cond = [library_size_key]
         scaling = _as_list(feature_scaling_covariate_keys, "feature_scaling_covariate_keys")
         if scaling is None:
             scaling = list(nn_cond)  # spec §1: default = decoder-conditioning keys

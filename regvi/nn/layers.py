@@ -1,4 +1,4 @@
-"""Fully-connected blocks, encoders and the batch-free decoder (spec §3)."""
+"""Fully-connected blocks, encoders and the decoder (spec §3)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,15 @@ class CategoricalInjector(nn.Module):
         """Return ``(n_cells, sum n_cats)`` one-hot features or ``None`` when there are none."""
         if self.n_out == 0 or cat_codes is None:
             return None
-        parts = [F.one_hot(cat_codes[:, i], self.n_cats[i]).to(dtype) for i in self.keep]
+        # a comparison, not F.one_hot: no data-dependent check, so jacrev / make_fx / compile
+        # trace through it (the registry guarantees codes in [0, n_cats))
+        parts = [
+            (
+                cat_codes[:, i, None]
+                == torch.arange(self.n_cats[i], device=cat_codes.device, dtype=cat_codes.dtype)
+            ).to(dtype)
+            for i in self.keep
+        ]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
@@ -142,7 +150,8 @@ class LibraryEncoder(Encoder):
 
 
 class Decoder(nn.Module):
-    """Batch-free decoder rho = softplus(Linear(FC(z ⊕ continuous, onehot(c)))) (spec §2).
+    """Decoder rho = softplus(Linear(FC(z ⊕ continuous, onehot(c)))) (spec §2); ``c`` are the
+    decoder-conditioning keys (none: batch-free).
 
     The output is non-negative and not on the simplex.
     """
