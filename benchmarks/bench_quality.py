@@ -296,6 +296,30 @@ def leave_one_out(doc: dict[str, Any], default: str = "regvi") -> dict[str, Any]
     return out
 
 
+def sweep_results(tracking_uri: str, experiment: str) -> dict[str, Any]:
+    """The finished trials of a regvi sweep from its MLflow experiment: params + scib metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"--sweep: no MLflow experiment {experiment!r} at {tracking_uri}")
+    trials = []
+    for run in client.search_runs([exp.experiment_id], max_results=1000):
+        if "regvi.trial_id" not in run.data.tags or "scib_total" not in run.data.metrics:
+            continue
+        m = run.data.metrics
+        trials.append(
+            {
+                "params": dict(run.data.params),
+                **{k: m[k] for k in ("scib_total", "scib_bio", "scib_batch") if k in m},
+                "epochs": m.get("epoch"),
+            }
+        )
+    trials.sort(key=lambda t: -t["scib_total"])
+    return {"experiment": experiment, "n_trials": len(trials), "trials": trials}
+
+
 def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]) -> Path:
     """The scib table of one dataset as a PNG: methods × metrics, mean over seeds."""
     import matplotlib
@@ -346,6 +370,13 @@ def main() -> None:
     p.add_argument("--score-only", action="store_true", help="score the cached latents only")
     p.add_argument("--force", action="store_true", help="retrain cached latents")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="TRACKING_URI#EXPERIMENT",
+        help="store a finished regvi sweep's trials (from MLflow) in the JSON",
+    )
     args = p.parse_args()
     datasets = args.datasets.split(",")
     bad = sorted(set(datasets) - set(DATASETS))
@@ -398,6 +429,11 @@ def main() -> None:
         }
     )
     doc.setdefault("datasets", {})
+    for spec in args.sweep:
+        uri, _, experiment = spec.rpartition("#")
+        doc.setdefault("sweeps", {})[experiment] = sweep_results(uri, experiment)
+        best = doc["sweeps"][experiment]["trials"][:1]
+        print(f"sweep {experiment}: {doc['sweeps'][experiment]['n_trials']} trials; best {best}")
     header = f"{'dataset':<15} {'method':<16} {'n':>2} {'total':>13} {'bio':>6} {'batch':>6} "
     print(header + f"{'worst':>6} {'train s':>8} {'epochs':>6}")
     for name in datasets:
