@@ -90,15 +90,19 @@ def _library_stats(
     mean of the other groups' means and variance 1.
     """
     means, variances = np.full(n_groups, np.nan), np.ones(n_groups)
-    n = np.zeros(n_groups, dtype=np.int64)
-    for p in range(n_groups):
-        for mask in (use, fallback):
-            vals = log_lib[(codes == p) & mask]
-            if len(vals):
-                means[p] = vals.mean()
-                variances[p] = vals.var() if len(vals) > 1 else 1.0
-                n[p] = int(((codes == p) & use).sum())
-                break
+    codes = np.asarray(codes, dtype=np.int64)
+    n = np.bincount(codes[use], minlength=n_groups)[:n_groups]
+    found = np.zeros(n_groups, dtype=bool)
+    for mask in (use, fallback):  # one pass per mask over all groups (bincount, no group loop)
+        c, v = codes[mask], log_lib[mask]
+        cnt = np.bincount(c, minlength=n_groups)[:n_groups]
+        mean = np.bincount(c, weights=v, minlength=n_groups)[:n_groups] / np.maximum(cnt, 1)
+        dev2 = np.bincount(c, weights=(v - mean[c]) ** 2, minlength=n_groups)[:n_groups]
+        take = ~found & (cnt > 0)
+        means[take] = mean[take]
+        variances[take] = np.where(cnt[take] > 1, dev2[take] / np.maximum(cnt[take], 1), 1.0)
+        found |= take
+    n[~found] = 0
     if np.isnan(means).all():
         means[:] = 0.0
     means[np.isnan(means)] = np.nanmean(means)

@@ -319,3 +319,27 @@ def test_encoder_var_init_sets_the_initial_posterior_std(sim, activation):
     assert float(std.mean()) == pytest.approx(0.1, rel=0.05)
     with pytest.raises(ValueError, match="encoder_var_init"):
         regvi.RegVI(sim, library_key="library", encoder_var_init=-1.0)
+
+
+def test_library_stats_match_a_per_group_loop():
+    from regvi.base import _library_stats
+
+    rng = np.random.default_rng(0)
+    n_groups, n = 7, 2000
+    codes = rng.integers(0, 5, n)  # groups 5 and 6 have no cells at all
+    codes[:3] = 4
+    log_lib = rng.normal(7.0, 0.8, n) + codes * 0.3
+    fallback = np.ones(n, dtype=bool)
+    use = rng.random(n) < 0.9
+    use[codes == 3] = False  # group 3: only validation cells → falls back to all its cells
+    use[np.flatnonzero(codes == 2)[1:]] = False  # group 2: one training cell → variance 1
+    means, variances, counts = _library_stats(log_lib, codes, use, fallback, n_groups)
+    for p in range(5):
+        src = use if (codes[use] == p).any() else fallback
+        vals = log_lib[(codes == p) & src]
+        np.testing.assert_allclose(means[p], vals.mean(), rtol=1e-12)
+        np.testing.assert_allclose(variances[p], vals.var() if len(vals) > 1 else 1.0, rtol=1e-9)
+        assert counts[p] == int(((codes == p) & use).sum())
+    assert variances[2] == 1.0 and counts[3] == 0
+    np.testing.assert_allclose(means[5:], means[:5].mean())  # empty groups: mean of the others
+    assert list(variances[5:]) == [1.0, 1.0] and list(counts[5:]) == [0, 0]
