@@ -189,10 +189,21 @@ def _reporter(cfg: SweepConfig):
     for m in cfg.objective_metrics:
         cols.setdefault(m, m)
     cols.setdefault("scib_total", "scib total")
+    # "Current best trial" ranks by the objective (single objective; Tune's own default would
+    # be the first metric column, the validation ELBO)
+    best = (
+        {}
+        if cfg.multi_objective
+        else {
+            "metric": cfg.objective_metrics[0],
+            "mode": cfg.objective_modes[0],
+        }
+    )
     return tune.CLIReporter(
         metric_columns=cols,
         parameter_columns=[f"params/{p.name}" for p in cfg.params],
         max_report_frequency=30,
+        **best,
     )
 
 
