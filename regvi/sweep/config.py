@@ -520,6 +520,8 @@ def parse_config(
         for dep in p.when:
             if dep not in names:
                 raise ConfigError(f"search.{p.name}.when: {dep!r} is not a searched parameter")
+            if dep in SEARCHABLE_DATA_KEYS:  # compare with the sampled (encoded) value
+                p.when[dep] = encode_data_value(p.when[dep], f"search.{p.name}.when.{dep}")
         clash = p.name in model or p.name in training or p.name in data
         if p.modality is not None:
             base_value = model.get(p.name.split(".", 1)[0])
