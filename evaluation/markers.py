@@ -1,4 +1,5 @@
-"""Marker gene sets for the neighbourhood-correlation metrics (spec §2).
+"""Marker gene sets for the neighbourhood-correlation metrics
+(docs/evaluation.md#neighbourhood-correlation).
 
 Two sources, usable together:
 

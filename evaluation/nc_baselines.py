@@ -1,4 +1,5 @@
-"""Baselines for the neighbourhood-correlation metrics (spec §2).
+"""Baselines for the neighbourhood-correlation metrics
+(docs/evaluation.md#neighbourhood-correlation).
 
 - :func:`degree_matched_random_graph`: every cell keeps its number of neighbours and its row of
   connectivity weights, but the neighbours are drawn uniformly at random (without replacement,

@@ -1,4 +1,5 @@
-"""Per-cell marker correlations with kNN neighbours (spec §2), vectorised over edges.
+"""Per-cell marker correlations with kNN neighbours, vectorised over edges
+(docs/evaluation.md#neighbourhood-correlation).
 
 All functions are pure and work on arrays; no loop runs over cells (only over fixed-size chunks of
 edges). A constant profile (all markers equal, e.g. a cell with no marker counts) has no Pearson

@@ -1,4 +1,5 @@
-"""Neighbour masks for the neighbourhood-correlation metrics (spec §2).
+"""Neighbour masks for the neighbourhood-correlation metrics
+(docs/evaluation.md#neighbourhood-correlation).
 
 The kNN graph is handled as an edge list (CSR order: sorted by cell). A *mask* is a boolean per
 edge saying whether neighbour ``j`` of cell ``i`` lies in one of ``i``'s comparison populations:

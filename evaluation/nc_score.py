@@ -1,4 +1,5 @@
-"""Scoring one neighbour graph: the per-cell table of the neighbourhood metrics (spec §2).
+"""Scoring one neighbour graph: the per-cell table of the neighbourhood metrics
+(docs/evaluation.md#neighbourhood-correlation).
 
 :func:`score_graph` computes, for every applicable mask, the per-cell columns listed in
 :mod:`evaluation.neighbourhood`. The connectivity-weighted neighbour sums are obtained with as few

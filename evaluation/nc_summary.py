@@ -1,4 +1,5 @@
-"""Failure modes, composite scores and stratified summaries of the neighbourhood metrics (spec §2).
+"""Failure modes, composite scores and stratified summaries of the neighbourhood metrics
+(docs/evaluation.md#neighbourhood-correlation).
 
 Failure mode of a cell at one level (``library``: cross mask ``cross_library``, or
 ``between_libraries`` without a dataset key; ``dataset``: cross mask ``cross_dataset``), from

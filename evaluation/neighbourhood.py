@@ -1,4 +1,4 @@
-"""Label-free neighbourhood-correlation metrics (spec §2).
+"""Label-free neighbourhood-correlation metrics (docs/evaluation.md#neighbourhood-correlation).
 
 Do a cell's kNN neighbours in the latent space express the same marker genes as the cell -- within
 its own library, across libraries of a dataset, across datasets, across technical groups? Counts

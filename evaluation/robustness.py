@@ -1,4 +1,5 @@
-"""Low-count robustness (spec §3): binomial thinning, re-encoding, displacement.
+"""Low-count robustness: binomial thinning, re-encoding, displacement
+(docs/evaluation.md#low-count-robustness).
 
 Thinning keeps each UMI with probability q, simulating a shallower cell. A model that keeps
 thinned cells where their deep originals are is more useful for cheap or archival data.

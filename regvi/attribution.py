@@ -1,9 +1,10 @@
-"""Jacobian modality attribution (spec §6): which latent block drives each decoder, per cell.
+"""Jacobian modality attribution: which latent block drives each decoder, per cell
+(docs/model.md#jacobian-modality-attribution).
 
 For a cell with posterior mean z = [z_m1 ; z_m2 ; ...] (joint latent, blocks in modality order)
 and decoder d with features g, the attributed output f_d is, with ``target``:
 
-* ``"mu"`` (default, spec §2/§6): the NB mean
+* ``"mu"`` (default; docs/model.md#expected-count): the NB mean
   mu_{d,g}(z) = exp(l_d) · (rho_{d,g}(z) + s_{d,g}) · y_{d,g}, with l_d the posterior mean of
   d's library encoder and s_d (ambient), y_d (feature scaling) of the cell's categories. As s
   and y do not depend on z, ∂mu_{d,g}/∂z_j = exp(l_d) · y_{d,g} · ∂rho_{d,g}/∂z_j;
@@ -11,7 +12,7 @@ and decoder d with features g, the attributed output f_d is, with ``target``:
 
 With the Jacobian J_d = ∂f_d/∂z ``(G_d, D)`` and J_{d,m} its columns of latent block m:
 
-* Frobenius scores (spec §6): ``jacobian_<d>_<m>`` = ||J_{d,m}||_F and
+* Frobenius scores: ``jacobian_<d>_<m>`` = ||J_{d,m}||_F and
   ``jacobian_<m>`` = sqrt(sum_d ||J_{d,m}||_F²), i.e. block m over every decoder's features;
   ``log2_ratio`` = log2(||J_{m0}||_F / ||J_{m1}||_F) for two blocks (alphabetical order);
 * per latent dimension (upstream regularizedvi's ``attribution``):
@@ -74,7 +75,7 @@ class ModalityAttribution:
         per-decoder totals) and, with two modalities, ``log2_ratio`` (Frobenius, by latent block)
         and ``log2_<m0>_vs_<m1>_attr`` (upstream's, by decoder).
     per_dim
-        Decoder d → ``(n_cells, D)`` mean |∂f_d / ∂z_j| over d's features.
+        Decoder d → ``(n_cells, D)`` mean ``|∂f_d / ∂z_j|`` over d's features.
     modalities
         Latent blocks / decoders, in latent order.
     target
@@ -130,7 +131,7 @@ class ModalityAttribution:
     def upstream_obs(self, suffix: str = "") -> pd.DataFrame:
         """Per-cell columns named and defined as upstream regularizedvi's ``adata.obs`` entries.
 
-        ``<d>_decoder_total_attr<suffix>`` = sum_j mean_g |∂mu_{d,g}/∂z_j| (all latent
+        ``<d>_decoder_total_attr<suffix>`` = ``sum_j mean_g |∂mu_{d,g}/∂z_j|`` (all latent
         dimensions), ``<d>_decoder_own_attr<suffix>`` (d's own block only) and, for two
         modalities, ``log2_<m0>_vs_<m1>_attr<suffix>`` = log2(total_{m0} / (total_{m1} + 1e-10))
         (``RegularizedMultimodalVI.store_attribution_results``). Upstream differentiates the NB

@@ -118,7 +118,8 @@ def initialise_from_data(
     chunk_nnz: int | None = None,
     cells: np.ndarray | None = None,
 ) -> None:
-    """Library prior (always) and data-dependent init (spec §3) of one modality's module.
+    """Library prior (always) and data-dependent init of one modality's module
+    (docs/model.md#data-dependent-initialisation).
 
     Every statistic is accumulated over row chunks of ``X`` (``chunk_nnz`` stored values per
     chunk, default :data:`regvi.data.counts.CHUNK_NNZ`), so a large or memory-mapped matrix
@@ -394,7 +395,7 @@ class BaseModel:
         batch_size
             Cells per minibatch (128 default; 1024 on GPU with ``scale_lr_with_batch_size``).
         lr, weight_decay, eps
-            Adam settings (spec §5: 1e-3, 1e-6, 0.01).
+            Adam settings (docs/model.md#optimiser: 1e-3, 1e-6, 0.01).
         scale_lr_with_batch_size
             Use lr · batch_size / 128.
         validation_fraction

@@ -44,7 +44,7 @@ REGISTRY_ARGS = (
 
 
 class RegVI(BaseModel):
-    """Regularised Bayesian scVI for one modality (spec §2–§5).
+    """Regularised Bayesian scVI for one modality (equations: docs/model.md).
 
     Parameters
     ----------

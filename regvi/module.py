@@ -1,6 +1,6 @@
 """The single-modal regvi generative model: ``inference`` → ``generative`` → ``loss`` (pure torch).
 
-Read top to bottom, this file is spec §2–§4:
+Read top to bottom, this file is the model of docs/model.md (generative model, encoders, loss):
 
 * latent          z_n ~ Normal(0, I)
 * library         l_n ~ Normal(m_p, sqrt(w · v_p)), m_p centred across groups (+ log s)
@@ -42,7 +42,7 @@ from regvi.nn import (
 from regvi.nn.distributions import exponential_log_prob, normal_entropy
 from regvi.nn.joint_embedding import barlow_twins_loss, thin_counts
 
-FEATURE_SCALING_DIVISOR = 0.7  # y = softplus(gamma) / 0.7  (spec §2)
+FEATURE_SCALING_DIVISOR = 0.7  # y = softplus(gamma) / 0.7  (docs/model.md#feature-scaling)
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class ModuleConfig:
     """Everything needed to rebuild a :class:`RegVIModule` (saved as JSON with the weights).
 
     Group counts (``n_*``) come from the covariate registry; the rest are model settings with the
-    defaults of spec §2–§4.
+    defaults listed in docs/model.md#options-and-defaults.
     """
 
     n_genes: int
@@ -215,7 +215,7 @@ def check_module_options(options: dict[str, Any], all_fields: bool = False) -> N
 
 
 class RegVIModule(nn.Module):
-    """Generative model and variational posterior of single-modal regvi (spec §2–§4)."""
+    """Generative model and variational posterior of single-modal regvi (docs/model.md)."""
 
     def __init__(self, config: ModuleConfig):
         super().__init__()
@@ -339,7 +339,7 @@ class RegVIModule(nn.Module):
         ambient_group_means: list[torch.Tensor] | None = None,
         dispersion_init: torch.Tensor | None = None,
     ) -> None:
-        """Data-dependent initialisation (spec §3).
+        """Data-dependent initialisation (docs/model.md#data-dependent-initialisation).
 
         Parameters
         ----------
@@ -397,7 +397,8 @@ class RegVIModule(nn.Module):
         total = None
         for k, param in enumerate(self.feature_scaling_raw):
             y = (F.softplus(param) / FEATURE_SCALING_DIVISOR).index_select(0, scaling_codes[:, k])
-            total = y if total is None else total * y  # regvi: keys MULTIPLY (spec §2)
+            # regvi: keys MULTIPLY (docs/model.md#feature-scaling)
+            total = y if total is None else total * y
         return total
 
     # ------------------------------------------------------------------ three steps
@@ -559,7 +560,7 @@ class RegVIModule(nn.Module):
         return_per_gene: bool = False,
         sample_theta: bool | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Negative ELBO with the plate rule of spec §4.
+        """Negative ELBO with the plate rule (docs/model.md#loss-and-the-plate-rule).
 
         Parameters
         ----------
@@ -679,7 +680,8 @@ class RegVIModule(nn.Module):
 
 
 def check_n_obs(n_obs: int | None, n_batch: int, skip: bool = False) -> None:
-    """Refuse a missing ``n_obs`` or one smaller than the minibatch (the plate rule, spec §4)."""
+    """Refuse a missing ``n_obs`` or one smaller than the minibatch (the plate rule,
+    docs/model.md#loss-and-the-plate-rule)."""
     if n_obs is None:
         raise ValueError("loss() needs n_obs = number of training cells (got None)")
     if not skip and n_obs < n_batch:

@@ -30,7 +30,8 @@ from regvi.multimodule import (
     RegMultiVIModule,
 )
 
-#: Per-modality defaults by kind of modality (spec §6); other names get ``"other"``.
+#: Per-modality defaults by kind of modality (docs/model.md#multimodal-model); other names
+#: get ``"other"``.
 MODALITY_DEFAULTS: Mapping[str, dict[str, Any]] = {
     "rna": {"use_ambient": True, "use_feature_scaling": False},
     "atac": {
@@ -216,7 +217,8 @@ def modality_covariates(
 
 
 class RegMultiVI(BaseModel):
-    """Multimodal regvi (spec §6): per-modality encoders, joint latent, one decoder per modality.
+    """Multimodal regvi: per-modality encoders, joint latent, one decoder per modality
+    (docs/model.md#multimodal-model).
 
     Parameters
     ----------
@@ -594,7 +596,8 @@ class RegMultiVI(BaseModel):
         category_fallback: Mapping[str, str] | None = None,
         target: str = "mu",
     ) -> ModalityAttribution:
-        """Jacobian modality attribution at the posterior mean (spec §6).
+        """Jacobian modality attribution at the posterior mean
+        (docs/model.md#jacobian-modality-attribution).
 
         For each cell, J_{d,m} = ∂f_d / ∂z_m is the Jacobian of decoder d's output f_d with
         respect to modality m's latent block, f_d = mu_d = exp(l_d) · (rho_d + s_d) · y_d (the NB

@@ -1,4 +1,5 @@
-"""The multimodal regvi model (spec §6), assembled from one :class:`RegVIModule` per modality.
+"""The multimodal regvi model, assembled from one :class:`RegVIModule` per modality
+(docs/model.md#multimodal-model).
 
 Every modality keeps the single-modal building blocks — encoder, library encoder, decoder,
 ambient, feature scaling, dispersion prior and GammaPoisson likelihood — so there is one
@@ -125,7 +126,7 @@ class MultiModuleConfig:
 
 
 class RegMultiVIModule(nn.Module):
-    """Joint generative model over several count modalities (spec §6).
+    """Joint generative model over several count modalities (docs/model.md#multimodal-model).
 
     A minibatch holds the shared covariate codes (``index``, ``ambient``, ``dispersion``, ...)
     and ``batch["modalities"][m]`` with ``x``, ``log_x_factorial`` and ``observed`` (bool,
@@ -213,7 +214,8 @@ class RegMultiVIModule(nn.Module):
     def decoder_means(
         self, z: torch.Tensor, batch: dict[str, Any], library: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """NB mean mu_m(z) = exp(l_m) · (rho_m(z) + s_m) · y_m of every modality (spec §2, §6).
+        """NB mean mu_m(z) = exp(l_m) · (rho_m(z) + s_m) · y_m of every modality
+        (docs/model.md#expected-count, docs/model.md#jacobian-modality-attribution).
 
         The same mu as the likelihood uses (:meth:`RegVIModule.generative` with theta at its
         posterior mean): library ``library[m]`` ``(B, 1)`` (usually the posterior mean of m's

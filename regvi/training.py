@@ -39,7 +39,7 @@ LOGGED_TERMS = (
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings (spec §5 defaults)."""
+    """Optimisation settings (defaults: docs/model.md#optimiser)."""
 
     lr: float = 1e-3
     weight_decay: float = 1e-6
@@ -176,7 +176,8 @@ class TrainingPlan(pl.LightningModule):
         self._val_acc = _EpochAccumulator()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # z and l are sampled (an ELBO estimate); theta at its posterior mean (spec §2)
+        # z and l are sampled (an ELBO estimate); theta at its posterior mean
+        # (docs/model.md#dispersion-prior)
         out = self.module.loss(
             batch,
             self.n_obs_train,
@@ -220,9 +221,9 @@ class TrainingPlan(pl.LightningModule):
 class EarlyStopping(pl.Callback):
     """Stop when validation ELBO has not improved by ``min_delta`` for ``patience`` epochs.
 
-    ``min_delta = n_features × min_delta_per_feature`` (spec §5). Epochs inside the KL warmup
-    never count against patience unless ``stop_during_warmup``. With ``restore_best`` the
-    weights of the best epoch are restored when training ends.
+    ``min_delta = n_features × min_delta_per_feature`` (docs/model.md#early-stopping). Epochs
+    inside the KL warmup never count against patience unless ``stop_during_warmup``. With
+    ``restore_best`` the weights of the best epoch are restored when training ends.
     """
 
     def __init__(

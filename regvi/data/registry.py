@@ -1,4 +1,5 @@
-"""Purpose-based covariate keys (spec §1) → a registry of categories for training and inference.
+"""Purpose-based covariate keys → a registry of categories for training and inference
+(docs/model.md#covariate-purposes).
 
 A :class:`CovariateRegistry` records which ``adata.obs`` column serves which purpose, the
 categories seen at setup and the standardisation of continuous covariates. It is plain data
@@ -92,7 +93,7 @@ class CovariateRegistry:
         labels_key: str | None = None,
         layer: str | None = None,
     ) -> CovariateRegistry:
-        """Resolve the key fan-out of spec §1 and record categories.
+        """Resolve the key fan-out (docs/model.md#covariate-purposes) and record categories.
 
         ``library_key`` alone fans out to the ambient, dispersion and library-size groups and,
         unless ``nn_conditioning_covariate_keys`` is given (``[]`` for none: a batch-free
@@ -136,7 +137,8 @@ class CovariateRegistry:
             nn_cond = [library_size_key]
         scaling = _as_list(feature_scaling_covariate_keys, "feature_scaling_covariate_keys")
         if scaling is None:
-            scaling = list(nn_cond)  # spec §1: default = decoder-conditioning keys
+            # default = decoder-conditioning keys (docs/model.md#covariate-purposes)
+            scaling = list(nn_cond)
         purposes: dict[str, list[str]] = {
             "library": [library_key] if library_key else [],
             "ambient": ambient or [],

@@ -1,7 +1,8 @@
 """Log-densities used by the regvi loss, written out so each equation is visible.
 
 All functions are element-wise and broadcast; reductions over plates happen in the
-module's ``loss`` (see ``regvi.module``), following the plate rule of the spec (§4).
+module's ``loss`` (see ``regvi.module``), following the plate rule
+(docs/model.md#loss-and-the-plate-rule).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 def gamma_poisson_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Log-likelihood of counts under GammaPoisson(concentration=theta, rate=theta/mu).
 
-    This is the negative binomial with mean ``mu`` and ``Var = mu + mu**2 / theta`` (spec §2).
+    This is the negative binomial with mean ``mu`` and ``Var = mu + mu**2 / theta``
+    (docs/model.md#likelihood).
 
     Parameters
     ----------

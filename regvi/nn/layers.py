@@ -1,4 +1,7 @@
-"""Fully-connected blocks, encoders and the decoder (spec §3)."""
+"""Fully-connected blocks, encoders and the decoder.
+
+Equations: docs/model.md#encoders and docs/model.md#decoder.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ class CategoricalInjector(nn.Module):
     Parameters
     ----------
     n_cats_per_key
-        Number of categories of each key; keys with one level are ignored (spec §1).
+        Number of categories of each key; keys with one level are ignored
+        (docs/model.md#covariate-purposes).
     """
 
     def __init__(self, n_cats_per_key: Sequence[int]):
@@ -143,15 +147,16 @@ class Encoder(nn.Module):
 
 
 class LibraryEncoder(Encoder):
-    """q(l | x): a one-layer encoder with 16 hidden units and a scalar output (spec §2)."""
+    """q(l | x): a one-layer encoder with 16 hidden units and a scalar output
+    (docs/model.md#encoders)."""
 
     def __init__(self, n_in: int, n_cat_features: int = 0, n_hidden: int = 16, **kwargs):
         super().__init__(n_in, 1, n_hidden, 1, n_cat_features, **kwargs)
 
 
 class Decoder(nn.Module):
-    """Decoder rho = softplus(Linear(FC(z ⊕ continuous, onehot(c)))) (spec §2); ``c`` are the
-    decoder-conditioning keys (none: batch-free).
+    """Decoder rho = softplus(Linear(FC(z ⊕ continuous, onehot(c)))) (docs/model.md#decoder);
+    ``c`` are the decoder-conditioning keys (none: batch-free).
 
     The output is non-negative and not on the simplex.
     """
