@@ -117,7 +117,28 @@ def _store(npy: Path, rec: Path, latent: np.ndarray, record: dict[str, Any]) -> 
     rec.write_text(json.dumps(record))
 
 
-def train_regvi(name: str, setting: dict[str, Any], seed: int, threads: int) -> None:
+def lowcount_robustness(model, adata, label: str, n_cells: int = 4000) -> dict[str, float]:
+    """evaluation's low-count robustness (thinning to 50 / 25 / 10 % of the UMIs, re-encoded)
+    on a fixed random subsample of ``n_cells`` cells."""
+    from evaluation.robustness import low_count_robustness
+
+    idx = np.sort(np.random.default_rng(0).permutation(adata.n_obs)[:n_cells])
+    sub = adata[idx].copy()
+
+    def encode(X):
+        thinned = sub.copy()
+        thinned.X = X
+        return model.get_latent_representation(thinned, batch_size=1024)
+
+    emb = model.get_latent_representation(sub, batch_size=1024)
+    labels = sub.obs[label].astype(str).to_numpy()
+    found = low_count_robustness(encode, sub.X, emb, labels, seed=0)
+    return {k: float(v) for k, v in found.items() if v is not None}
+
+
+def train_regvi(
+    name: str, setting: dict[str, Any], seed: int, threads: int, lowcount: bool = False
+) -> None:
     import anndata as ad
     import torch
 
@@ -139,6 +160,8 @@ def train_regvi(name: str, setting: dict[str, Any], seed: int, threads: int) -> 
         "best_epoch": int(es.best_epoch) if es is not None and es.best_epoch is not None else None,
         "setting": setting,
     }
+    if lowcount:
+        record["lowcount"] = lowcount_robustness(model, adata, DATASETS[name][2])
     _store(*_cached(name, setting["name"], seed), model.get_latent_representation(), record)
 
 
@@ -249,6 +272,11 @@ def summarise(name: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
             "train_s_mean": float(np.mean(times)) if times else None,
             "epochs_mean": float(np.mean(epochs)) if epochs else None,
         }
+        low = [r["lowcount"] for r in recs if r.get("lowcount")]
+        if low:
+            out[method]["lowcount_mean"] = {
+                k: float(np.mean([r[k] for r in low if k in r])) for k in low[0]
+            }
     return out
 
 
@@ -371,6 +399,11 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="retrain cached latents")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument(
+        "--lowcount",
+        action="store_true",
+        help="also measure low-count robustness of each regvi run (thinned re-encoding)",
+    )
+    p.add_argument(
         "--sweep",
         action="append",
         default=[],
@@ -411,7 +444,9 @@ def main() -> None:
                     elif method in SCVI_SIZES:
                         train_scvi(name, method, seed, args.threads, args.scvi_python)
                     else:
-                        train_regvi(name, settings[method], seed, args.threads)
+                        train_regvi(
+                            name, settings[method], seed, args.threads, lowcount=args.lowcount
+                        )
                     print(
                         f"trained {name} {method} seed {seed}: {time.perf_counter() - t0:.0f} s",
                         flush=True,
@@ -454,6 +489,14 @@ def main() -> None:
                 f"{r['total_sd']:.3f} {r['bio_mean']:>6.3f} {r['batch_mean']:>6.3f} "
                 f"{r['worst_total']:>6.3f} {t:>8} {ep:>6}"
             )
+            if "lowcount_mean" in r:
+                low = r["lowcount_mean"]
+                agree = " ".join(
+                    f"q{q}: {low[f'lowcount_q{q}_label_majority']:.3f}"
+                    for q in (0.5, 0.25, 0.1)
+                    if f"lowcount_q{q}_label_majority" in low
+                )
+                print(f"{'':<15} {'':<16} low-count label agreement {agree}")
         for line in goals(summary):
             print(line)
         args.out.parent.mkdir(parents=True, exist_ok=True)
