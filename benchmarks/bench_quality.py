@@ -26,7 +26,8 @@ Usage
 -----
 ::
 
-    benchmarks/setup_scvi_env.sh                     # once
+    pip install -e ".[bench]"                        # once: harmonypy, scikit-misc
+    benchmarks/setup_scvi_env.sh                     # once: scvi-tools in its own venv
     .venv/bin/python benchmarks/bench_quality.py     # everything (hours on 2 CPUs)
     .venv/bin/python benchmarks/bench_quality.py --datasets kang_ctrl --methods regvi,scvi \\
         --set '{"name": "regvi_nncond", "model": {"nn_conditioning_covariate_keys": "$library"}}'
