@@ -493,7 +493,6 @@ def run_scib(rna_path: Path, latents: dict[str, Path], n_jobs: int) -> dict[str,
     import anndata as ad
     import numpy as np
     import scanpy as sc
-    from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
 
     adata = ad.read_h5ad(rna_path)
     # Benchmarker expects a normalised, non-integrated X for its PCA reference.
@@ -508,21 +507,9 @@ def run_scib(rna_path: Path, latents: dict[str, Path], n_jobs: int) -> dict[str,
     for name, path in latents.items():
         adata.obsm[name] = np.load(path)
         keys.append(name)
-    bm = Benchmarker(
-        adata,
-        batch_key=BATCH_KEY,
-        label_key=LABEL_KEY,
-        embedding_obsm_keys=keys,
-        bio_conservation_metrics=BioConservation(),
-        batch_correction_metrics=BatchCorrection(),
-        pre_integrated_embedding_obsm_key="X_pca",
-        n_jobs=n_jobs,
-        progress_bar=False,
-    )
-    bm.benchmark()
-    df = bm.get_results(min_max_scale=False)
-    df = df.loc[df.index != "Metric Type"]
-    return {str(emb): {str(k): float(v) for k, v in row.items()} for emb, row in df.iterrows()}
+    from _common import benchmarker_scores  # next to this file
+
+    return benchmarker_scores(adata, BATCH_KEY, LABEL_KEY, keys, n_jobs)
 
 
 def _versions(scvi_python: str) -> dict[str, str | None]:

@@ -225,7 +225,7 @@ def _pca(name: str, adata) -> np.ndarray:
 def score(name: str, n_jobs: int) -> dict[str, dict[str, float]]:
     """One Benchmarker over every cached latent of ``name``: embedding → metrics (unscaled)."""
     import anndata as ad
-    from scib_metrics.benchmark import Benchmarker
+    from _common import benchmarker_scores  # next to this file
 
     _, key, label = DATASETS[name]
     adata = ad.read_h5ad(prepared(name))
@@ -237,19 +237,7 @@ def score(name: str, n_jobs: int) -> dict[str, dict[str, float]]:
         adata.obsm[npy.stem] = np.load(npy)
         keys.append(npy.stem)
     adata.obsm["pca"] = adata.obsm["X_pca"]
-    bm = Benchmarker(
-        adata,
-        batch_key=key,
-        label_key=label,
-        embedding_obsm_keys=["pca", *keys],
-        pre_integrated_embedding_obsm_key="X_pca",
-        n_jobs=n_jobs,
-        progress_bar=False,
-    )
-    bm.benchmark()
-    df = bm.get_results(min_max_scale=False)
-    df = df.loc[df.index != "Metric Type"]
-    return {str(e): {str(k): float(v) for k, v in row.items()} for e, row in df.iterrows()}
+    return benchmarker_scores(adata, key, label, ["pca", *keys], n_jobs)
 
 
 def summarise(name: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:

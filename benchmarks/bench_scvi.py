@@ -696,7 +696,6 @@ def run_scib(
     import anndata as ad
     import numpy as np
     import scanpy as sc
-    from scib_metrics.benchmark import Benchmarker
 
     adata = ad.read_h5ad(prep)
     # Benchmarker expects a normalised, non-integrated X for its PCA reference.
@@ -711,19 +710,9 @@ def run_scib(
     for name, path in latents.items():
         adata.obsm[name] = np.load(path)
         keys.append(name)
-    bm = Benchmarker(
-        adata,
-        batch_key=batch_key,
-        label_key=label_key,
-        embedding_obsm_keys=keys,
-        pre_integrated_embedding_obsm_key="X_pca",
-        n_jobs=n_jobs,
-        progress_bar=False,
-    )
-    bm.benchmark()
-    df = bm.get_results(min_max_scale=False)
-    df = df.loc[df.index != "Metric Type"]
-    return {str(emb): {str(k): float(v) for k, v in row.items()} for emb, row in df.iterrows()}
+    from _common import benchmarker_scores  # next to this file
+
+    return benchmarker_scores(adata, batch_key, label_key, keys, n_jobs)
 
 
 def _versions(scvi_python: str) -> dict[str, str | None]:
