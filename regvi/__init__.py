@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from regvi import datasets
 from regvi.io import load
+from regvi.map.labels import transfer_labels as transfer_labels
 from regvi.model import RegVI
 from regvi.multimodal import RegMultiVI
 from regvi.simulate import simulate, simulate_multiome, simulate_to_mmap
