@@ -477,7 +477,14 @@ class BaseModel:
             strata = pd.Series(["|".join(t) for t in zip(*parts, strict=True)]).to_numpy()
         train_idx, val_idx = train_validation_split(n_cells, validation_fraction, seed, strata)
         self.train_indices, self.validation_indices = train_idx, val_idx
-        if initialise or (initialise is None and not self.is_trained and not len(self.history)):
+        query = getattr(self, "query", None)
+        if initialise and query is not None:
+            raise ValueError(
+                "initialise=True would redraw a query model's weights; a query keeps the "
+                "reference's (see load_query_data)"
+            )
+        fresh = initialise is None and not self.is_trained and not len(self.history)
+        if initialise or (fresh and query is None):
             # first training: weights from this seed, data-dependent init from training cells
             in_train = np.zeros(n_cells, dtype=bool)
             in_train[train_idx] = True
@@ -535,6 +542,9 @@ class BaseModel:
         if epoch_callback is not None:
             all_callbacks.append(EpochCallback(epoch_callback))
         all_callbacks.extend(callbacks or [])
+        freeze = query.freeze(self.module) if query is not None else None
+        if freeze is not None:  # only the query's new entries train
+            all_callbacks.append(freeze.callback())
         torch.manual_seed(seed)
         with _quiet_lightning():
             trainer = pl.Trainer(
@@ -556,7 +566,11 @@ class BaseModel:
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
             # inference leaves the module in eval mode; Lightning keeps submodule modes as found
             self.module.train()
-            trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
+            try:
+                trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
+            finally:
+                if freeze is not None:
+                    freeze.release()
         self.module.eval()
         new = pd.DataFrame(plan.history)
         self.history = (

@@ -218,19 +218,15 @@ def load(path: str | os.PathLike, adata: Any = None) -> RegVI | RegMultiVI:
     module.eval()
     if model_class == "RegMultiVI":
         return _load_multimodal(meta, config, registry, module, path, adata)
-    model = RegVI.__new__(RegVI)
-    model.registry = registry
-    model.config = config
-    model.module = module
-    model.setup_kwargs = meta.get("setup_kwargs", {})
-    model.seed = int(model.setup_kwargs.get("seed", 0))
-    model.is_trained = bool(meta.get("is_trained", False))
-    model.history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
-    model.train_indices = model.validation_indices = None
-    model.count_summary = {}
-    model.adata = None
-    model._X = None
-    model._covariates = None
+    history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
+    model = RegVI.assemble(
+        registry,
+        config,
+        module,
+        meta.get("setup_kwargs", {}),
+        is_trained=bool(meta.get("is_trained", False)),
+        history=history,
+    )
     if adata is not None:
         attach_data(model, adata)
     return model

@@ -164,7 +164,75 @@ class RegVI(BaseModel):
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
+        self.query = None
         self._initialise(self.seed)
+
+    @classmethod
+    def assemble(
+        cls,
+        registry: CovariateRegistry,
+        config: ModuleConfig,
+        module: RegVIModule,
+        setup_kwargs: Mapping[str, Any],
+        is_trained: bool = False,
+        history: pd.DataFrame | None = None,
+    ) -> RegVI:
+        """A model from its parts, without data (loading, reference mapping)."""
+        model = cls.__new__(cls)
+        model.registry, model.config, model.module = registry, config, module
+        model.setup_kwargs = dict(setup_kwargs)
+        model.seed = int(model.setup_kwargs.get("seed", 0))
+        model.is_trained = bool(is_trained)
+        model.history = pd.DataFrame() if history is None else history
+        model.train_indices = model.validation_indices = None
+        model.count_summary = {}
+        model.adata = None
+        model._X = None
+        model._covariates = None
+        model.query = None
+        return model
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: AnnData,
+        reference: RegVI | str,
+        allow_missing_genes: bool = False,
+        fine_tune: str | Sequence[str] | None = None,
+    ) -> RegVI:
+        """A model of new (query) cells that shares a trained reference's weights.
+
+        Every category of a covariate key the reference has not seen (a new library, say) gets
+        its own technical terms (ambient, dispersion, library prior, feature scaling, decoder
+        conditioning column), initialised from the query's counts as training would. ``train()``
+        then fits only those by default; the reference's weights stay byte-identical, and the
+        encoder is the reference's, so the latent of the reference cells does not move
+        (docs/mapping.md).
+
+        Parameters
+        ----------
+        adata
+            Query cells with raw counts (in the reference's ``layer``) and the reference's
+            covariate columns in ``obs``. Genes are matched by name and reordered.
+        reference
+            A trained :class:`RegVI`, its directory or an MLflow model URI
+            (``models:/NAME@champion``, ``runs:/ID/model``).
+        allow_missing_genes
+            Fill reference genes absent from the query with zero counts (with a warning)
+            instead of raising.
+        fine_tune
+            Also train ``"conditioning"`` (the new categories' one-hot weights of the decoder
+            and encoder layers) and/or ``"encoder"`` (all encoder weights: the reference cells'
+            latent then moves too, as in scArches' full fine-tuning).
+
+        Returns
+        -------
+        RegVI
+            The query model; ``model.adata`` is the query with the reference's genes.
+        """
+        from regvi.map.query import build_query
+
+        return build_query(reference, adata, allow_missing_genes, fine_tune)
 
     def _build_module(self) -> RegVIModule:
         return RegVIModule(self.config)

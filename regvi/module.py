@@ -115,6 +115,11 @@ class ModuleConfig:
     #: are scaled by 0.1, so the cells' posterior means are not drowned in sampling noise at
     #: the start of training (see :meth:`RegVIModule.init_posterior_scale`)
     encoder_var_init: float | None = None
+    #: what the z encoder reads (docs/model.md#encoder-input): ``"log1p"``, log(1 + x); or
+    #: ``"normalised"``, log(1 + x · L̄ / L) with L the cell's total and L̄ the training cells'
+    #: typical total, so z does not see sequencing depth (the library encoder always reads
+    #: log(1 + x))
+    encoder_input: str = "log1p"
     # joint-embedding loss for low-count cells (regvi/nn/joint_embedding.py; 0 = off)
     #: weight of the Barlow Twins loss between z of x and of a binomially thinned copy x*
     joint_embedding_weight: float = 0.0
@@ -172,10 +177,13 @@ _INT_OPTIONS = {
     "n_dispersion_groups": 1,
     "n_library_groups": 1,
 }
+#: what the z encoder reads (ModuleConfig.encoder_input)
+ENCODER_INPUTS = ("log1p", "normalised")
 _CHOICE_OPTIONS = {
     "dispersion": ("gene-batch", "gene"),
     "var_activation": ("exp", "softplus"),
     "activation": ACTIVATIONS,
+    "encoder_input": ENCODER_INPUTS,
 }
 
 
@@ -402,16 +410,32 @@ class RegVIModule(nn.Module):
         return total
 
     # ------------------------------------------------------------------ three steps
-    def _encoder_input(self, x: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
+    def _encoder_input(
+        self, x: torch.Tensor, continuous: torch.Tensor, normalise: bool = False
+    ) -> torch.Tensor:
+        """log(1 + x) (or, with ``normalise``, log(1 + x · L̄ / L)) and the continuous covariates.
+
+        L̄ = exp(mean_p m_p) is the typical training library (``library_log_offset`` + log s).
+        """
+        if normalise:
+            log_typical = self.library_log_offset + math.log(
+                self.config.library_centring_sensitivity
+            )
+            log_total = torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
+            x = x * torch.exp(log_typical - log_total)
         h = torch.log1p(x)
         return torch.cat([h, continuous], dim=-1) if continuous.shape[-1] else h
+
+    def _z_encoder_input(self, x: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
+        return self._encoder_input(x, continuous, self.config.encoder_input == "normalised")
 
     def inference(self, batch: dict[str, torch.Tensor], sample: bool = True) -> dict[str, Any]:
         """x → q(z), q(l); returns posterior parameters and (sampled or mean) z, l."""
         x, continuous = batch["x"], batch["continuous"]
         h = self._encoder_input(x, continuous)
+        h_z = self._z_encoder_input(x, continuous) if self.config.encoder_input != "log1p" else h
         enc_cats = self.encoder_cats(batch.get("encoder"), h.dtype)
-        qz_mean, qz_var = self.z_encoder(h, enc_cats)
+        qz_mean, qz_var = self.z_encoder(h_z, enc_cats)
         ql_mean, ql_var = self.l_encoder(h, enc_cats)
         out: dict[str, Any] = {}
         if self.config.library_residual:
@@ -432,7 +456,7 @@ class RegVIModule(nn.Module):
         x_thin, _ = thin_counts(
             batch["x"], c.joint_embedding_min_fraction, c.joint_embedding_max_fraction
         )
-        h = self._encoder_input(x_thin, batch["continuous"])
+        h = self._z_encoder_input(x_thin, batch["continuous"])
         qz_mean, _ = self.z_encoder(h, self.encoder_cats(batch.get("encoder"), h.dtype))
         return qz_mean
 

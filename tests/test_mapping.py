@@ -1,0 +1,206 @@
+"""Reference mapping (``RegVI.load_query_data``): new categories get their own technical
+terms, the reference's weights and latent do not move, bad queries are refused up front."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import regvi
+
+
+@pytest.fixture(scope="module")
+def split():
+    """A reference (libraries 0, 1) and a query (libraries 2, 3) of one simulation."""
+    adata = regvi.simulate(n_cells=600, n_genes=60, n_cell_types=3, n_libraries=4, seed=3)
+    libs = sorted(adata.obs["library"].unique())
+    ref = adata[adata.obs["library"].isin(libs[:2])].copy()
+    query = adata[adata.obs["library"].isin(libs[2:])].copy()
+    return ref, query
+
+
+@pytest.fixture(scope="module")
+def reference(split):
+    ref, _ = split
+    model = regvi.RegVI(ref, library_key="library", n_hidden=32, n_latent=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=4, progress_bar=False)
+    return model
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def _reference_part(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return new[tuple(slice(0, n) for n in old.shape)]
+
+
+def test_new_libraries_get_their_own_technical_terms(split, reference):
+    _, query = split
+    q = regvi.RegVI.load_query_data(query, reference)
+    assert q.registry.categories["library"] == ["lib_0", "lib_1", "lib_2", "lib_3"]
+    assert q.query.added_categories == {"library": ["lib_2", "lib_3"]}
+    assert q.config.n_library_groups == 4 and q.config.n_dispersion_groups == 4
+    assert q.module.ambient_log[0].shape[0] == 4
+    # new ambient rows start from the query's counts (0.2 × depth-normalised mean), not the
+    # prior's log 0.01; new library prior rows from the query's library sizes
+    new_ambient = q.module.ambient_log[0][2:].detach()
+    assert not torch.allclose(new_ambient, torch.full_like(new_ambient, np.log(0.01)))
+    totals = np.asarray(query.X.sum(1)).ravel()
+    offset = float(reference.module.library_log_offset)
+    lib2 = (query.obs["library"] == "lib_2").to_numpy()
+    expected = np.log(totals[lib2]).mean() - offset
+    assert float(q.module.library_prior_mean[2]) == pytest.approx(expected, abs=1e-4)
+    # the reference's own rows are the reference's
+    ref_state, q_state = _state(reference), _state(q)
+    for name, old in ref_state.items():
+        if "decoder.body.linears" in name and name.endswith("weight"):
+            continue  # columns grow; checked below
+        assert torch.equal(_reference_part(q_state[name], old), old), name
+
+
+def test_decoder_columns_map_and_new_ones_start_at_the_reference_mean(split, reference):
+    _, query = split
+    q = regvi.RegVI.load_query_data(query, reference)
+    old = reference.module.decoder.body.linears[0].weight.detach()
+    new = q.module.decoder.body.linears[0].weight.detach()
+    n_in = reference.config.n_latent
+    assert new.shape[1] == old.shape[1] + 2
+    assert torch.equal(new[:, : old.shape[1]], old)
+    mean = old[:, n_in:].mean(1, keepdim=True)
+    assert torch.allclose(new[:, old.shape[1] :], mean.expand(-1, 2))
+
+
+def test_query_training_fits_only_new_entries_and_the_reference_latent_stays(split, reference):
+    ref, query = split
+    z_ref = reference.get_latent_representation()
+    q = regvi.RegVI.load_query_data(query, reference)
+    z_query_before = q.get_latent_representation()
+    before = _state(q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.train(max_epochs=3, progress_bar=False)
+    after = _state(q)
+    ref_state = _state(reference)
+    for name, old in ref_state.items():
+        part = _reference_part(after[name], old)
+        if "decoder.body.linears" in name and name.endswith("weight"):
+            part = after[name][:, : old.shape[1]]
+        assert torch.equal(part, old), f"reference entries of {name} moved"
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert {"ambient_log.0", "log_theta_mean", "feature_scaling_raw.0"} <= moved
+    assert not any(k.startswith(("z_encoder", "l_encoder", "decoder")) for k in moved)
+    # the encoder is the reference's: reference cells encode as before, query cells as before
+    np.testing.assert_array_equal(q.get_latent_representation(ref), z_ref)
+    np.testing.assert_array_equal(q.get_latent_representation(), z_query_before)
+    # the freeze is lifted after training
+    assert all(p.requires_grad for p in q.module.parameters())
+    assert len(q.history) >= 1 and np.isfinite(q.get_elbo())
+
+
+def test_fine_tuning_conditioning_and_encoder(split, reference):
+    _, query = split
+    q = regvi.RegVI.load_query_data(query, reference, fine_tune=["conditioning", "encoder"])
+    before = _state(q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.train(max_epochs=2, progress_bar=False)
+    after = _state(q)
+    name = "decoder.body.linears.0.weight"
+    n_old = reference.module.decoder.body.linears[0].weight.shape[1]
+    assert torch.equal(after[name][:, :n_old], before[name][:, :n_old])
+    assert not torch.equal(after[name][:, n_old:], before[name][:, n_old:])
+    assert not torch.equal(after["z_encoder.mean.weight"], before["z_encoder.mean.weight"])
+    assert torch.equal(after["decoder.out.weight"], before["decoder.out.weight"])
+
+
+def test_query_is_reproducible_and_saves_as_a_plain_model(split, reference, tmp_path):
+    _, query = split
+    runs = []
+    for _ in range(2):
+        q = regvi.RegVI.load_query_data(query, reference)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q.train(max_epochs=2, progress_bar=False, seed=5)
+        runs.append(_state(q))
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    q.save(tmp_path / "query")
+    loaded = regvi.load(tmp_path / "query", adata=query)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), q.get_latent_representation())
+    # the reference can also be given as a directory
+    reference.save(tmp_path / "ref")
+    from_dir = regvi.RegVI.load_query_data(query, str(tmp_path / "ref"))
+    assert from_dir.registry.categories == q.registry.categories
+
+
+def test_genes_are_matched_by_name(split, reference):
+    _, query = split
+    z = regvi.RegVI.load_query_data(query, reference).get_latent_representation()
+    shuffled = query[:, np.random.default_rng(0).permutation(query.n_vars)].copy()
+    z_shuffled = regvi.RegVI.load_query_data(shuffled, reference).get_latent_representation()
+    np.testing.assert_allclose(z_shuffled, z, rtol=1e-5, atol=1e-5)
+    # extra query genes are ignored
+    extra = query.copy()
+    extra.var_names = list(query.var_names)
+    wider = __import__("anndata").concat([extra, _renamed(extra, "x_")], axis=1, merge="first")
+    z_wider = regvi.RegVI.load_query_data(wider, reference).get_latent_representation()
+    np.testing.assert_allclose(z_wider, z, rtol=1e-5, atol=1e-5)
+
+
+def _renamed(adata, prefix):
+    out = adata.copy()
+    out.var_names = [prefix + v for v in adata.var_names]
+    return out
+
+
+def test_missing_genes_are_refused_or_zero_filled(split, reference):
+    _, query = split
+    short = query[:, 5:].copy()
+    with pytest.raises(ValueError, match=r"lacks 5 of the reference's 60 genes.*allow_missing"):
+        regvi.RegVI.load_query_data(short, reference)
+    with pytest.warns(UserWarning, match="5 of 60 reference genes are missing"):
+        q = regvi.RegVI.load_query_data(short, reference, allow_missing_genes=True)
+    X = q._X.toarray() if sp.issparse(q._X) else q._X
+    assert X.shape == (query.n_obs, 60) and not X[:, :5].any()
+    np.testing.assert_array_equal(
+        X[:, 5:], np.asarray(short.X.todense() if sp.issparse(short.X) else short.X)
+    )
+    renamed = _renamed(query, "ENSG_")
+    with pytest.raises(ValueError, match="shares no gene"):
+        regvi.RegVI.load_query_data(renamed, reference, allow_missing_genes=True)
+
+
+def test_bad_queries_are_refused_before_any_work(split, reference):
+    ref, query = split
+    no_key = query.copy()
+    del no_key.obs["library"]
+    with pytest.raises(KeyError, match="'library'"):
+        regvi.RegVI.load_query_data(no_key, reference)
+    nan_key = query.copy()
+    nan_key.obs["library"] = nan_key.obs["library"].astype(object)
+    nan_key.obs.iloc[0, nan_key.obs.columns.get_loc("library")] = np.nan
+    with pytest.raises(ValueError, match=r"obs\['library'\] has 1 missing"):
+        regvi.RegVI.load_query_data(nan_key, reference)
+    with pytest.raises(ValueError, match="fine_tune"):
+        regvi.RegVI.load_query_data(query, reference, fine_tune="decoder")
+    with pytest.raises(TypeError, match="adata must be an AnnData"):
+        regvi.RegVI.load_query_data(query.X, reference)
+    with pytest.raises(TypeError, match="allow_missing_genes"):
+        regvi.RegVI.load_query_data(query, reference, allow_missing_genes="yes")
+    fresh = regvi.RegVI(ref, library_key="library", n_hidden=8, n_latent=2)
+    with pytest.raises(ValueError, match="not trained"):
+        regvi.RegVI.load_query_data(query, fresh)
+    fractional = query.copy()
+    fractional.X = fractional.X.astype(np.float32) * 0.5
+    with pytest.raises(ValueError, match=r"query adata\.X"):
+        regvi.RegVI.load_query_data(fractional, reference)
+    q = regvi.RegVI.load_query_data(query, reference)
+    with pytest.raises(ValueError, match="initialise=True"):
+        q.train(max_epochs=1, initialise=True, progress_bar=False)
