@@ -102,7 +102,6 @@ def _library_stats(
         means[take] = mean[take]
         variances[take] = np.where(cnt[take] > 1, dev2[take] / np.maximum(cnt[take], 1), 1.0)
         found |= take
-    n[~found] = 0
     if np.isnan(means).all():
         means[:] = 0.0
     means[np.isnan(means)] = np.nanmean(means)

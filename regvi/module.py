@@ -631,9 +631,15 @@ class RegVIModule(nn.Module):
         loss = reconstruction + kl_weight * kl_z + kl_library + global_total / n_obs
         extra: dict[str, torch.Tensor] = {}
         weight = self.config.joint_embedding_weight
-        if weight > 0 and self.training and x.shape[0] > 1:  # training only, not in the ELBO
-            extra["joint_embedding"] = self.joint_embedding_loss(batch, inf["qz_mean"])
-            loss = loss + weight * extra["joint_embedding"]
+        if weight > 0 and self.training:  # training only, not in the ELBO
+            # one cell has no correlations: 0, but the key stays (the epoch accumulator)
+            je = (
+                self.joint_embedding_loss(batch, inf["qz_mean"])
+                if x.shape[0] > 1
+                else loss.new_zeros(())
+            )
+            extra["joint_embedding"] = je
+            loss = loss + weight * je
         out = {
             "loss": loss,
             "elbo": elbo,

@@ -240,23 +240,20 @@ class RegMultiVIModule(nn.Module):
     def joint_embedding_loss(
         self, batch: dict[str, Any], inf: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """Modality → Barlow Twins loss between the joint E_q[z] and the joint E_q[z] with that
-        modality's counts binomially thinned (modalities with ``joint_embedding_weight`` > 0;
-        the other blocks as observed). Unweighted; training only."""
+        """Modality → Barlow Twins loss between modality m's block of E_q[z] and that block
+        with m's counts binomially thinned, over the cells that have m (modalities with
+        ``joint_embedding_weight`` > 0). Unweighted; training only."""
         out = {}
         for m in self.modalities:
             if self.mods[m].config.joint_embedding_weight <= 0:
                 continue
             view = self.modality_batch(batch, m)
             thinned = self.mods[m].thinned_posterior_mean(view)
-            observed = view["observed"][:, None]
-            block = torch.where(observed, thinned, torch.zeros_like(thinned))
-            sl = self.slices[m]
-            z_thin = torch.cat(
-                [inf["qz_mean"][:, : sl.start], block, inf["qz_mean"][:, sl.stop :]], dim=-1
-            )
             out[m] = barlow_twins_loss(
-                inf["qz_mean"], z_thin, self.mods[m].config.joint_embedding_off_diagonal
+                inf["modalities"][m]["qz_mean"],
+                thinned,
+                self.mods[m].config.joint_embedding_off_diagonal,
+                weights=view["observed"],
             )
         return out
 
@@ -318,7 +315,9 @@ class RegMultiVIModule(nn.Module):
             kl_dims.append(kl_z_dims.mean(0))
         global_total = sum(penalties_total.values())
         elbo = totals["reconstruction"] + totals["kl_z"] + totals["kl_library"]
-        joint = self.joint_embedding_loss(batch, inf) if self.training and n_batch > 1 else {}
+        joint = self.joint_embedding_loss(batch, inf) if self.training else {}
+        if n_batch < 2:  # one cell has no correlations; keep the keys (epoch accumulator)
+            joint = {m: zero for m in joint}
         out.update({f"joint_embedding_{m}": v for m, v in joint.items()})
         out.update(
             loss=totals["reconstruction"]

@@ -722,6 +722,16 @@ def test_trial_data_arguments_decode_searched_purposes():
             r"search\.labels_key: 'labels_key' cannot be searched",
         ),
         (
+            {"technical_covariate_keys": {"type": "categorical", "values": [None, ["donor"]]}},
+            r"search\.technical_covariate_keys: 'technical_covariate_keys' cannot be searched: "
+            r"it defines what every trial",
+        ),
+        (
+            {"dispersion_key": {"type": "categorical", "values": ["donor"]}},
+            r"search\.dispersion_key: 'dispersion_key' cannot be searched: it is set by the "
+            r"fixed library_key",
+        ),
+        (
             {"nn_conditioning_covariate_keys": {"type": "uniform", "low": 0, "high": 1}},
             r"search\.nn_conditioning_covariate_keys\.type: 'uniform'; a covariate purpose is "
             r"searched as categorical",

@@ -47,17 +47,34 @@ def thin_counts(
     return thinned, f[:, 0]
 
 
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal: float) -> torch.Tensor:
+def barlow_twins_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    off_diagonal: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Barlow Twins loss between two embeddings of the same cells (``(B, D)`` each).
 
     Each dimension is standardised over the minibatch; the cross-correlation matrix is pushed to
     the identity: invariance on the diagonal, redundancy reduction (× ``off_diagonal``) off it.
+    ``weights`` ``(B,)`` (e.g. 1 for cells that have the modality, 0 otherwise) weight the
+    cells in the means, standard deviations and correlations. Computed in float32 also under
+    mixed precision (C_ii near 1 needs the resolution).
     """
     eps = 1e-5
-    a = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + eps)
-    b = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + eps)
-    c = a.T @ b / z1.shape[0]
-    diag = torch.diagonal(c)
-    on = (1.0 - diag).pow(2).sum()
-    off = c.pow(2).sum() - diag.pow(2).sum()
-    return on + off_diagonal * off
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = z1.float(), z2.float()
+        w = torch.ones_like(z1[:, :1]) if weights is None else weights.float()[:, None]
+        total = w.sum().clamp_min(1.0)
+
+        def standardise(z: torch.Tensor) -> torch.Tensor:
+            mean = (w * z).sum(0) / total
+            std = ((w * (z - mean).pow(2)).sum(0) / total).sqrt()
+            return (z - mean) / (std + eps)
+
+        a, b = standardise(z1), standardise(z2)
+        c = (w * a).T @ b / total
+        diag = torch.diagonal(c)
+        on = (1.0 - diag).pow(2).sum()
+        off = c.pow(2).sum() - diag.pow(2).sum()
+        return on + off_diagonal * off

@@ -33,17 +33,17 @@ MODEL_ARGS = {
 } | ModuleConfig.user_options()
 DATA_KEYS = {"path", "modalities", "counts_modality", "allow_non_integer", *REGISTRY_ARGS}
 #: Registry purposes a sweep may search (``target="data"``): which obs key(s) serve which
-#: purpose. ``library_key`` / ``batch_key`` / ``labels_key`` / ``dataset_key`` stay fixed: they
-#: define what the evaluation scores, so every trial must share them.
+#: purpose. ``library_key`` / ``batch_key`` / ``labels_key`` / ``dataset_key`` /
+#: ``technical_covariate_keys`` stay fixed: they define what the evaluation scores, so every
+#: trial must share them; the ambient / dispersion / library-size keys are the library key's
+#: fan-out (the registry refuses them beside it).
 SEARCHABLE_DATA_KEYS = (
-    "ambient_covariate_keys",
-    "dispersion_key",
     "feature_scaling_covariate_keys",
     "nn_conditioning_covariate_keys",
     "encoder_covariate_keys",
     "continuous_covariate_keys",
-    "technical_covariate_keys",
 )
+_FAN_OUT_KEYS = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
 #: Model arguments only the multimodal model takes (modality → value mappings).
 MULTIMODAL_MODEL_ARGS = {"disabled_covariates", "lr_multipliers"}
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
@@ -298,6 +298,12 @@ def _parse_param(
         target = "training"
     elif name in SEARCHABLE_DATA_KEYS:
         target = "data"
+    elif name in _FAN_OUT_KEYS:
+        raise ConfigError(
+            f"{where}: {name!r} cannot be searched: it is set by the fixed library_key (ambient, "
+            f"dispersion and library-size groups); searchable covariate purposes: "
+            f"{list(SEARCHABLE_DATA_KEYS)}"
+        )
     elif name in DATA_KEYS:
         raise ConfigError(
             f"{where}: {name!r} cannot be searched: it defines what every trial is scored on "
