@@ -134,3 +134,44 @@ def test_multimodal_joint_embedding_per_modality():
     torch.manual_seed(0)
     hist = m.train(max_epochs=2, early_stopping=False, progress_bar=False, seed=0)
     assert np.isfinite(hist["train_joint_embedding_rna"]).all()
+
+
+def test_a_one_cell_last_batch_trains_and_logs_the_term(sim):
+    """The epoch accumulator fixes its keys on the first batch: a one-cell batch (no
+    correlations) must still report the term (as 0), in both models."""
+    model = regvi.RegVI(
+        sim, library_key="library", n_hidden=16, n_latent=3, joint_embedding_weight=5.0
+    )
+    hist = model.train(
+        max_epochs=1,
+        batch_size=sim.n_obs - 1,
+        validation_fraction=0.0,
+        early_stopping=False,
+        progress_bar=False,
+    )
+    assert np.isfinite(hist["train_joint_embedding"]).all()
+    data = regvi.simulate_multiome(n_cells=81, n_genes=20, n_peaks=30, seed=0)
+    multi = regvi.RegMultiVI(
+        data, library_key="library", n_hidden=16, n_latent=3, joint_embedding_weight=2.0
+    )
+    hist = multi.train(
+        max_epochs=1,
+        batch_size=80,
+        validation_fraction=0.0,
+        early_stopping=False,
+        progress_bar=False,
+    )
+    assert np.isfinite(hist["train_joint_embedding_rna"]).all()
+
+
+def test_the_multimodal_term_uses_only_the_modality_block_of_observed_cells():
+    """Weights 0 for cells without the modality: the loss equals the loss over the others."""
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(40, 4), torch.randn(40, 4)
+    w = torch.ones(40)
+    w[30:] = 0.0
+    z1[30:], z2[30:] = 0.0, 0.0
+    weighted = barlow_twins_loss(z1, z2, 0.01, weights=w)
+    assert torch.allclose(weighted, barlow_twins_loss(z1[:30], z2[:30], 0.01), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert barlow_twins_loss(z1, z2, 0.01).dtype == torch.float32
