@@ -41,7 +41,8 @@ Usage
 
     .venv/bin/python benchmarks/bench_multivi.py --epochs 20
 
-The scvi-tools interpreter is ``--scvi-python`` (default ``/work/venv-scvi/bin/python``).
+The scvi-tools interpreter is ``--scvi-python`` (default ``benchmarks/.venv-scvi/bin/python``,
+made by ``benchmarks/setup_scvi_env.sh``).
 The script file is also the child entry point (``--child RUN``); at module level it
 imports only the standard library, so it runs under either interpreter.
 """
@@ -50,22 +51,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import _common
+from _common import (  # stdlib-only at module level, next to this file
+    LATENT_BATCH_SIZE,
+    N_THREADS,
+    REPO_ROOT,
+    SEED,
+    TRAIN_SIZE,
+    current_rss_mib,
+    epoch_timer,
+    fmt,
+    set_threads,
+)
+
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 RNA_FILE = "mop_snareseq2_rna.h5ad"
 ATAC_FILE = "mop_snareseq2_atac.h5ad"
-DEFAULT_SCVI_PYTHON = Path("/work/venv-scvi/bin/python")
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "bench_multivi.json"
 
 BATCH_KEY = "batch"
@@ -74,87 +81,15 @@ N_HIDDEN = 128
 N_LATENT = 20  # total; the two-modality models split it 10 + 10
 N_LAYERS = 1
 BATCH_SIZE = 128
-TRAIN_SIZE = 0.9
 VALIDATION_FRACTION = 0.1  # regvi: 1 - TRAIN_SIZE
 KL_WARMUP = 50  # epochs; the default of MULTIVI.train, PEAKVI.train and regvi
-N_THREADS = 2
-LATENT_BATCH_SIZE = 1024
-SEED = 0
 RUNS = ("regvi-multi", "regvi-rna", "multivi")
 FALLBACK = "peakvi+scvi"
 SCVI_RUNS = ("multivi", FALLBACK)
 REFERENCE = "multivi"
 
 
-# --------------------------------------------------------------------------- memory
-
-
-def _proc_status_kib(field: str) -> int | None:
-    """Read a ``kB`` field (``VmHWM``, ``VmRSS``) from ``/proc/self/status``."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB.
-
-    Returns
-    -------
-    float
-        ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux), or ``VmHWM`` when
-        ``getrusage`` reports nothing.
-    """
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if not kib:
-        kib = _proc_status_kib("VmHWM") or 0
-    return kib / 1024.0
-
-
-def current_rss_mib() -> float | None:
-    """Current resident set size of this process in MiB (``None`` if unknown)."""
-    rss = _proc_status_kib("VmRSS")
-    return None if rss is None else rss / 1024.0
-
-
 # --------------------------------------------------------------------------- children
-
-
-def _set_threads() -> None:
-    """Pin torch to ``N_THREADS`` intra-op threads and one inter-op thread."""
-    import torch
-
-    torch.set_num_threads(N_THREADS)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set by an imported library
-        pass
-
-
-def _epoch_timer() -> Any:
-    """A Lightning callback recording the wall time of every epoch (training + validation)."""
-    import lightning
-
-    class EpochTimer(lightning.pytorch.Callback):
-        """Wall time per epoch, training plus validation."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._t0 = 0.0
-
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            # Lightning 2.x runs the validation loop before this hook.
-            self.times.append(time.perf_counter() - self._t0)
-
-    return EpochTimer()
 
 
 def _scvi_train_kwargs(epochs: int, timer: Any) -> dict[str, Any]:
@@ -180,18 +115,6 @@ def _scvi_final(model: Any) -> dict[str, float]:
             final[str(k)] = float(df.iloc[-1, 0])
         except (TypeError, ValueError, IndexError):
             continue
-    return final
-
-
-def _regvi_final(hist: Any) -> dict[str, float]:
-    """Last-epoch numeric values of a regvi history ``DataFrame``."""
-    final: dict[str, float] = {}
-    if len(hist):
-        for k, v in hist.iloc[-1].items():
-            try:
-                final[str(k)] = float(v)
-            except (TypeError, ValueError):
-                continue
     return final
 
 
@@ -222,7 +145,7 @@ def child_train(
     import numpy as np
     import torch
 
-    _set_threads()
+    set_threads(N_THREADS)
     torch.manual_seed(SEED)
     np.random.seed(SEED)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
     rna = ad.read_h5ad(rna_path)
@@ -243,8 +166,8 @@ def child_train(
         import scvi
 
         scvi.settings.seed = SEED
-        _set_threads()  # scvi's seed setter may touch torch settings; re-pin
-        timer = _epoch_timer()
+        set_threads(N_THREADS)  # scvi's seed setter may touch torch settings; re-pin
+        timer = epoch_timer()
         rec.update({"scvi-tools": scvi.__version__, "lightning": lightning.__version__})
         if run == "multivi":
             import mudata as md
@@ -309,7 +232,7 @@ def child_train(
                 "n_latent": {"atac": n_half, "rna": N_LATENT - n_half},
                 "latent": "[z_peakvi ; z_scvi] posterior means",
             }
-            timer_scvi = _epoch_timer()
+            timer_scvi = epoch_timer()
             rss_before = current_rss_mib()
             t0 = time.perf_counter()
             peakvi.train(**_scvi_train_kwargs(epochs, timer), n_epochs_kl_warmup=warmup)
@@ -374,39 +297,20 @@ def child_train(
         )
         train_s = time.perf_counter() - t0
         epochs_run = len(hist)
-        epoch_times = (
-            [float(t) for t in hist["epoch_time_s"]] if "epoch_time_s" in hist.columns else []
-        )
+        epoch_times = _common.history_epoch_times(hist)
         z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
         rec.update(
             {
                 "regvi": getattr(regvi, "__version__", "unknown"),
                 "history_columns": [str(c) for c in hist.columns],
-                "final": _regvi_final(hist),
+                "final": _common.last_values(hist),
             }
         )
     else:
         raise ValueError(f"unknown run {run!r}")
 
-    z = np.asarray(z, dtype=np.float32)
-    if z.shape != (rna.n_obs, N_LATENT):
-        raise ValueError(f"latent has shape {z.shape}, expected {(rna.n_obs, N_LATENT)}")
-    if not np.isfinite(z).all():
-        raise ValueError("latent contains non-finite values")
-    np.save(latent_out, z)
-    rec.update(
-        {
-            "train_s": train_s,
-            "epochs_requested": epochs,
-            "epochs_run": int(epochs_run),
-            "s_per_epoch": train_s / max(int(epochs_run), 1),
-            "epoch_times_s": epoch_times,
-            "median_epoch_s": float(np.median(epoch_times)) if epoch_times else None,
-            "min_epoch_s": float(np.min(epoch_times)) if epoch_times else None,
-            "rss_before_train_mib": rss_before,
-            "peak_rss_mib": peak_rss_mib(),
-        }
-    )
+    _common.save_latent(z, (rna.n_obs, N_LATENT), latent_out)
+    rec.update(_common.timing_record(train_s, epochs, epochs_run, epoch_times, rss_before))
     return rec
 
 
@@ -420,137 +324,21 @@ def run_child_main(args: argparse.Namespace) -> int:
         args.kl_warmup,
         Path(args.latent_out),
     )
-    rec["python"] = sys.executable
-    Path(args.record).write_text(json.dumps(rec, indent=2))
-    return 0
+    return _common.write_record(args, rec)
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def _child_env() -> dict[str, str]:
-    """Environment for child processes: thread caps, quiet logs."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(N_THREADS)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
-
-
 def launch(python: str, child_args: list[str], log: Path, record: Path) -> dict[str, Any]:
-    """Run this script as a child under ``python`` and collect its JSON record.
-
-    Parameters
-    ----------
-    python
-        Interpreter to run the child with.
-    child_args
-        Arguments after the script path.
-    log
-        File receiving the child's stdout and stderr.
-    record
-        JSON file the child writes on success.
-
-    Returns
-    -------
-    dict
-        The child's record, or ``{"error": ..., "log_tail": ...}`` on failure.
-    """
-    cmd = [python, str(Path(__file__).resolve()), *child_args, "--record", str(record)]
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO_ROOT, check=False
-        )
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not record.exists():
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
-        return {"error": f"exit code {proc.returncode}", "log_tail": tail, "wall_s": wall}
-    rec = json.loads(record.read_text())
-    rec["wall_s"] = wall
-    return rec
+    """Run this script as a child under ``python`` (see :func:`_common.launch`)."""
+    return _common.launch(__file__, python, child_args, log, record, n_threads=N_THREADS)
 
 
 def run_scib(rna_path: Path, latents: dict[str, Path], n_jobs: int) -> dict[str, dict[str, float]]:
-    """Score all latents with one scib-metrics ``Benchmarker`` on the RNA cells.
-
-    Parameters
-    ----------
-    rna_path
-        RNA ``.h5ad`` (raw counts; supplies ``batch`` and ``cell_type``).
-    latents
-        Mapping embedding name → ``.npy`` path.
-    n_jobs
-        Jobs for the neighbour search.
-
-    Returns
-    -------
-    dict
-        Embedding name → {metric: value}, including ``Bio conservation``,
-        ``Batch correction`` and ``Total`` (unscaled), and the "Unintegrated" PCA row.
-    """
-    import anndata as ad
-    import numpy as np
-    import scanpy as sc
-
-    adata = ad.read_h5ad(rna_path)
-    # Benchmarker expects a normalised, non-integrated X for its PCA reference.
-    adata.X = adata.X.astype(np.float32)
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    # Same call Benchmarker.prepare() makes when no pre-integrated key is given; stored
-    # under "Unintegrated" as well so that the PCA reference gets its own row.
-    sc.tl.pca(adata, svd_solver="arpack", mask_var=None)
-    adata.obsm["Unintegrated"] = adata.obsm["X_pca"]
-    keys = ["Unintegrated"]
-    for name, path in latents.items():
-        adata.obsm[name] = np.load(path)
-        keys.append(name)
-    from _common import benchmarker_scores  # next to this file
-
-    return benchmarker_scores(adata, BATCH_KEY, LABEL_KEY, keys, n_jobs)
-
-
-def _versions(scvi_python: str) -> dict[str, str | None]:
-    """Library versions in this interpreter (regvi side) and in the scvi venv."""
-    from importlib import metadata
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    out: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "torch": ver("torch"),
-        "regvi": ver("regvi"),
-        "scib-metrics": ver("scib-metrics"),
-        "scanpy": ver("scanpy"),
-        "anndata": ver("anndata"),
-        "lightning": ver("lightning"),
-    }
-    code = (
-        "import json, platform; from importlib import metadata as m; "
-        "print(json.dumps({**{p: m.version(p) for p in "
-        "('scvi-tools', 'torch', 'lightning', 'mudata', 'anndata')}, "
-        "'python': platform.python_version()}))"
-    )
-    if Path(scvi_python).exists():
-        res = subprocess.run([scvi_python, "-c", code], capture_output=True, text=True, check=False)
-        if res.returncode == 0:
-            other = json.loads(res.stdout.strip().splitlines()[-1])
-            out["scvi-tools"] = other["scvi-tools"]
-            for k in ("torch", "lightning", "mudata", "anndata", "python"):
-                out[f"{k}_scvi_venv"] = other[k]
-    return out
-
-
-def _fmt(v: Any, spec: str) -> str:
-    """Format a number, or a right-aligned ``-`` of the same width when missing."""
-    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
-    return "-".rjust(width) if v is None else format(v, spec)
+    """Score all latents plus the "Unintegrated" PCA of the RNA cells (raw counts in
+    ``rna_path``) with one scib-metrics ``Benchmarker``: embedding → {metric: value}."""
+    return _common.score_latents(rna_path, latents, BATCH_KEY, LABEL_KEY, n_jobs)
 
 
 def print_table(rows: list[dict[str, Any]], reference: str) -> str:
@@ -565,11 +353,11 @@ def print_table(rows: list[dict[str, Any]], reference: str) -> str:
     # /reference = ratio of s/epoch to the MultiVI run (or to its fallback).
     for r in rows:
         lines.append(
-            f"{r['run']:<13} {_fmt(r.get('s_per_epoch'), '8.2f')} "
-            f"{_fmt(r.get('median_epoch_s'), '7.2f')} "
-            f"{_fmt(r.get('ratio_to_reference'), '12.2f')} "
-            f"{_fmt(r.get('peak_rss_mib'), '9.0f')} "
-            f"{_fmt(r.get('bio'), '6.3f')} {_fmt(r.get('batch'), '6.3f')} {_fmt(r.get('total'), '6.3f')}"
+            f"{r['run']:<13} {fmt(r.get('s_per_epoch'), '8.2f')} "
+            f"{fmt(r.get('median_epoch_s'), '7.2f')} "
+            f"{fmt(r.get('ratio_to_reference'), '12.2f')} "
+            f"{fmt(r.get('peak_rss_mib'), '9.0f')} "
+            f"{fmt(r.get('bio'), '6.3f')} {fmt(r.get('batch'), '6.3f')} {fmt(r.get('total'), '6.3f')}"
         )
     text = "\n".join(lines)
     print(text)
@@ -620,12 +408,7 @@ def run_parent(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="bench_multivi_"))
-    print(f"[bench] workdir {workdir}", flush=True)
+    workdir = _common.workdir_for(args.workdir, "bench_multivi_")
 
     runs: list[dict[str, Any]] = []
     latents: dict[str, Path] = {}
@@ -712,13 +495,8 @@ def run_parent(args: argparse.Namespace) -> int:
                 "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) RNA X",
             },
         },
-        "host": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-        },
-        "versions": _versions(scvi_python),
+        "host": _common.host(),
+        "versions": _common.versions(scvi_python),
         "summary": rows,
         "runs": runs,
         "scib": scib,
@@ -754,32 +532,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="fixed number of epochs (default 20)")
     p.add_argument("--runs", type=_parse_runs, default=list(RUNS),
                    help=f"comma-separated subset of {','.join(RUNS)} (default all)")  # fmt: skip
-    p.add_argument("--scvi-python", default=str(DEFAULT_SCVI_PYTHON),
-                   help="interpreter of the scvi-tools venv")  # fmt: skip
     p.add_argument("--kl-warmup", type=int, default=KL_WARMUP,
                    help=f"KL warmup epochs for every tool (default {KL_WARMUP})")  # fmt: skip
     p.add_argument("--no-fallback", action="store_true",
                    help="do not fall back to PEAKVI + SCVI when MULTIVI fails")  # fmt: skip
-    p.add_argument("--skip-scib", action="store_true", help="skip the scib-metrics evaluation")
-    p.add_argument("--n-jobs", type=int, default=2, help="scib neighbour-search jobs")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results path")
-    p.add_argument("--workdir", default=None, help="keep intermediate files here")
-    p.add_argument("--keep-workdir", action="store_true", help="do not delete the temp workdir")
-    # child-only options
+    _common.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--child", choices=(*RUNS, FALLBACK), help=argparse.SUPPRESS)
     p.add_argument("--rna", help=argparse.SUPPRESS)
     p.add_argument("--atac", help=argparse.SUPPRESS)
-    p.add_argument("--record", help=argparse.SUPPRESS)
-    p.add_argument("--latent-out", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to the parent benchmark or to a child step."""
-    args = build_parser().parse_args(argv)
-    if args.child:
-        return run_child_main(args)
-    return run_parent(args)
+    return _common.dispatch(build_parser(), run_child_main, run_parent, argv)
 
 
 if __name__ == "__main__":

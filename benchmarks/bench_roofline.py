@@ -49,9 +49,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_scvi as bs  # stdlib-only at module level
+import _common  # stdlib-only at module level
+from _common import N_THREADS, SEED, TRAIN_SIZE, fmt
 
-DEFAULT_OUT = bs.REPO_ROOT / "benchmarks" / "results" / "bench_roofline.json"
+DEFAULT_OUT = _common.RESULTS / "bench_roofline.json"
 SQUARE_SIZES = (256, 512, 1024, 2048)
 PROFILE_WARMUP_EPOCHS = 1
 BARE_WARMUP_STEPS = 10
@@ -241,7 +242,7 @@ def child_peak(shapes: list[dict[str, Any]], repeats: int, min_time_s: float) ->
     """
     import torch
 
-    bs._set_threads()
+    _common.set_threads(N_THREADS)
     torch.manual_seed(0)
 
     def bench(m: int, k: int, n: int, layout: str) -> float:
@@ -591,7 +592,7 @@ def child_profile(
     batch_key
         ``library_key`` for regvi.
     arch
-        :class:`bench_scvi.Arch`.
+        :class:`_common.Arch`.
     batch_size, lr
         Minibatch size and learning rate.
     steps
@@ -621,8 +622,8 @@ def child_profile(
 
     # regvi.training.TrainingPlan looks up torch.optim.Adam when it builds the optimiser
     torch.optim.Adam = TimedAdam  # type: ignore[misc]
-    bs._set_threads()
-    torch.manual_seed(bs.SEED)
+    _common.set_threads(N_THREADS)
+    torch.manual_seed(SEED)
     adata = ad.read_h5ad(prep)
     model = regvi.RegVI(
         adata,
@@ -631,7 +632,7 @@ def child_profile(
         n_latent=arch.n_latent,
         n_layers=arch.n_layers,
     )
-    n_val = round((1 - bs.TRAIN_SIZE) * adata.n_obs)
+    n_val = round((1 - TRAIN_SIZE) * adata.n_obs)
     n_train = adata.n_obs - n_val
     steps_per_epoch = math.ceil(n_train / batch_size)
     n_win = max(1, math.ceil(steps / steps_per_epoch))
@@ -730,7 +731,7 @@ def child_profile(
     module = model.module
     module.train()
     data = model._dataset()
-    loader = make_loader(data, model.train_indices, batch_size, True, bs.SEED + 1)
+    loader = make_loader(data, model.train_indices, batch_size, True, SEED + 1)
     opt = TimedAdam(module.parameters(), lr=lr, weight_decay=1e-6, eps=0.01)
 
     def batches() -> Any:
@@ -795,7 +796,7 @@ def child_profile(
         "flops": flops,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "peak_rss_mib": bs.peak_rss_mib(),
+        "peak_rss_mib": _common.peak_rss_mib(),
     }
 
 
@@ -803,46 +804,17 @@ def child_profile(
 
 
 def launch(child_args: list[str], log: Path, record: Path, python: str | None = None) -> dict:
-    """Run a child of this script (see :func:`bench_scvi.launch`)."""
-    import subprocess
-
-    cmd = [python or sys.executable, str(Path(__file__).resolve()), *child_args]
-    cmd += ["--record", str(record)]
-    before, load0 = bs.competitors(), bs._loadavg()
-    if before:
-        print(f"[roofline] WARNING: competing processes running: {before}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(
-            cmd,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=bs._child_env(),
-            cwd=bs.REPO_ROOT,
-            check=False,
-        )
-    wall = time.perf_counter() - t0
-    after = bs.competitors()
-    contention = {
-        "before": before,
-        "after": after,
-        "loadavg_1min_before": load0,
-        "loadavg_1min_after": bs._loadavg(),
-    }
-    if after and not before:
-        print(f"[roofline] WARNING: competing processes appeared: {after}", flush=True)
-    if proc.returncode != 0 or not record.exists():
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
-        return {
-            "error": f"exit code {proc.returncode}",
-            "log_tail": tail,
-            "wall_s": wall,
-            "contention": contention,
-        }
-    rec = json.loads(record.read_text())
-    rec["wall_s"] = wall
-    rec["contention"] = contention
-    return rec
+    """Run a child of this script (see :func:`_common.launch`), with ``contention``."""
+    return _common.launch(
+        __file__,
+        python or sys.executable,
+        child_args,
+        log,
+        record,
+        n_threads=N_THREADS,
+        competitor_pattern=_common.CPU_COMPETITORS,
+        tag="roofline",
+    )
 
 
 def run_profiles(
@@ -943,8 +915,8 @@ def format_profile(p: dict[str, Any]) -> str:
             a = lc.get(k, {}).get("share")
             b = bc.get(k, {}).get("share")
             lines.append(
-                f"{k:<26} {bs._fmt(None if a is None else 100 * a, '8.1f')}% "
-                f"{bs._fmt(None if b is None else 100 * b, '5.1f')}%"
+                f"{k:<26} {fmt(None if a is None else 100 * a, '8.1f')}% "
+                f"{fmt(None if b is None else 100 * b, '5.1f')}%"
             )
     ph = lt["profile"]["phases"]
     lines.append(
@@ -970,15 +942,15 @@ def format_roofline(rows: list[dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['name']:<34} {bs._fmt(r.get('gflop_per_epoch_nominal'), '8.1f')} "
-            f"{bs._fmt(r.get('s_per_epoch'), '7.2f')} "
-            f"{bs._fmt(r.get('achieved_gflops_nominal'), '8.1f')} "
-            f"{bs._fmt(r.get('peak_gflops_model_shapes'), '9.1f')} "
-            f"{bs._fmt(r.get('achieved_over_peak_model_shapes'), '8.3f')} "
-            f"{bs._fmt(r.get('peak_gflops_square'), '7.1f')} "
-            f"{bs._fmt(r.get('achieved_over_peak_square'), '6.3f')} "
-            f"{bs._fmt(r.get('matmul_floor_s_per_epoch'), '10.3f')} "
-            f"{bs._fmt(r.get('matmul_floor_over_epoch'), '8.3f')}"
+            f"{r['name']:<34} {fmt(r.get('gflop_per_epoch_nominal'), '8.1f')} "
+            f"{fmt(r.get('s_per_epoch'), '7.2f')} "
+            f"{fmt(r.get('achieved_gflops_nominal'), '8.1f')} "
+            f"{fmt(r.get('peak_gflops_model_shapes'), '9.1f')} "
+            f"{fmt(r.get('achieved_over_peak_model_shapes'), '8.3f')} "
+            f"{fmt(r.get('peak_gflops_square'), '7.1f')} "
+            f"{fmt(r.get('achieved_over_peak_square'), '6.3f')} "
+            f"{fmt(r.get('matmul_floor_s_per_epoch'), '10.3f')} "
+            f"{fmt(r.get('matmul_floor_over_epoch'), '8.3f')}"
         )
     return "\n".join(lines)
 
@@ -992,7 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prep", help="preprocessed Kang .h5ad (raw counts, 4000 HVGs)")
     p.add_argument("--batch-key", default="condition")
     p.add_argument("--batch-sizes", default="128,1024")
-    p.add_argument("--archs", type=bs.parse_archs, default=bs.parse_archs("128x10,512x128"))
+    p.add_argument(
+        "--archs", type=_common.parse_archs, default=_common.parse_archs("128x10,512x128")
+    )
     p.add_argument("--steps", type=int, default=200, help="training steps per profile window")
     p.add_argument("--lr", type=float, default=1e-3, help="base lr at batch 128")
     p.add_argument("--lr-scaling", choices=("linear", "none"), default="linear")
@@ -1017,15 +991,13 @@ def main(argv: list[str] | None = None) -> int:
         shapes = json.loads(Path(args.shapes).read_text())
         rec = child_peak(shapes, args.repeats, 0.02)
     elif args.child == "profile":
-        arch = bs.Arch(args.n_hidden, args.n_latent, args.n_layers)
+        arch = _common.Arch(args.n_hidden, args.n_latent, args.n_layers)
         rec = child_profile(
             Path(args.prep), args.batch_key, arch, args.batch_size, args.lr, args.steps
         )
     else:
         return run_standalone(args)
-    rec["python"] = sys.executable
-    Path(args.record).write_text(json.dumps(rec, indent=2))
-    return 0
+    return _common.write_record(args, rec)
 
 
 def run_standalone(args: argparse.Namespace) -> int:
@@ -1037,7 +1009,7 @@ def run_standalone(args: argparse.Namespace) -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
 
     def lr_for(b: int) -> float:
-        return args.lr * b / 128 if args.lr_scaling == "linear" else args.lr
+        return _common.lr_for(b, args.lr, args.lr_scaling)
 
     profiles = run_profiles(
         Path(args.prep), args.batch_key, args.archs, sizes, lr_for, args.steps, workdir

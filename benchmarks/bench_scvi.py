@@ -65,22 +65,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import _common
+from _common import (  # stdlib-only at module level, next to this file
+    LATENT_BATCH_SIZE,
+    N_THREADS,
+    REPO_ROOT,
+    SEED,
+    TRAIN_SIZE,
+    Arch,
+    current_rss_mib,
+    fmt,
+    parse_archs,
+    parse_ints,
+    peak_rss_mib,
+    save_latent,
+    set_threads,
+    timing_record,
+)
+
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kang2018_ifnb_pbmc.h5ad"
-DEFAULT_SCVI_PYTHON = REPO_ROOT / "benchmarks" / ".venv-scvi" / "bin" / "python"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "bench_scvi.json"
 DEFAULT_ROOFLINE_OUT = REPO_ROOT / "benchmarks" / "results" / "bench_roofline.json"
 
@@ -88,10 +100,6 @@ BATCH_KEY = "condition"  # Kang
 LABEL_KEY = "cell_type"
 N_TOP_GENES = 4000
 BATCH_SIZE = 128  # reference batch size of the lr scaling
-TRAIN_SIZE = 0.9
-N_THREADS = 2
-LATENT_BATCH_SIZE = 1024
-SEED = 0
 TOOLS = ("regvi", "regvi_compile", "scvi", "scvi_nb")
 SCVI_TOOLS = ("scvi", "scvi_nb")
 #: regvi eager, and regvi with ``train(compile=True)`` (its first epoch holds the compilation:
@@ -100,73 +108,6 @@ REGVI_TOOLS = ("regvi", "regvi_compile")
 #: regvi.simulate arguments of the ``simNk`` datasets (n_cells from the name)
 SIM_KWARGS = {"n_genes": 2000, "n_cell_types": 10, "n_libraries": 4, "seed": 0}
 SIM_BATCH_KEY = "library"
-#: processes whose presence makes timings worthless (checked before and after every child)
-COMPETITOR_PATTERN = "bench_multivi|bench_scale|regvi.sweep|pytest"
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Encoder/decoder architecture shared by both tools.
-
-    Attributes
-    ----------
-    n_hidden
-        Width of the hidden layer.
-    n_latent
-        Dimension of the latent space.
-    n_layers
-        Number of hidden layers.
-    """
-
-    n_hidden: int
-    n_latent: int
-    n_layers: int = 1
-
-    @property
-    def name(self) -> str:
-        """Short identifier, e.g. ``h128_l10``."""
-        return f"h{self.n_hidden}_l{self.n_latent}"
-
-
-def parse_archs(spec: str) -> list[Arch]:
-    """Parse an architecture list such as ``"128x10,512x128"``.
-
-    Parameters
-    ----------
-    spec
-        Comma-separated ``n_hiddenxn_latent`` pairs.
-
-    Returns
-    -------
-    list of Arch
-        The parsed architectures (``n_layers=1``).
-    """
-    archs = []
-    for item in spec.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            hidden, latent = item.split("x")
-            archs.append(Arch(int(hidden), int(latent)))
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(
-                f"bad architecture {item!r}; expected e.g. 128x10,512x128"
-            ) from err
-    if not archs:
-        raise argparse.ArgumentTypeError("no architecture given")
-    return archs
-
-
-def parse_ints(spec: str) -> list[int]:
-    """Parse ``"128,1024"`` into ``[128, 1024]``."""
-    try:
-        out = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"bad integer list {spec!r}") from err
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {spec!r}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -207,56 +148,10 @@ def parse_datasets(spec: str) -> list[str]:
 
 def lr_for(batch_size: int, base_lr: float, scaling: str) -> float:
     """The lr both tools get at ``batch_size``: linear scaling from batch 128, or constant."""
-    return base_lr * batch_size / BATCH_SIZE if scaling == "linear" else base_lr
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _proc_status_kib(field: str) -> int | None:
-    """Read a ``kB`` field (``VmHWM``, ``VmRSS``) from ``/proc/self/status``."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB.
-
-    Returns
-    -------
-    float
-        ``VmHWM`` where available, else ``ru_maxrss`` (KiB on Linux).
-    """
-    hwm = _proc_status_kib("VmHWM")
-    if hwm is None:
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return hwm / 1024.0
-
-
-def current_rss_mib() -> float | None:
-    """Current resident set size of this process in MiB (``None`` if unknown)."""
-    rss = _proc_status_kib("VmRSS")
-    return None if rss is None else rss / 1024.0
+    return _common.lr_for(batch_size, base_lr, scaling, BATCH_SIZE)
 
 
 # --------------------------------------------------------------------------- children
-
-
-def _set_threads() -> None:
-    """Pin torch to ``N_THREADS`` intra-op threads and one inter-op thread."""
-    import torch
-
-    torch.set_num_threads(N_THREADS)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set by an imported library
-        pass
 
 
 def child_prep(dataset: str, data: Path, out: Path) -> dict[str, Any]:
@@ -369,7 +264,7 @@ def child_train(
     import numpy as np
     import torch
 
-    _set_threads()
+    set_threads(N_THREADS)
     torch.manual_seed(SEED)
     np.random.seed(SEED)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
     adata = ad.read_h5ad(prep)
@@ -381,23 +276,8 @@ def child_train(
         import scvi
 
         scvi.settings.seed = SEED
-        _set_threads()  # scvi's seed setter may touch torch settings; re-pin
-
-        class EpochTimer(lightning.pytorch.Callback):
-            """Wall time per epoch, training plus validation."""
-
-            def __init__(self) -> None:
-                self.times: list[float] = []
-                self._t0 = 0.0
-
-            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-                self._t0 = time.perf_counter()
-
-            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-                # Lightning 2.x runs the validation loop before this hook.
-                self.times.append(time.perf_counter() - self._t0)
-
-        timer = EpochTimer()
+        set_threads(N_THREADS)  # scvi's seed setter may touch torch settings; re-pin
+        timer = _common.epoch_timer()
         scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
         extra = {"gene_likelihood": "nb"} if tool == "scvi_nb" else {}
         model = scvi.model.SCVI(
@@ -475,17 +355,8 @@ def child_train(
         )
         train_s = time.perf_counter() - t0
         epochs_run = len(hist)
-        epoch_times = (
-            [float(t) for t in hist["epoch_time_s"]] if "epoch_time_s" in hist.columns else []
-        )
-        final = {}
-        if len(hist):
-            last = hist.iloc[-1]
-            for k, v in last.items():
-                try:
-                    final[str(k)] = float(v)
-                except (TypeError, ValueError):
-                    continue
+        epoch_times = _common.history_epoch_times(hist)
+        final = _common.last_values(hist)
         n_train_cells = len(model.train_indices)
         n_val_cells = len(model.validation_indices)
         val_batch_size = model._validation_batch_size(batch_size)
@@ -508,28 +379,15 @@ def child_train(
     else:
         raise ValueError(f"unknown tool {tool!r}")
 
-    z = np.asarray(z, dtype=np.float32)
-    if z.shape != (adata.n_obs, arch.n_latent):
-        raise ValueError(f"latent has shape {z.shape}, expected {(adata.n_obs, arch.n_latent)}")
-    if not np.isfinite(z).all():
-        raise ValueError("latent contains non-finite values")
-    np.save(latent_out, z)
+    save_latent(z, (adata.n_obs, arch.n_latent), latent_out)
     rec.update(
         {
-            "train_s": train_s,
-            "epochs_requested": epochs,
-            "epochs_run": int(epochs_run),
             "batch_size": batch_size,
             "val_batch_size": val_batch_size,
             "lr": lr,
             "n_train": int(n_train_cells),
             "n_val": int(n_val_cells),
-            "s_per_epoch": train_s / max(int(epochs_run), 1),
-            "epoch_times_s": epoch_times,
-            "median_epoch_s": float(np.median(epoch_times)) if epoch_times else None,
-            "min_epoch_s": float(np.min(epoch_times)) if epoch_times else None,
-            "rss_before_train_mib": rss_before,
-            "peak_rss_mib": peak_rss_mib(),
+            **timing_record(train_s, epochs, epochs_run, epoch_times, rss_before),
         }
     )
     return rec
@@ -551,9 +409,7 @@ def run_child_main(args: argparse.Namespace) -> int:
             lr=args.lr,
             batch_key=args.batch_key,
         )
-    rec["python"] = sys.executable
-    Path(args.record).write_text(json.dumps(rec, indent=2))
-    return 0
+    return _common.write_record(args, rec)
 
 
 # --------------------------------------------------------------------------- parent
@@ -567,104 +423,18 @@ def _has_module(python: str, module: str) -> bool:
     return res.returncode == 0
 
 
-def _child_env() -> dict[str, str]:
-    """Environment for child processes: thread caps, quiet logs, this folder importable."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(N_THREADS)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
-
-
-def competitors() -> list[str]:
-    """Command lines of running processes that would disturb the timings."""
-    try:
-        res = subprocess.run(
-            ["pgrep", "-af", COMPETITOR_PATTERN], capture_output=True, text=True, check=False
-        )
-    except OSError:
-        return []
-    own = {os.getpid(), os.getppid()}
-    out = []
-    for line in res.stdout.splitlines():
-        pid, _, cmd = line.partition(" ")
-        # "flock LOCK cmd" waits for the CPU lock (its cmd, once running, is listed itself);
-        # an orphaned mlflow server left by a killed test idles
-        if not pid.isdigit() or int(pid) in own or cmd.startswith("flock "):
-            continue
-        if "mlflow server" in cmd and _ppid(int(pid)) == 1:
-            continue
-        out.append(cmd[:200])
-    return out
-
-
-def _ppid(pid: int) -> int | None:
-    """Parent pid from ``/proc`` (``None`` if unknown)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 def launch(python: str, child_args: list[str], log: Path, record: Path) -> dict[str, Any]:
-    """Run this script as a child under ``python`` and collect its JSON record.
-
-    Parameters
-    ----------
-    python
-        Interpreter to run the child with.
-    child_args
-        Arguments after the script path.
-    log
-        File receiving the child's stdout and stderr.
-    record
-        JSON file the child writes on success.
-
-    Returns
-    -------
-    dict
-        The child's record, or ``{"error": ..., "log_tail": ...}`` on failure; both with
-        ``contention`` (competing processes and the 1-min load average before and after).
-    """
-    cmd = [python, str(Path(__file__).resolve()), *child_args, "--record", str(record)]
-    before, load0 = competitors(), _loadavg()
-    if before:
-        print(f"[bench] WARNING: competing processes running: {before}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO_ROOT, check=False
-        )
-    wall = time.perf_counter() - t0
-    after = competitors()
-    contention = {
-        "before": before,
-        "after": after,
-        "loadavg_1min_before": load0,
-        "loadavg_1min_after": _loadavg(),
-    }
-    if after and not before:
-        print(f"[bench] WARNING: competing processes appeared: {after}", flush=True)
-    if proc.returncode != 0 or not record.exists():
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
-        return {
-            "error": f"exit code {proc.returncode}",
-            "log_tail": tail,
-            "wall_s": wall,
-            "contention": contention,
-        }
-    rec = json.loads(record.read_text())
-    rec["wall_s"] = wall
-    rec["contention"] = contention
-    return rec
+    """Run this script as a child under ``python`` (see :func:`_common.launch`); the record
+    has ``contention`` (competing processes and the load average before and after)."""
+    return _common.launch(
+        __file__,
+        python,
+        child_args,
+        log,
+        record,
+        n_threads=N_THREADS,
+        competitor_pattern=_common.CPU_COMPETITORS,
+    )
 
 
 def run_scib(
@@ -674,83 +444,9 @@ def run_scib(
     batch_key: str = BATCH_KEY,
     label_key: str = LABEL_KEY,
 ) -> dict[str, dict[str, float]]:
-    """Score all latents with one scib-metrics ``Benchmarker``.
-
-    Parameters
-    ----------
-    prep
-        Shared preprocessed ``.h5ad`` (raw counts).
-    latents
-        Mapping embedding name → ``.npy`` path.
-    n_jobs
-        Jobs for the neighbour search.
-    batch_key, label_key
-        obs columns of batch and cell-type labels.
-
-    Returns
-    -------
-    dict
-        Embedding name → {metric: value}, including ``Bio conservation``,
-        ``Batch correction`` and ``Total`` (unscaled), and the "Unintegrated" PCA row.
-    """
-    import anndata as ad
-    import numpy as np
-    import scanpy as sc
-
-    adata = ad.read_h5ad(prep)
-    # Benchmarker expects a normalised, non-integrated X for its PCA reference.
-    adata.X = adata.X.astype(np.float32)
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    # Same call Benchmarker.prepare() makes when no pre-integrated key is given; stored
-    # under "Unintegrated" as well so that the PCA reference gets its own row.
-    sc.tl.pca(adata, svd_solver="arpack", mask_var=None)
-    adata.obsm["Unintegrated"] = adata.obsm["X_pca"]
-    keys = ["Unintegrated"]
-    for name, path in latents.items():
-        adata.obsm[name] = np.load(path)
-        keys.append(name)
-    from _common import benchmarker_scores  # next to this file
-
-    return benchmarker_scores(adata, batch_key, label_key, keys, n_jobs)
-
-
-def _versions(scvi_python: str) -> dict[str, str | None]:
-    """Library versions in this interpreter (regvi side) and in the scvi venv."""
-    from importlib import metadata
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    out: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "torch": ver("torch"),
-        "regvi": ver("regvi"),
-        "scib-metrics": ver("scib-metrics"),
-        "scanpy": ver("scanpy"),
-        "anndata": ver("anndata"),
-        "lightning": ver("lightning"),
-    }
-    code = (
-        "import json; from importlib import metadata as m; "
-        "print(json.dumps({p: m.version(p) for p in ('scvi-tools', 'torch', 'lightning')}))"
-    )
-    res = subprocess.run([scvi_python, "-c", code], capture_output=True, text=True, check=False)
-    if res.returncode == 0:
-        other = json.loads(res.stdout.strip().splitlines()[-1])
-        out["scvi-tools"] = other["scvi-tools"]
-        out["torch_scvi_venv"] = other["torch"]
-        out["lightning_scvi_venv"] = other["lightning"]
-    return out
-
-
-def _fmt(v: Any, spec: str) -> str:
-    """Format a number, or a right-aligned ``-`` of the same width when missing."""
-    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
-    return "-".rjust(width) if v is None else format(v, spec)
+    """Score all latents of ``prep`` (raw counts) plus the "Unintegrated" PCA with one
+    scib-metrics ``Benchmarker`` (:func:`_common.score_latents`): embedding → {metric: value}."""
+    return _common.score_latents(prep, latents, batch_key, label_key, n_jobs)
 
 
 def print_table(rows: list[dict[str, Any]]) -> str:
@@ -767,14 +463,14 @@ def print_table(rows: list[dict[str, Any]]) -> str:
     # min r/s = ratio of min; r/scvi_nb = s/epoch ratio against scvi-tools with NB likelihood.
     for r in rows:
         lines.append(
-            f"{r.get('dataset', ''):<8} {_fmt(r.get('batch_size'), '5d')} "
-            f"{r['tool']:<13} {r['arch']:<10} {_fmt(r.get('s_per_epoch'), '8.2f')} "
-            f"{_fmt(r.get('median_epoch_s'), '7.2f')} {_fmt(r.get('min_epoch_s'), '6.2f')} "
-            f"{_fmt(r.get('ratio_regvi_over_scvi'), '10.2f')} "
-            f"{_fmt(r.get('ratio_min_epoch_s_regvi_over_scvi'), '7.2f')} "
-            f"{_fmt(r.get('ratio_regvi_over_scvi_nb'), '9.2f')} "
-            f"{_fmt(r.get('peak_rss_mib'), '9.0f')} "
-            f"{_fmt(r.get('bio'), '6.3f')} {_fmt(r.get('batch'), '6.3f')} {_fmt(r.get('total'), '6.3f')}"
+            f"{r.get('dataset', ''):<8} {fmt(r.get('batch_size'), '5d')} "
+            f"{r['tool']:<13} {r['arch']:<10} {fmt(r.get('s_per_epoch'), '8.2f')} "
+            f"{fmt(r.get('median_epoch_s'), '7.2f')} {fmt(r.get('min_epoch_s'), '6.2f')} "
+            f"{fmt(r.get('ratio_regvi_over_scvi'), '10.2f')} "
+            f"{fmt(r.get('ratio_min_epoch_s_regvi_over_scvi'), '7.2f')} "
+            f"{fmt(r.get('ratio_regvi_over_scvi_nb'), '9.2f')} "
+            f"{fmt(r.get('peak_rss_mib'), '9.0f')} "
+            f"{fmt(r.get('bio'), '6.3f')} {fmt(r.get('batch'), '6.3f')} {fmt(r.get('total'), '6.3f')}"
         )
     text = "\n".join(lines)
     print(text)
@@ -814,12 +510,12 @@ def speed_table(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     for r in rows:
         lines.append(
             f"{r['dataset']:<8} {r['batch_size']:>5} {r['arch']:<10} "
-            f"{_fmt(r['regvi_s_per_epoch'], '10.2f')} {_fmt(r['scvi_s_per_epoch'], '9.2f')} "
-            f"{_fmt(r.get('ratio_regvi_over_scvi'), '6.2f')} "
-            f"{_fmt(r['scvi_nb_s_per_epoch'], '12.2f')} "
-            f"{_fmt(r.get('ratio_regvi_over_scvi_nb'), '6.2f')} "
-            f"{_fmt(r['regvi_peak_rss_mib'], '9.0f')} {_fmt(r['scvi_peak_rss_mib'], '8.0f')} "
-            f"{_fmt(r['scvi_nb_peak_rss_mib'], '11.0f')}"
+            f"{fmt(r['regvi_s_per_epoch'], '10.2f')} {fmt(r['scvi_s_per_epoch'], '9.2f')} "
+            f"{fmt(r.get('ratio_regvi_over_scvi'), '6.2f')} "
+            f"{fmt(r['scvi_nb_s_per_epoch'], '12.2f')} "
+            f"{fmt(r.get('ratio_regvi_over_scvi_nb'), '6.2f')} "
+            f"{fmt(r['regvi_peak_rss_mib'], '9.0f')} {fmt(r['scvi_peak_rss_mib'], '8.0f')} "
+            f"{fmt(r['scvi_nb_peak_rss_mib'], '11.0f')}"
         )
     header = (
         f"{'dataset':<8} {'batch':>5} {'arch':<10} {'median s/epoch: regvi':>21} "
@@ -830,13 +526,13 @@ def speed_table(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     for r in rows:
         lines.append(
             f"{r['dataset']:<8} {r['batch_size']:>5} {r['arch']:<10} "
-            f"{_fmt(r['regvi_median_epoch_s'], '21.2f')} "
-            f"{_fmt(r['regvi_compile_median_epoch_s'], '13.2f')} "
-            f"{_fmt(r['scvi_median_epoch_s'], '6.2f')} {_fmt(r['scvi_nb_median_epoch_s'], '7.2f')} "
-            f"{_fmt(r.get('ratio_median_regvi_over_scvi'), '10.2f')} "
-            f"{_fmt(r.get('ratio_median_regvi_compile_over_scvi'), '12.2f')} "
-            f"{_fmt(r.get('ratio_median_regvi_over_scvi_nb'), '8.2f')} "
-            f"{_fmt(r.get('ratio_median_regvi_compile_over_scvi_nb'), '10.2f')}"
+            f"{fmt(r['regvi_median_epoch_s'], '21.2f')} "
+            f"{fmt(r['regvi_compile_median_epoch_s'], '13.2f')} "
+            f"{fmt(r['scvi_median_epoch_s'], '6.2f')} {fmt(r['scvi_nb_median_epoch_s'], '7.2f')} "
+            f"{fmt(r.get('ratio_median_regvi_over_scvi'), '10.2f')} "
+            f"{fmt(r.get('ratio_median_regvi_compile_over_scvi'), '12.2f')} "
+            f"{fmt(r.get('ratio_median_regvi_over_scvi_nb'), '8.2f')} "
+            f"{fmt(r.get('ratio_median_regvi_compile_over_scvi_nb'), '10.2f')}"
         )
     text = "\n".join(lines)
     print(text)
@@ -1057,12 +753,7 @@ def run_parent(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="bench_scvi_"))
-    print(f"[bench] workdir {workdir}", flush=True)
+    workdir = _common.workdir_for(args.workdir, "bench_scvi_")
     t_start = time.perf_counter()
 
     pythons = {
@@ -1221,8 +912,8 @@ def run_parent(args: argparse.Namespace) -> int:
             "archs_sim": [a.name for a in args.archs_sim],
             "scib": None if args.skip_scib else scib_settings,
         },
-        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": _versions(scvi_python),
+        "host": _common.host(),
+        "versions": _common.versions(scvi_python),
         "summary": rows,
         "speed": speed_rows,
         "runs": runs,
@@ -1263,14 +954,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", default="regvi,scvi",
                    type=lambda s: [t for t in s.split(",") if t in TOOLS],
                    help="subset of regvi,scvi,scvi_nb to run (default regvi,scvi)")  # fmt: skip
-    p.add_argument("--scvi-python", default=str(DEFAULT_SCVI_PYTHON),
-                   help="interpreter of the scvi-tools venv (benchmarks/setup_scvi_env.sh)")  # fmt: skip
-    p.add_argument("--skip-scib", action="store_true", help="skip the scib-metrics evaluation")
     p.add_argument("--scib-datasets", type=parse_datasets, default=parse_datasets("kang"),
                    help="datasets scored with scib-metrics (default kang)")  # fmt: skip
     p.add_argument("--scib-batch-sizes", type=parse_ints, default=None,
                    help="batch sizes whose latents are scored (default all)")  # fmt: skip
-    p.add_argument("--n-jobs", type=int, default=2, help="scib neighbour-search jobs")
     p.add_argument("--skip-roofline", action="store_true",
                    help="skip torch.mm peak, achieved FLOP/s and the profile")  # fmt: skip
     p.add_argument("--skip-profile", action="store_true", help="skip the torch.profiler runs")
@@ -1283,17 +970,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roofline-from", default=None, metavar="RESULT_JSON",
                    help="only redo roofline + profile for the runs of an earlier result "
                    "(with --workdir of that run)")  # fmt: skip
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results path")
     p.add_argument("--roofline-out", default=str(DEFAULT_ROOFLINE_OUT),
                    help="JSON with the full roofline / profile detail")  # fmt: skip
-    p.add_argument("--workdir", default=None, help="keep intermediate files here")
-    p.add_argument("--keep-workdir", action="store_true", help="do not delete the temp workdir")
-    # child-only options
+    _common.add_run_args(p, DEFAULT_OUT)
     p.add_argument("--child", choices=("prep", *TOOLS), help=argparse.SUPPRESS)
     p.add_argument("--dataset", default="kang", help=argparse.SUPPRESS)
     p.add_argument("--prep", help=argparse.SUPPRESS)
-    p.add_argument("--record", help=argparse.SUPPRESS)
-    p.add_argument("--latent-out", help=argparse.SUPPRESS)
     p.add_argument("--n-hidden", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n-latent", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n-layers", type=int, default=1, help=argparse.SUPPRESS)
@@ -1304,10 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to the parent benchmark or to a child step."""
-    args = build_parser().parse_args(argv)
-    if args.child:
-        return run_child_main(args)
-    return run_parent(args)
+    return _common.dispatch(build_parser(), run_child_main, run_parent, argv)
 
 
 if __name__ == "__main__":
