@@ -18,9 +18,12 @@ stopping, in its own virtualenv: ``benchmarks/setup_scvi_env.sh``), ``regvi`` (d
 batch-free decoder, ``nn_conditioning_covariate_keys=[]``), and any setting given with
 ``--set`` (e.g. the sweep's best; ``"$library"`` stands for the dataset's key).
 
-Every trained latent is cached under ``benchmarks/results/.cache/quality/<dataset>/`` with its
-training time and epochs, so a run can be split over processes (``--datasets`` /
-``--methods`` / ``--seeds``) and extended later; ``--score-only`` scores what is cached.
+Every trained latent is cached under ``benchmarks/results/.cache/quality/<dataset>/`` as
+``<method>_s<seed>.npy`` with a ``.json`` record (training time, epochs, the setting it was
+trained with, regvi version and git commit), so a run can be split over processes
+(``--datasets`` / ``--methods`` / ``--seeds``) and extended later; ``--score-only`` scores what
+is cached. A cached entry whose recorded setting differs from the requested one is retrained;
+entries cached before settings were recorded are kept as they are (with a note).
 
 Usage
 -----
@@ -44,13 +47,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (  # next to this file
+    DEFAULT_SCVI_PYTHON,
+    REPO_ROOT,
+    benchmarker_scores,
+    git_commit,
+    prepare_for_scib,
+    regvi_model_kwargs,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 SHARED = REPO.parent / "shared" / "data"
 CACHE = REPO / "benchmarks" / "results" / ".cache" / "quality"
 OUT = REPO / "benchmarks" / "results" / "bench_quality.json"
 PNG_DIR = REPO / "benchmarks" / "results" / "quality"
-SCVI_PYTHON = REPO / "benchmarks" / ".venv-scvi" / "bin" / "python"
+SCVI_PYTHON = DEFAULT_SCVI_PYTHON
 
 #: dataset → (file, batch key, label key)
 DATASETS = {
@@ -103,13 +114,8 @@ def prepared(name: str) -> Path:
 
 def pca_of(adata) -> np.ndarray:
     """The Benchmarker's pre-integrated embedding: PCA (50) of the log-normalised counts."""
-    import scanpy as sc
-
     norm = adata.copy()
-    norm.X = norm.X.astype(np.float32)
-    sc.pp.normalize_total(norm, target_sum=1e4)
-    sc.pp.log1p(norm)
-    sc.tl.pca(norm, svd_solver="arpack", mask_var=None)
+    prepare_for_scib(norm, {}, pca_key=None)
     return np.asarray(norm.obsm["X_pca"], dtype=np.float32)
 
 
@@ -117,6 +123,62 @@ def pca_of(adata) -> np.ndarray:
 def _cached(name: str, method: str, seed: int | None) -> tuple[Path, Path]:
     stem = CACHE / name / (method if seed is None else f"{method}_s{seed}")
     return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+
+def method_of(emb: str) -> str:
+    """The method of a cached embedding: ``regvi_large_s2`` → ``regvi_large``, ``pca`` → ``pca``.
+
+    Method names hold no ``_s`` (checked for ``--set``), so the suffix is unambiguous.
+    """
+    head, sep, seed = emb.rpartition("_s")
+    return head if sep and seed.isdigit() else emb
+
+
+def requested(name: str, method: str, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What a cache entry of ``method`` on ``name`` is trained with: ``setting`` (the method's
+    settings; for regvi the ``--set`` JSON or built-in setting) and, for regvi, ``resolved``
+    (the ``RegVI`` keyword arguments after the preset and ``"$library"``, and ``train``)."""
+    _, key, _ = DATASETS[name]
+    if method in settings:
+        setting = settings[method]
+        resolved = {
+            "model": {"library_key": key, **regvi_model_kwargs(setting, key)},
+            "train": setting.get("train", {}),
+        }
+        out = {"setting": setting, "resolved": resolved}
+    elif method in SCVI_SIZES:
+        n_hidden, n_latent = SCVI_SIZES[method]
+        out = {"setting": {"name": method, "n_hidden": n_hidden, "n_latent": n_latent}}
+    else:
+        out = {"setting": {"name": method}}
+    return json.loads(json.dumps(out))  # as it reads back from the record
+
+
+def is_current(rec: Path, want: dict[str, Any], label: str) -> bool:
+    """Whether the cached record ``rec`` was trained with ``want`` (see :func:`requested`).
+
+    A record without a stored setting (made before settings were recorded) is accepted.
+    """
+    stored = json.loads(rec.read_text()) if rec.is_file() else {}
+    if "setting" not in stored:
+        print(f"note: {label}: cached before settings were recorded; kept as it is", flush=True)
+        return True
+    for k, v in want.items():
+        if k in stored and stored[k] != v:
+            print(f"{label}: cached {k} {stored[k]} differs from {v}; retraining", flush=True)
+            return False
+    return True
+
+
+def provenance(want: dict[str, Any]) -> dict[str, Any]:
+    """The record fields that say what an entry was trained with: settings, regvi, commit."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("regvi")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {**want, "regvi": version, "git_commit": git_commit()}
 
 
 def _store(npy: Path, rec: Path, latent: np.ndarray, record: dict[str, Any]) -> None:
@@ -144,35 +206,36 @@ def lowcount_robustness(model, adata, label: str, n_cells: int = 4000) -> dict[s
 
 
 def train_regvi(
-    name: str, setting: dict[str, Any], seed: int, threads: int, lowcount: bool = False
+    name: str, want: dict[str, Any], seed: int, threads: int, lowcount: bool = False
 ) -> None:
+    """Train regvi with ``want`` (:func:`requested`) and cache its latent and record."""
     import anndata as ad
     import torch
 
     import regvi
 
     torch.set_num_threads(threads)
-    _, key, _ = DATASETS[name]
     adata = ad.read_h5ad(prepared(name))
-    sizes = regvi.RegVI.preset(setting.get("preset", "default"))
-    extra = {k: (key if v == "$library" else v) for k, v in setting.get("model", {}).items()}
-    model = regvi.RegVI(adata, library_key=key, **{**sizes, **extra})
+    model = regvi.RegVI(adata, **want["resolved"]["model"])
     t0 = time.perf_counter()
-    history = model.train(progress_bar=False, seed=seed, **setting.get("train", {}))
+    history = model.train(progress_bar=False, seed=seed, **want["resolved"]["train"])
     wall = time.perf_counter() - t0
     es = model.early_stopping
     record = {
         "train_s": round(wall, 1),
         "epochs": len(history),
         "best_epoch": int(es.best_epoch) if es is not None and es.best_epoch is not None else None,
-        "setting": setting,
+        **provenance(want),
     }
     if lowcount:
         record["lowcount"] = lowcount_robustness(model, adata, DATASETS[name][2])
-    _store(*_cached(name, setting["name"], seed), model.get_latent_representation(), record)
+    _store(*_cached(name, want["setting"]["name"], seed), model.get_latent_representation(), record)
 
 
-def train_scvi(name: str, method: str, seed: int, threads: int, python: Path) -> None:
+def train_scvi(
+    name: str, method: str, seed: int, threads: int, python: Path, want: dict[str, Any]
+) -> None:
+    """scvi-tools SCVI in its own venv (``quality_scvi_child.py``); adds ``want`` to its record."""
     if not python.is_file():
         raise FileNotFoundError(
             f"scvi-tools virtualenv {python} missing: run benchmarks/setup_scvi_env.sh"
@@ -198,9 +261,11 @@ def train_scvi(name: str, method: str, seed: int, threads: int, python: Path) ->
             stderr=subprocess.STDOUT,
             check=True,
         )
+    rec = npy.with_suffix(".json")
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), **provenance(want)}))
 
 
-def train_harmony(name: str, seed: int) -> None:
+def train_harmony(name: str, seed: int, want: dict[str, Any]) -> None:
     import anndata as ad
     import harmonypy
 
@@ -211,13 +276,16 @@ def train_harmony(name: str, seed: int) -> None:
     h = harmonypy.run_harmony(pca, adata.obs[[key]], key, random_state=seed)
     z = np.asarray(h.Z_corr)
     z = z if z.shape[0] == adata.n_obs else z.T
-    _store(*_cached(name, "harmony", seed), z, {"train_s": round(time.perf_counter() - t0, 1)})
+    record = {"train_s": round(time.perf_counter() - t0, 1), **provenance(want)}
+    _store(*_cached(name, "harmony", seed), z, record)
 
 
-def _pca(name: str, adata) -> np.ndarray:
+def _pca(name: str, adata, force: bool = False) -> np.ndarray:
     npy, rec = _cached(name, "pca", None)
-    if not npy.is_file():
-        _store(npy, rec, pca_of(adata), {"train_s": None})
+    if force or not npy.is_file():
+        _store(
+            npy, rec, pca_of(adata), {"train_s": None, **provenance({"setting": {"name": "pca"}})}
+        )
     return np.load(npy)
 
 
@@ -225,27 +293,19 @@ def _pca(name: str, adata) -> np.ndarray:
 def score(name: str, n_jobs: int) -> dict[str, dict[str, float]]:
     """One Benchmarker over every cached latent of ``name``: embedding → metrics (unscaled)."""
     import anndata as ad
-    from _common import benchmarker_scores  # next to this file
 
     _, key, label = DATASETS[name]
     adata = ad.read_h5ad(prepared(name))
-    adata.obsm["X_pca"] = _pca(name, adata)
-    keys = []
-    for npy in sorted((CACHE / name).glob("*.npy")):
-        if npy.stem == "pca":
-            continue
-        adata.obsm[npy.stem] = np.load(npy)
-        keys.append(npy.stem)
-    adata.obsm["pca"] = adata.obsm["X_pca"]
-    return benchmarker_scores(adata, key, label, ["pca", *keys], n_jobs)
+    latents = {npy.stem: npy for npy in sorted((CACHE / name).glob("*.npy")) if npy.stem != "pca"}
+    keys = prepare_for_scib(adata, latents, pca=_pca(name, adata), pca_key="pca")
+    return benchmarker_scores(adata, key, label, keys, n_jobs)
 
 
 def summarise(name: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Method → mean ± sd over seeds of Total / Bio / Batch, worst seed, time and epochs."""
     methods: dict[str, list[str]] = {}
     for emb in scores:
-        method = emb.rsplit("_s", 1)[0] if "_s" in emb and emb.rsplit("_s", 1)[1].isdigit() else emb
-        methods.setdefault(method, []).append(emb)
+        methods.setdefault(method_of(emb), []).append(emb)
     out = {}
     for method, embs in methods.items():
         tot = np.array([scores[e]["Total"] for e in embs])
@@ -354,10 +414,7 @@ def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]
     order = sorted(summary, key=lambda m: -summary[m]["total_mean"])
     grid = np.array(
         [
-            [
-                np.mean([scores[e][m] for e in scores if e == meth or e.startswith(f"{meth}_s")])
-                for m in metrics
-            ]
+            [np.mean([scores[e][m] for e in scores if method_of(e) == meth]) for m in metrics]
             for meth in order
         ]
     )
@@ -380,7 +437,8 @@ def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]
 
 
 # ------------------------------------------------------------------ main
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--methods", default=",".join(METHODS))
@@ -405,52 +463,91 @@ def main() -> None:
         metavar="TRACKING_URI#EXPERIMENT",
         help="store a finished regvi sweep's trials (from MLflow) in the JSON",
     )
-    args = p.parse_args()
-    datasets = args.datasets.split(",")
-    bad = sorted(set(datasets) - set(DATASETS))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; adds ``settings`` (name → regvi setting) and the
+    lists ``datasets``, ``methods`` and ``seeds``."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.datasets = args.datasets.split(",")
+    bad = sorted(set(args.datasets) - set(DATASETS))
     if bad:
         p.error(f"--datasets: unknown {bad}; expected some of {list(DATASETS)}")
-    settings = dict(REGVI_SETTINGS)
+    args.settings = dict(REGVI_SETTINGS)
     for raw in args.set:
         s = json.loads(raw)
         if not isinstance(s, dict) or "name" not in s or "_s" in s["name"]:
             p.error(f"--set {raw!r}: expected a JSON object with a 'name' (no '_s' in it)")
-        settings[s["name"]] = s
+        args.settings[s["name"]] = s
     methods = args.methods.split(",") + [json.loads(r)["name"] for r in args.set]
-    unknown = sorted(set(methods) - set(METHODS) - set(settings))
+    args.methods = list(dict.fromkeys(methods))
+    unknown = sorted(set(args.methods) - set(METHODS) - set(args.settings))
     if unknown:
         p.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)} or a --set name")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.score_only:
-        for name in datasets:
-            prepared(name)
-            for method in dict.fromkeys(methods):
-                for seed in [None] if method == "pca" else seeds:
-                    npy, _ = _cached(name, method, seed)
-                    if npy.is_file() and not args.force:
-                        continue
-                    t0 = time.perf_counter()
-                    if method == "pca":
-                        import anndata as ad
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    return args
 
-                        _pca(name, ad.read_h5ad(prepared(name)))
-                    elif method == "harmony":
-                        train_harmony(name, seed)
-                    elif method in SCVI_SIZES:
-                        train_scvi(name, method, seed, args.threads, args.scvi_python)
-                    else:
-                        train_regvi(
-                            name, settings[method], seed, args.threads, lowcount=args.lowcount
-                        )
-                    print(
-                        f"trained {name} {method} seed {seed}: {time.perf_counter() - t0:.0f} s",
-                        flush=True,
-                    )
-    if args.train_only:
-        return
-    doc: dict[str, Any] = {}
-    if args.out.is_file():
-        doc = json.loads(args.out.read_text())
+
+def train_one(
+    name: str, method: str, seed: int | None, want: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """Train (or compute) one cache entry with ``want`` (:func:`requested`), cached or not."""
+    if method == "pca":
+        import anndata as ad
+
+        _pca(name, ad.read_h5ad(prepared(name)), force=True)
+    elif method == "harmony":
+        train_harmony(name, seed, want)
+    elif method in SCVI_SIZES:
+        train_scvi(name, method, seed, args.threads, args.scvi_python, want)
+    else:
+        train_regvi(name, want, seed, args.threads, lowcount=args.lowcount)
+
+
+def train_all(args: argparse.Namespace) -> None:
+    """Train every (dataset, method, seed) not cached with the requested setting."""
+    for name in args.datasets:
+        prepared(name)
+        for method in args.methods:
+            for seed in [None] if method == "pca" else args.seeds:
+                npy, rec = _cached(name, method, seed)
+                label = f"{name} {method} seed {seed}"
+                want = requested(name, method, args.settings)
+                if npy.is_file() and not args.force and is_current(rec, want, label):
+                    continue
+                t0 = time.perf_counter()
+                train_one(name, method, seed, want, args)
+                print(f"trained {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def print_summary(name: str, summary: dict[str, dict[str, Any]]) -> None:
+    """One line per method (best Total first), low-count agreement, and the goals."""
+    for method, r in sorted(summary.items(), key=lambda kv: -kv[1]["total_mean"]):
+        t = f"{r['train_s_mean']:.0f}" if r["train_s_mean"] is not None else "-"
+        ep = f"{r['epochs_mean']:.0f}" if r["epochs_mean"] is not None else "-"
+        print(
+            f"{name:<15} {method:<16} {r['n_seeds']:>2} {r['total_mean']:.3f} ± "
+            f"{r['total_sd']:.3f} {r['bio_mean']:>6.3f} {r['batch_mean']:>6.3f} "
+            f"{r['worst_total']:>6.3f} {t:>8} {ep:>6}"
+        )
+        if "lowcount_mean" in r:
+            low = r["lowcount_mean"]
+            agree = " ".join(
+                f"q{q}: {low[f'lowcount_q{q}_label_majority']:.3f}"
+                for q in (0.5, 0.25, 0.1)
+                if f"lowcount_q{q}_label_majority" in low
+            )
+            print(f"{'':<15} {'':<16} low-count label agreement {agree}")
+    for line in goals(summary):
+        print(line)
+
+
+def score_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Score every dataset's cached latents, print and plot them; the JSON document (written
+    to ``--out`` after every dataset, merged with what it held)."""
+    doc: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     doc.update(
         {
             "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
@@ -466,7 +563,7 @@ def main() -> None:
         print(f"sweep {experiment}: {doc['sweeps'][experiment]['n_trials']} trials; best {best}")
     header = f"{'dataset':<15} {'method':<16} {'n':>2} {'total':>13} {'bio':>6} {'batch':>6} "
     print(header + f"{'worst':>6} {'train s':>8} {'epochs':>6}")
-    for name in datasets:
+    for name in args.datasets:
         scores = score(name, args.n_jobs)
         summary = summarise(name, scores)
         png = plot(name, scores, summary)
@@ -476,36 +573,36 @@ def main() -> None:
             "scores": scores,
             "png": str(png.relative_to(REPO)),
         }
-        for method, r in sorted(summary.items(), key=lambda kv: -kv[1]["total_mean"]):
-            t = f"{r['train_s_mean']:.0f}" if r["train_s_mean"] is not None else "-"
-            ep = f"{r['epochs_mean']:.0f}" if r["epochs_mean"] is not None else "-"
-            print(
-                f"{name:<15} {method:<16} {r['n_seeds']:>2} {r['total_mean']:.3f} ± "
-                f"{r['total_sd']:.3f} {r['bio_mean']:>6.3f} {r['batch_mean']:>6.3f} "
-                f"{r['worst_total']:>6.3f} {t:>8} {ep:>6}"
-            )
-            if "lowcount_mean" in r:
-                low = r["lowcount_mean"]
-                agree = " ".join(
-                    f"q{q}: {low[f'lowcount_q{q}_label_majority']:.3f}"
-                    for q in (0.5, 0.25, 0.1)
-                    if f"lowcount_q{q}_label_majority" in low
-                )
-                print(f"{'':<15} {'':<16} low-count label agreement {agree}")
-        for line in goals(summary):
-            print(line)
+        print_summary(name, summary)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def report_leave_one_out(doc: dict[str, Any], out: Path) -> None:
+    """Add the leave-one-dataset-out choice to ``doc`` (and ``out``) and print it."""
     loo = leave_one_out(doc)
-    if loo:
-        doc["leave_one_dataset_out"] = loo
-        args.out.write_text(json.dumps(doc, indent=1))
-        print("leave-one-dataset-out (setting chosen on the other datasets, scored on this one):")
-        for held, r in loo.items():
-            print(
-                f"  {held:<15} {r['chosen_on_others']:<16} {r['total']:.3f} vs regvi "
-                f"{r['default_total']:.3f} ({r['gain']:+.3f})"
-            )
+    if not loo:
+        return
+    doc["leave_one_dataset_out"] = loo
+    out.write_text(json.dumps(doc, indent=1))
+    print("leave-one-dataset-out (setting chosen on the other datasets, scored on this one):")
+    for held, r in loo.items():
+        print(
+            f"  {held:<15} {r['chosen_on_others']:<16} {r['total']:.3f} vs regvi "
+            f"{r['default_total']:.3f} ({r['gain']:+.3f})"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train what is missing (unless ``--score-only``), then score (unless ``--train-only``)."""
+    args = parse_args(argv)
+    if not args.score_only:
+        train_all(args)
+    if args.train_only:
+        return
+    doc = score_all(args)
+    report_leave_one_out(doc, args.out)
     print(f"wrote {args.out} and {PNG_DIR.relative_to(REPO)}/scib_<dataset>.png")
 
 

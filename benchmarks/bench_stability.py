@@ -17,8 +17,9 @@ Usage
         --set default --set '{"name": "restore", "train": {"restore_best": true}}'
 
 ``--set`` adds a setting to compare: a JSON object with ``name`` and optional ``model`` /
-``train`` keyword arguments (``default`` is the plain defaults; the model value ``"$library"``
-stands for the dataset's library key, e.g. ``{"nn_conditioning_covariate_keys": "$library"}``). Writes
+``train`` keyword arguments (``default`` is the plain defaults; a model option overrides the
+``--preset`` size of the same name; ``"$library"``, as a value or a list item, stands for the
+dataset's library key, e.g. ``{"nn_conditioning_covariate_keys": ["$library"]}``). Writes
 ``benchmarks/results/bench_stability.json``.
 """
 
@@ -32,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import REPO_ROOT, regvi_model_kwargs  # next to this file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 SHARED = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results" / "bench_stability.json"
 
@@ -87,10 +89,9 @@ def run_one(adata, key: str, label: str, setting: dict[str, Any], seed: int, arg
     import regvi
     from evaluation.evaluate import evaluate
 
-    sizes = regvi.RegVI.preset(args.preset)
-    # "$library" in a setting's model options stands for the dataset's library key
-    extra = {k: (key if v == "$library" else v) for k, v in setting.get("model", {}).items()}
-    model = regvi.RegVI(adata, library_key=key, **sizes, **extra)
+    # the preset's sizes, overridden by the setting's model options ("$library" resolved)
+    kwargs = regvi_model_kwargs(setting, key, preset=setting.get("preset", args.preset))
+    model = regvi.RegVI(adata, library_key=key, **kwargs)
     t = time.perf_counter()
     train = {"max_epochs": args.max_epochs, "progress_bar": False, "seed": seed}
     history = model.train(**{**train, **setting.get("train", {})})
