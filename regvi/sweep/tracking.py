@@ -23,6 +23,8 @@ TAG_TRIAL = "regvi.trial_id"
 TAG_SWEEP = "regvi.sweep"
 TAG_DONE = "regvi.logged_final"
 MODEL_NAME = "model"
+TAG_KIND = "mlflow.experimentKind"  # read by the MLflow UI
+KIND_TRAINING = "custom_model_development"  # the UI's "Machine learning" kind
 
 
 def resolve_tracking_uri(configured: str | None, workdir: Path) -> str:
@@ -48,17 +50,23 @@ def client(uri: str):
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
-    """Experiment id of ``name`` (created if missing)."""
+    """Experiment id of ``name`` (created if missing), tagged as a training experiment.
+
+    ``mlflow.experimentKind = custom_model_development`` marks it as model training, not a GenAI
+    app; an existing experiment gets the tag only if it has none (a user's own value is kept).
+    """
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (
-        artifact_root.resolve().as_uri()
-        if artifact_root is not None and uri.startswith("sqlite")
-        else None
-    )
-    return c.create_experiment(name, artifact_location=location)
+    if exp is None:
+        location = (
+            artifact_root.resolve().as_uri()
+            if artifact_root is not None and uri.startswith("sqlite")
+            else None
+        )
+        return c.create_experiment(name, artifact_location=location, tags={TAG_KIND: KIND_TRAINING})
+    if TAG_KIND not in exp.tags and exp.lifecycle_stage == "active":
+        c.set_experiment_tag(exp.experiment_id, TAG_KIND, KIND_TRAINING)
+    return exp.experiment_id
 
 
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
