@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scvi as bs  # stdlib-only at module level
+from _common import render_table
 
 OUT = bs.REPO_ROOT / "benchmarks" / "results" / "bench_batch_lr.json"
 
@@ -81,22 +82,26 @@ def run_one(adata, batch_size: int, scaled: bool, args: argparse.Namespace, late
 
 
 def table(rows: list[dict]) -> str:
-    head = (
-        f"{'batch':>5} {'lr':>8} {'scaled':>6} {'s/epoch':>8} {'× vs 128':>8} "
-        f"{'val ELBO':>9} {'best ELBO':>9} {'Bio':>6} {'Batch':>6} {'Total':>6}"
-    )
     base = next((r["median_epoch_s"] for r in rows if r["batch_size"] == 128), None)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        s = r.get("scib", {})
-        speed = base / r["median_epoch_s"] if base else float("nan")
-        lines.append(
-            f"{r['batch_size']:>5} {r['lr']:>8.4f} {r['scale_lr']!s:>6} "
-            f"{r['median_epoch_s']:>8.2f} {speed:>8.2f} {r['final_validation_elbo']:>9.1f} "
-            f"{r['best_validation_elbo']:>9.1f} {s.get('Bio conservation', float('nan')):>6.3f} "
-            f"{s.get('Batch correction', float('nan')):>6.3f} {s.get('Total', float('nan')):>6.3f}"
-        )
-    return "\n".join(lines)
+
+    def scib(metric: str):
+        return lambda r: r.get("scib", {}).get(metric, float("nan"))
+
+    return render_table(
+        rows,
+        [
+            ("batch", ">5", "batch_size"),
+            ("lr", "8.4f", "lr"),
+            ("scaled", ">6", lambda r: str(r["scale_lr"])),
+            ("s/epoch", "8.2f", "median_epoch_s"),
+            ("× vs 128", "8.2f", lambda r: base / r["median_epoch_s"] if base else float("nan")),
+            ("val ELBO", "9.1f", "final_validation_elbo"),
+            ("best ELBO", "9.1f", "best_validation_elbo"),
+            ("Bio", "6.3f", scib("Bio conservation")),
+            ("Batch", "6.3f", scib("Batch correction")),
+            ("Total", "6.3f", scib("Total")),
+        ],
+    )
 
 
 def main() -> int:

@@ -66,7 +66,7 @@ from _common import (  # stdlib-only at module level, next to this file
     TRAIN_SIZE,
     current_rss_mib,
     epoch_timer,
-    fmt,
+    render_table,
     set_threads,
 )
 
@@ -342,24 +342,24 @@ def run_scib(rna_path: Path, latents: dict[str, Path], n_jobs: int) -> dict[str,
 
 
 def print_table(rows: list[dict[str, Any]], reference: str) -> str:
-    """Render the result rows as a fixed-width table (also returned as text)."""
-    ratio = f"/{reference}"
-    header = (
-        f"{'run':<13} {'s/epoch':>8} {'median':>7} {ratio:>12} {'peak MiB':>9} "
-        f"{'Bio':>6} {'Batch':>6} {'Total':>6}"
+    """Render the result rows as a fixed-width table (also returned as text).
+
+    s/epoch = wall time of train() / epochs; median = median per-epoch time (train + val);
+    /reference = ratio of s/epoch to the MultiVI run (or to its fallback).
+    """
+    text = render_table(
+        rows,
+        [
+            ("run", "<13", "run"),
+            ("s/epoch", "8.2f", "s_per_epoch"),
+            ("median", "7.2f", "median_epoch_s"),
+            (f"/{reference}", "12.2f", "ratio_to_reference"),
+            ("peak MiB", "9.0f", "peak_rss_mib"),
+            ("Bio", "6.3f", "bio"),
+            ("Batch", "6.3f", "batch"),
+            ("Total", "6.3f", "total"),
+        ],
     )
-    lines = [header, "-" * len(header)]
-    # s/epoch = wall time of train() / epochs; median = median per-epoch time (train + val);
-    # /reference = ratio of s/epoch to the MultiVI run (or to its fallback).
-    for r in rows:
-        lines.append(
-            f"{r['run']:<13} {fmt(r.get('s_per_epoch'), '8.2f')} "
-            f"{fmt(r.get('median_epoch_s'), '7.2f')} "
-            f"{fmt(r.get('ratio_to_reference'), '12.2f')} "
-            f"{fmt(r.get('peak_rss_mib'), '9.0f')} "
-            f"{fmt(r.get('bio'), '6.3f')} {fmt(r.get('batch'), '6.3f')} {fmt(r.get('total'), '6.3f')}"
-        )
-    text = "\n".join(lines)
     print(text)
     return text
 

@@ -935,24 +935,21 @@ def format_profile(p: dict[str, Any]) -> str:
 
 def format_roofline(rows: list[dict[str, Any]]) -> str:
     """Roofline rows (one per run) as a table."""
-    header = (
-        f"{'run':<34} {'GFLOP/ep':>8} {'s/epoch':>7} {'ach GF/s':>8} {'peak GF/s':>9} "
-        f"{'ach/peak':>8} {'sq peak':>7} {'ach/sq':>6} {'mm floor s':>10} {'floor/ep':>8}"
+    return _common.render_table(
+        rows,
+        [
+            ("run", "<34", "name"),
+            ("GFLOP/ep", "8.1f", "gflop_per_epoch_nominal"),
+            ("s/epoch", "7.2f", "s_per_epoch"),
+            ("ach GF/s", "8.1f", "achieved_gflops_nominal"),
+            ("peak GF/s", "9.1f", "peak_gflops_model_shapes"),
+            ("ach/peak", "8.3f", "achieved_over_peak_model_shapes"),
+            ("sq peak", "7.1f", "peak_gflops_square"),
+            ("ach/sq", "6.3f", "achieved_over_peak_square"),
+            ("mm floor s", "10.3f", "matmul_floor_s_per_epoch"),
+            ("floor/ep", "8.3f", "matmul_floor_over_epoch"),
+        ],
     )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['name']:<34} {fmt(r.get('gflop_per_epoch_nominal'), '8.1f')} "
-            f"{fmt(r.get('s_per_epoch'), '7.2f')} "
-            f"{fmt(r.get('achieved_gflops_nominal'), '8.1f')} "
-            f"{fmt(r.get('peak_gflops_model_shapes'), '9.1f')} "
-            f"{fmt(r.get('achieved_over_peak_model_shapes'), '8.3f')} "
-            f"{fmt(r.get('peak_gflops_square'), '7.1f')} "
-            f"{fmt(r.get('achieved_over_peak_square'), '6.3f')} "
-            f"{fmt(r.get('matmul_floor_s_per_epoch'), '10.3f')} "
-            f"{fmt(r.get('matmul_floor_over_epoch'), '8.3f')}"
-        )
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- CLI

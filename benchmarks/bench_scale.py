@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import render_table  # next to this file
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Simulation settings: ~10% non-zeros over 2k genes (~900 counts per cell), like a 2k-HVG
 #: subset of 10x data (simulate's defaults give ~33% at 2k genes).
@@ -223,18 +225,19 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict | None:
 
 
 def table(runs: list[dict]) -> str:
-    head = (
-        f"{'cells':>9} {'batch':>5} {'setup s':>8} {'s/epoch':>8} {'infer s':>8} "
-        f"{'peak RSS MiB':>12} {'CSR MiB':>8} {'ratio':>6}"
+    return render_table(
+        runs,
+        [
+            ("cells", ">9", "n_cells"),
+            ("batch", ">5", "batch_size"),
+            ("setup s", "8.1f", "setup_s"),
+            ("s/epoch", "8.1f", "epoch_s"),
+            ("infer s", "8.1f", "inference_s"),
+            ("peak RSS MiB", "12.0f", "peak_rss_mib"),
+            ("CSR MiB", "8.0f", "csr_mib"),
+            ("ratio", "6.2f", "ratio"),
+        ],
     )
-    lines = [head, "-" * len(head)]
-    for r in runs:
-        lines.append(
-            f"{r['n_cells']:>9} {r['batch_size']:>5} {r['setup_s']:>8.1f} {r['epoch_s']:>8.1f} "
-            f"{r['inference_s']:>8.1f} {r['peak_rss_mib']:>12.0f} {r['csr_mib']:>8.0f} "
-            f"{r['ratio']:>6.2f}"
-        )
-    return "\n".join(lines)
 
 
 def main() -> None:

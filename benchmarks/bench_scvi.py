@@ -83,10 +83,10 @@ from _common import (  # stdlib-only at module level, next to this file
     TRAIN_SIZE,
     Arch,
     current_rss_mib,
-    fmt,
     parse_archs,
     parse_ints,
     peak_rss_mib,
+    render_table,
     save_latent,
     set_threads,
     timing_record,
@@ -100,6 +100,8 @@ BATCH_KEY = "condition"  # Kang
 LABEL_KEY = "cell_type"
 N_TOP_GENES = 4000
 BATCH_SIZE = 128  # reference batch size of the lr scaling
+#: the scib columns of the result tables
+SCIB_COLUMNS = [("Bio", "6.3f", "bio"), ("Batch", "6.3f", "batch"), ("Total", "6.3f", "total")]
 TOOLS = ("regvi", "regvi_compile", "scvi", "scvi_nb")
 SCVI_TOOLS = ("scvi", "scvi_nb")
 #: regvi eager, and regvi with ``train(compile=True)`` (its first epoch holds the compilation:
@@ -450,29 +452,30 @@ def run_scib(
 
 
 def print_table(rows: list[dict[str, Any]]) -> str:
-    """Render the result rows as a fixed-width table (also returned as text)."""
-    header = (
-        f"{'dataset':<8} {'batch':>5} {'tool':<13} {'arch':<10} {'s/epoch':>8} {'median':>7} "
-        f"{'min':>6} {'regvi/scvi':>10} {'min r/s':>7} {'r/scvi_nb':>9} {'peak MiB':>9} "
-        f"{'Bio':>6} {'Batch':>6} {'Total':>6}"
+    """Render the result rows as a fixed-width table (also returned as text).
+
+    s/epoch = wall time of train() / epochs; median = median per-epoch time (train + val);
+    min = fastest epoch (robust to CPU contention from other processes); regvi/scvi = ratio of
+    s/epoch at equal dataset, batch size and architecture; min r/s = ratio of min; r/scvi_nb =
+    s/epoch ratio against scvi-tools with NB likelihood.
+    """
+    text = render_table(
+        rows,
+        [
+            ("dataset", "<8", lambda r: r.get("dataset", "")),
+            ("batch", "5d", "batch_size"),
+            ("tool", "<13", "tool"),
+            ("arch", "<10", "arch"),
+            ("s/epoch", "8.2f", "s_per_epoch"),
+            ("median", "7.2f", "median_epoch_s"),
+            ("min", "6.2f", "min_epoch_s"),
+            ("regvi/scvi", "10.2f", "ratio_regvi_over_scvi"),
+            ("min r/s", "7.2f", "ratio_min_epoch_s_regvi_over_scvi"),
+            ("r/scvi_nb", "9.2f", "ratio_regvi_over_scvi_nb"),
+            ("peak MiB", "9.0f", "peak_rss_mib"),
+            *SCIB_COLUMNS,
+        ],
     )
-    lines = [header, "-" * len(header)]
-    # s/epoch = wall time of train() / epochs; median = median per-epoch time (train + val);
-    # min = fastest epoch (robust to CPU contention from other processes);
-    # regvi/scvi = ratio of s/epoch at equal dataset, batch size and architecture;
-    # min r/s = ratio of min; r/scvi_nb = s/epoch ratio against scvi-tools with NB likelihood.
-    for r in rows:
-        lines.append(
-            f"{r.get('dataset', ''):<8} {fmt(r.get('batch_size'), '5d')} "
-            f"{r['tool']:<13} {r['arch']:<10} {fmt(r.get('s_per_epoch'), '8.2f')} "
-            f"{fmt(r.get('median_epoch_s'), '7.2f')} {fmt(r.get('min_epoch_s'), '6.2f')} "
-            f"{fmt(r.get('ratio_regvi_over_scvi'), '10.2f')} "
-            f"{fmt(r.get('ratio_min_epoch_s_regvi_over_scvi'), '7.2f')} "
-            f"{fmt(r.get('ratio_regvi_over_scvi_nb'), '9.2f')} "
-            f"{fmt(r.get('peak_rss_mib'), '9.0f')} "
-            f"{fmt(r.get('bio'), '6.3f')} {fmt(r.get('batch'), '6.3f')} {fmt(r.get('total'), '6.3f')}"
-        )
-    text = "\n".join(lines)
     print(text)
     return text
 
@@ -501,40 +504,36 @@ def speed_table(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
                     row["regvi_s_per_epoch"] / row[f"{other}_s_per_epoch"]
                 )
         rows.append(row)
-    header = (
-        f"{'dataset':<8} {'batch':>5} {'arch':<10} {'regvi s/ep':>10} {'scvi s/ep':>9} "
-        f"{'ratio':>6} {'scvi_nb s/ep':>12} {'ratio':>6} {'regvi MiB':>9} {'scvi MiB':>8} "
-        f"{'scvi_nb MiB':>11}"
+    key = [("dataset", "<8", "dataset"), ("batch", ">5", "batch_size"), ("arch", "<10", "arch")]
+    by_mean = render_table(
+        rows,
+        [
+            *key,
+            ("regvi s/ep", "10.2f", "regvi_s_per_epoch"),
+            ("scvi s/ep", "9.2f", "scvi_s_per_epoch"),
+            ("ratio", "6.2f", "ratio_regvi_over_scvi"),
+            ("scvi_nb s/ep", "12.2f", "scvi_nb_s_per_epoch"),
+            ("ratio", "6.2f", "ratio_regvi_over_scvi_nb"),
+            ("regvi MiB", "9.0f", "regvi_peak_rss_mib"),
+            ("scvi MiB", "8.0f", "scvi_peak_rss_mib"),
+            ("scvi_nb MiB", "11.0f", "scvi_nb_peak_rss_mib"),
+        ],
     )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['dataset']:<8} {r['batch_size']:>5} {r['arch']:<10} "
-            f"{fmt(r['regvi_s_per_epoch'], '10.2f')} {fmt(r['scvi_s_per_epoch'], '9.2f')} "
-            f"{fmt(r.get('ratio_regvi_over_scvi'), '6.2f')} "
-            f"{fmt(r['scvi_nb_s_per_epoch'], '12.2f')} "
-            f"{fmt(r.get('ratio_regvi_over_scvi_nb'), '6.2f')} "
-            f"{fmt(r['regvi_peak_rss_mib'], '9.0f')} {fmt(r['scvi_peak_rss_mib'], '8.0f')} "
-            f"{fmt(r['scvi_nb_peak_rss_mib'], '11.0f')}"
-        )
-    header = (
-        f"{'dataset':<8} {'batch':>5} {'arch':<10} {'median s/epoch: regvi':>21} "
-        f"{'regvi_compile':>13} {'scvi':>6} {'scvi_nb':>7} {'regvi/scvi':>10} "
-        f"{'compile/scvi':>12} {'regvi/nb':>8} {'compile/nb':>10}"
+    by_median = render_table(
+        rows,
+        [
+            *key,
+            ("median s/epoch: regvi", "21.2f", "regvi_median_epoch_s"),
+            ("regvi_compile", "13.2f", "regvi_compile_median_epoch_s"),
+            ("scvi", "6.2f", "scvi_median_epoch_s"),
+            ("scvi_nb", "7.2f", "scvi_nb_median_epoch_s"),
+            ("regvi/scvi", "10.2f", "ratio_median_regvi_over_scvi"),
+            ("compile/scvi", "12.2f", "ratio_median_regvi_compile_over_scvi"),
+            ("regvi/nb", "8.2f", "ratio_median_regvi_over_scvi_nb"),
+            ("compile/nb", "10.2f", "ratio_median_regvi_compile_over_scvi_nb"),
+        ],
     )
-    lines += ["", header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['dataset']:<8} {r['batch_size']:>5} {r['arch']:<10} "
-            f"{fmt(r['regvi_median_epoch_s'], '21.2f')} "
-            f"{fmt(r['regvi_compile_median_epoch_s'], '13.2f')} "
-            f"{fmt(r['scvi_median_epoch_s'], '6.2f')} {fmt(r['scvi_nb_median_epoch_s'], '7.2f')} "
-            f"{fmt(r.get('ratio_median_regvi_over_scvi'), '10.2f')} "
-            f"{fmt(r.get('ratio_median_regvi_compile_over_scvi'), '12.2f')} "
-            f"{fmt(r.get('ratio_median_regvi_over_scvi_nb'), '8.2f')} "
-            f"{fmt(r.get('ratio_median_regvi_compile_over_scvi_nb'), '10.2f')}"
-        )
-    text = "\n".join(lines)
+    text = by_mean + "\n\n" + by_median
     print(text)
     return rows, text
 
