@@ -572,6 +572,14 @@ def fmt(v: Any, spec: str) -> str:
 Column = tuple[str, str, "str | Callable[[Mapping[str, Any]], Any]"]
 
 
+#: the scib columns of the result tables (rows with ``bio`` / ``batch`` / ``total``)
+SCIB_COLUMNS: list[Column] = [
+    ("Bio", "6.3f", "bio"),
+    ("Batch", "6.3f", "batch"),
+    ("Total", "6.3f", "total"),
+]
+
+
 def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """Rows as a fixed-width text table: a header line, a rule and one line per row.
 

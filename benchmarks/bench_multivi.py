@@ -355,9 +355,7 @@ def print_table(rows: list[dict[str, Any]], reference: str) -> str:
             ("median", "7.2f", "median_epoch_s"),
             (f"/{reference}", "12.2f", "ratio_to_reference"),
             ("peak MiB", "9.0f", "peak_rss_mib"),
-            ("Bio", "6.3f", "bio"),
-            ("Batch", "6.3f", "batch"),
-            ("Total", "6.3f", "total"),
+            *_common.SCIB_COLUMNS,
         ],
     )
     print(text)

@@ -100,8 +100,6 @@ BATCH_KEY = "condition"  # Kang
 LABEL_KEY = "cell_type"
 N_TOP_GENES = 4000
 BATCH_SIZE = 128  # reference batch size of the lr scaling
-#: the scib columns of the result tables
-SCIB_COLUMNS = [("Bio", "6.3f", "bio"), ("Batch", "6.3f", "batch"), ("Total", "6.3f", "total")]
 TOOLS = ("regvi", "regvi_compile", "scvi", "scvi_nb")
 SCVI_TOOLS = ("scvi", "scvi_nb")
 #: regvi eager, and regvi with ``train(compile=True)`` (its first epoch holds the compilation:
@@ -473,7 +471,7 @@ def print_table(rows: list[dict[str, Any]]) -> str:
             ("min r/s", "7.2f", "ratio_min_epoch_s_regvi_over_scvi"),
             ("r/scvi_nb", "9.2f", "ratio_regvi_over_scvi_nb"),
             ("peak MiB", "9.0f", "peak_rss_mib"),
-            *SCIB_COLUMNS,
+            *_common.SCIB_COLUMNS,
         ],
     )
     print(text)
