@@ -254,24 +254,17 @@ def _load_multimodal(
 ) -> RegMultiVI:
     from regvi.multimodal import RegMultiVI
 
-    model = RegMultiVI.__new__(RegMultiVI)
-    model.registry = registry
-    model.config = config
-    model.module = module
-    model.var_names = {m: list(v) for m, v in meta["var_names"].items()}
-    model.layers = dict(meta.get("layers", {}))
-    model.setup_kwargs = meta.get("setup_kwargs", {})
-    model.seed = int(model.setup_kwargs.get("seed", 0))
-    model.is_trained = bool(meta.get("is_trained", False))
-    model.history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
-    model.train_indices = model.validation_indices = None
-    model.count_summary = {}
-    model.mdata = None
-    model._Xs = None
-    model._covariates = None
-    model._obs = None
-    model._cached_dataset = None
-    model.attribution_ = None
+    history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
+    model = RegMultiVI.assemble(
+        registry,
+        config,
+        module,
+        meta.get("setup_kwargs", {}),
+        var_names=meta["var_names"],
+        layers=meta.get("layers", {}),
+        is_trained=bool(meta.get("is_trained", False)),
+        history=history,
+    )
     if mdata is not None:
         model.attach(mdata)
     return model

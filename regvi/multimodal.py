@@ -395,7 +395,70 @@ class RegMultiVI(BaseModel):
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
         self.attribution_: ModalityAttribution | None = None
+        self.query = None
         self._initialise(self.seed)
+
+    @classmethod
+    def assemble(
+        cls,
+        registry: CovariateRegistry,
+        config: MultiModuleConfig,
+        module: RegMultiVIModule,
+        setup_kwargs: Mapping[str, Any],
+        var_names: Mapping[str, Sequence[str]],
+        layers: Mapping[str, str | None],
+        is_trained: bool = False,
+        history: pd.DataFrame | None = None,
+    ) -> RegMultiVI:
+        """A model from its parts, without data (loading, reference mapping)."""
+        model = cls.__new__(cls)
+        model.registry, model.config, model.module = registry, config, module
+        model.var_names = {m: list(v) for m, v in var_names.items()}
+        model.layers = dict(layers)
+        model.setup_kwargs = dict(setup_kwargs)
+        model.seed = int(model.setup_kwargs.get("seed", 0))
+        model.is_trained = bool(is_trained)
+        model.history = pd.DataFrame() if history is None else history
+        model.train_indices = model.validation_indices = None
+        model.count_summary = {}
+        model.mdata = None
+        model._Xs = None
+        model._covariates = None
+        model._obs = None
+        model._cached_dataset = None
+        model.attribution_ = None
+        model.query = None
+        return model
+
+    @classmethod
+    def load_query_data(
+        cls,
+        mdata: Any,
+        reference: RegMultiVI | str,
+        allow_missing_genes: bool = False,
+        fine_tune: str | Sequence[str] | None = None,
+    ) -> RegMultiVI:
+        """A model of new (query) cells that shares a trained multimodal reference's weights.
+
+        As :meth:`regvi.RegVI.load_query_data`, per modality. The query may hold a subset of
+        the reference's modalities (e.g. RNA only, as ``{"rna": adata}``): its cells then miss
+        the others, as unpaired cells do in training (their block of the joint latent is the
+        prior mean 0).
+
+        Parameters
+        ----------
+        mdata
+            MuData or dict modality → AnnData of the query cells (genes / peaks matched by name).
+        reference
+            A trained :class:`RegMultiVI`, its directory or an MLflow model URI.
+        allow_missing_genes
+            Fill reference features absent from a query modality with zero counts.
+        fine_tune
+            ``"conditioning"`` and / or ``"encoder"`` (see :meth:`regvi.RegVI.load_query_data`).
+        """
+        from regvi.map.query import build_multimodal_query
+
+        return build_multimodal_query(reference, mdata, allow_missing_genes, fine_tune)
 
     def _build_module(self) -> RegMultiVIModule:
         return RegMultiVIModule(self.config)

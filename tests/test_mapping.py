@@ -204,3 +204,86 @@ def test_bad_queries_are_refused_before_any_work(split, reference):
     q = regvi.RegVI.load_query_data(query, reference)
     with pytest.raises(ValueError, match="initialise=True"):
         q.train(max_epochs=1, initialise=True, progress_bar=False)
+
+
+# ---------------------------------------------------------------------------------- multimodal
+@pytest.fixture(scope="module")
+def multiome():
+    """A RegMultiVI reference on libraries 0, 1 and the paired query cells of libraries 2, 3."""
+    data = regvi.simulate_multiome(n_cells=800, n_genes=60, n_peaks=80, n_libraries=4, seed=0)
+    libs = sorted(data["rna"].obs["library"].unique())
+    is_ref = data["rna"].obs["library"].isin(libs[:2]).to_numpy()
+    ref = {m: a[is_ref].copy() for m, a in data.items()}
+    query = {m: a[~is_ref].copy() for m, a in data.items()}
+    model = regvi.RegMultiVI(ref, library_key="library", n_hidden=32, n_latent=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=30, progress_bar=False)
+    return model, ref, query
+
+
+def test_multimodal_query_keeps_the_reference_and_fits_new_libraries(multiome):
+    reference, ref, query = multiome
+    before = _state(reference)
+    q = regvi.RegMultiVI.load_query_data(query, reference)
+    assert q.query.added_categories == {"library": ["lib_2", "lib_3"]}
+    assert all(c.n_library_groups == 4 for c in q.config.configs.values())
+    grown = _state(q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.train(max_epochs=3, progress_bar=False)
+    after = _state(q)
+    for name, old in before.items():
+        part = _reference_part(after[name], old)
+        if ".body.linears." in name and name.endswith("weight"):
+            part = after[name][:, : old.shape[1]]
+        assert torch.equal(part, old), f"reference entries of {name} moved"
+    moved = {k for k in after if not torch.equal(after[k], grown[k])}
+    assert {"mods.rna.ambient_log.0", "mods.atac.feature_scaling_raw.0"} <= moved
+    np.testing.assert_array_equal(
+        q.get_latent_representation(ref), reference.get_latent_representation()
+    )
+
+
+def test_rna_only_query_cells_land_near_their_paired_twins(multiome):
+    """RNA-only cells miss ATAC as unpaired cells do in training: their ATAC block is the
+    prior mean. Their twins (the same cells mapped with both modalities) must still be among
+    their nearest query cells, and the reference's labels must transfer."""
+    from scipy.spatial.distance import cdist
+
+    from regvi.map.labels import transfer_accuracy, transfer_labels
+
+    reference, ref, query = multiome
+    paired = regvi.RegMultiVI.load_query_data(query, reference)
+    rna_only = regvi.RegMultiVI.load_query_data({"rna": query["rna"]}, reference)
+    assert rna_only.query.added_categories == {"library": ["lib_2", "lib_3"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rna_only.train(max_epochs=3, progress_bar=False)  # a missing modality trains nothing
+    z_paired = paired.get_latent_representation()
+    z_rna = rna_only.get_latent_representation()
+    atac, rna = (reference.config.latent_slices()[m] for m in ("atac", "rna"))
+    assert not z_rna[:, atac].any()  # the prior mean, as in training
+    np.testing.assert_allclose(z_rna[:, rna], z_paired[:, rna], rtol=1e-5, atol=1e-5)
+    d = cdist(z_rna, z_paired)
+    twin = np.diag(d)
+    rank = (d < twin[:, None]).sum(1)
+    # measured: median rank 20 of 363 query cells; twin 2.6× closer than a random query cell
+    assert np.median(rank) < 0.1 * len(d)
+    assert twin.mean() < 0.5 * d.mean()
+    labels = ref["rna"].obs["cell_type"].to_numpy()
+    table = transfer_labels(reference.get_latent_representation(), labels, z_rna)
+    scores = transfer_accuracy(query["rna"].obs["cell_type"].to_numpy(), table["label"])
+    assert scores["accuracy"] > 0.7  # measured 0.83 (paired: 0.99)
+
+
+def test_bad_multimodal_queries_are_refused(multiome):
+    reference, _, query = multiome
+    with pytest.raises(KeyError, match=r"query modalities \['protein'\]"):
+        regvi.RegMultiVI.load_query_data({**query, "protein": query["rna"]}, reference)
+    short = {"rna": query["rna"][:, 3:].copy()}
+    with pytest.raises(ValueError, match="lacks 3 of the reference's 60 genes"):
+        regvi.RegMultiVI.load_query_data(short, reference)
+    single = regvi.RegVI(query["rna"], library_key="library", n_hidden=8, n_latent=2)
+    with pytest.raises(TypeError, match="reference must be a trained RegMultiVI"):
+        regvi.RegMultiVI.load_query_data(query, single)
