@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def test_sweep_end_to_end_with_scib(tmp_path):
     out = _sweep(cfg)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in out.stdout
+    assert re.search(r"#/experiments/\d+\?workflowType=machine_learning", out.stdout)
     c, parents, children = _runs(tmp_path, "e2e")
     assert len(parents) == 1 and len(children) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}

@@ -89,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MLflow: {redact_uri(result.tracking_uri)}  (experiment {cfg.experiment!r}, parent run {result.parent_run_id})"
     )
+    # MLflow 3.x opens experiments on its GenAI overview unless the link asks for model training
+    runs_page = f"#/experiments/{result.experiment_id}?workflowType=machine_learning"
     if result.tracking_uri.startswith("sqlite"):
         print(
             f"open the UI with:  mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1"
         )
+        print(f"the trials:  http://127.0.0.1:5000/{runs_page}")
+    elif result.tracking_uri.startswith(("http://", "https://")):
+        print(f"the trials:  {redact_uri(result.tracking_uri).rstrip('/')}/{runs_page}")
     if cfg.register_model and result.best_trial_id:
         print(f"load the best model:  regvi.load('models:/{cfg.register_model}@champion')")
     return 0
