@@ -287,3 +287,19 @@ def test_bad_multimodal_queries_are_refused(multiome):
     single = regvi.RegVI(query["rna"], library_key="library", n_hidden=8, n_latent=2)
     with pytest.raises(TypeError, match="reference must be a trained RegMultiVI"):
         regvi.RegMultiVI.load_query_data(query, single)
+
+
+def test_a_query_without_the_reference_counts_layer_is_refused(split):
+    ref, query = split
+    ref = ref.copy()
+    ref.layers["counts"] = ref.X.copy()
+    model = regvi.RegVI(ref, library_key="library", layer="counts", n_hidden=8, n_latent=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, progress_bar=False)
+    with pytest.raises(KeyError, match=r"layer='counts' is not in adata\.layers"):
+        regvi.RegVI.load_query_data(query, model)
+    with_layer = query.copy()
+    with_layer.layers["counts"] = with_layer.X.copy()
+    q = regvi.RegVI.load_query_data(with_layer[:, ::-1].copy(), model)  # reordered genes too
+    assert q.get_latent_representation().shape == (query.n_obs, 2)
