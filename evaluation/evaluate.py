@@ -175,62 +175,143 @@ def evaluate(
         neighbourhood,
     )
     _warn_duplicated_names(adata.obs_names)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    strata = [k for k in (label_key, library_key) if k is not None]
-    idx = stratified_subsample(adata.obs, strata, n_subsample, seed)
-    obs = adata.obs.iloc[idx]
-    emb = np.asarray(adata.obsm[embedding_key], dtype=np.float32)[idx]
-    counts = counts_matrix(adata, layer)[idx]
-    library = obs[library_key].astype(str).to_numpy()
-    labels = obs[label_key].astype(str).to_numpy() if label_key else None
-    genes = _marker_genes(adata, counts, labels, label_key, markers) if neighbourhood else None
-    nb = compute_neighbours(emb, k=90, seed=seed)
-    timings["knn"] = time.perf_counter() - t
-    metrics: dict[str, float] = {"eval_n_cells": float(len(idx))}
-    info: dict[str, object] = {
-        "embedding_key": embedding_key,
-        "library_key": library_key,
-        "label_key": label_key,
-        "knn_method": nb.method,
-    }
-    per_cell = pd.DataFrame(index=obs.index)
-    tables: dict[str, pd.DataFrame] = {}
-    if scib and labels is not None:
+    run = _Scoring.subsample(adata, embedding_key, library_key, label_key, layer, n_subsample, seed)
+    run.neighbours(adata, markers, neighbourhood)
+    if scib and run.labels is not None:
+        run.scib(reference_cache, n_jobs)
+    elif scib:
+        run.info["scib_skipped"] = "no label_key"
+    if neighbourhood:
+        run.neighbourhood(adata, dataset_key, technical_keys)
+    if encode is not None:
+        run.low_count(encode)
+    return run.result()
+
+
+@dataclass
+class _Scoring:
+    """One :func:`evaluate` call: the evaluated subsample and the results so far."""
+
+    idx: np.ndarray
+    obs: pd.DataFrame
+    emb: np.ndarray
+    counts: sp.csr_matrix | np.ndarray
+    library: np.ndarray
+    labels: np.ndarray | None
+    label_key: str | None
+    seed: int
+    metrics: dict[str, float]
+    info: dict[str, object]
+    per_cell: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0
+    genes: list[str] | None = None
+    nb: object = None
+
+    @classmethod
+    def subsample(
+        cls,
+        adata: AnnData,
+        embedding_key: str,
+        library_key: str,
+        label_key: str | None,
+        layer: str | None,
+        n_subsample: int | None,
+        seed: int,
+    ) -> _Scoring:
+        """The stratified (label × library) subsample: its embedding, counts and keys."""
+        started = time.perf_counter()
+        strata = [k for k in (label_key, library_key) if k is not None]
+        idx = stratified_subsample(adata.obs, strata, n_subsample, seed)
+        obs = adata.obs.iloc[idx]
+        return cls(
+            idx=idx,
+            obs=obs,
+            emb=np.asarray(adata.obsm[embedding_key], dtype=np.float32)[idx],
+            counts=counts_matrix(adata, layer)[idx],
+            library=obs[library_key].astype(str).to_numpy(),
+            labels=obs[label_key].astype(str).to_numpy() if label_key else None,
+            label_key=label_key,
+            seed=seed,
+            metrics={"eval_n_cells": float(len(idx))},
+            info={
+                "embedding_key": embedding_key,
+                "library_key": library_key,
+                "label_key": label_key,
+            },
+            per_cell=pd.DataFrame(index=obs.index),
+            started=started,
+        )
+
+    def neighbours(
+        self, adata: AnnData, markers: str | Path | Sequence[str] | None, neighbourhood: bool
+    ) -> None:
+        """Marker genes (with ``neighbourhood``) and the kNN graph of the embedding."""
+        if neighbourhood:
+            self.genes = _marker_genes(adata, self.counts, self.labels, self.label_key, markers)
+        self.nb = nb = compute_neighbours(self.emb, k=90, seed=self.seed)
+        self.timings["knn"] = time.perf_counter() - self.started
+        self.info["knn_method"] = nb.method
+
+    def scib(self, reference_cache: str | Path | None, n_jobs: int) -> None:
+        """scib-metrics against the unintegrated PCA."""
         from evaluation.scib import scib_metrics, scib_version
 
         t = time.perf_counter()
-        reference = unintegrated_pca(counts, cache_dir=reference_cache, seed=seed)
-        metrics.update(scib_metrics(emb, labels, library, reference, nb, n_jobs=n_jobs))
-        info["scib_metrics_version"] = scib_version()
-        timings["scib"] = time.perf_counter() - t
-    elif scib:
-        info["scib_skipped"] = "no label_key"
-    if neighbourhood:
+        reference = unintegrated_pca(self.counts, cache_dir=reference_cache, seed=self.seed)
+        self.metrics.update(
+            scib_metrics(self.emb, self.labels, self.library, reference, self.nb, n_jobs=n_jobs)
+        )
+        self.info["scib_metrics_version"] = scib_version()
+        self.timings["scib"] = time.perf_counter() - t
+
+    def neighbourhood(
+        self, adata: AnnData, dataset_key: str | None, technical_keys: Sequence[str]
+    ) -> None:
+        """Neighbourhood-correlation metrics (skipped, and recorded, without markers)."""
         t = time.perf_counter()
         nc = _neighbourhood(
-            adata, counts, obs, nb, library, genes, dataset_key, technical_keys, seed
+            adata,
+            self.counts,
+            self.obs,
+            self.nb,
+            self.library,
+            self.genes,
+            dataset_key,
+            technical_keys,
+            self.seed,
         )
         if nc is not None:
             result, n_markers = nc
-            metrics["eval_n_markers"] = float(n_markers)
-            metrics.update({f"nc_{k}": float(v) for k, v in result.headline.items()})
-            per_cell = _add_columns(per_cell, result.per_cell)
-            tables.update({f"nc_summary_{k}": v for k, v in result.summaries.items()})
+            self.metrics["eval_n_markers"] = float(n_markers)
+            self.metrics.update({f"nc_{k}": float(v) for k, v in result.headline.items()})
+            self.per_cell = _add_columns(self.per_cell, result.per_cell)
+            self.tables.update({f"nc_summary_{k}": v for k, v in result.summaries.items()})
         else:
-            info["neighbourhood_skipped"] = "no markers (give markers= or label_key)"
-        timings["neighbourhood"] = time.perf_counter() - t
-    if encode is not None:
+            self.info["neighbourhood_skipped"] = "no markers (give markers= or label_key)"
+        self.timings["neighbourhood"] = time.perf_counter() - t
+
+    def low_count(self, encode: Callable[[sp.csr_matrix, np.ndarray], np.ndarray]) -> None:
+        """Low-count robustness: ``encode`` re-encodes thinned counts of the subsample."""
         from evaluation.robustness import low_count_robustness
 
         t = time.perf_counter()
-        metrics.update(
-            low_count_robustness(lambda X: encode(X, idx), counts, emb, labels, seed=seed)
+        idx = self.idx
+        self.metrics.update(
+            low_count_robustness(
+                lambda X: encode(X, idx), self.counts, self.emb, self.labels, seed=self.seed
+            )
         )
-        timings["lowcount"] = time.perf_counter() - t
-    metrics.update({f"eval_seconds_{k}": v for k, v in timings.items()})
-    info["subsample_indices_sha"] = str(pd.util.hash_array(idx).sum())
-    return Evaluation(metrics, per_cell, tables, info, emb, indices=idx)
+        self.timings["lowcount"] = time.perf_counter() - t
+
+    def result(self) -> Evaluation:
+        """The :class:`Evaluation`, with the timings and a hash of the subsample."""
+        self.metrics.update({f"eval_seconds_{k}": v for k, v in self.timings.items()})
+        self.info["subsample_indices_sha"] = str(pd.util.hash_array(self.idx).sum())
+        return Evaluation(
+            self.metrics, self.per_cell, self.tables, self.info, self.emb, indices=self.idx
+        )
 
 
 def _evaluated_obs(ev: Evaluation, obs: pd.DataFrame) -> pd.DataFrame:
@@ -324,7 +405,7 @@ def write_outputs(
     """Write metrics (JSON + CSV), per-cell table, summaries and PNG plots to ``out_dir``.
 
     ``coords``: 2-d UMAP coordinates of ``ev.embedding`` when already computed."""
-    from evaluation.plots import plot_correlation_histograms, plot_embedding, umap_coords
+    from evaluation.plots import plot_correlation_histograms, plot_embedding, umap_2d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +433,7 @@ def write_outputs(
             c for c in sub_obs.columns if c.startswith("failure_mode_")
         ]
         if coords is None:
-            coords = umap_coords(ev.embedding)
+            coords = umap_2d(ev.embedding)
         paths["umap"] = plot_embedding(
             coords,
             sub_obs,

@@ -74,16 +74,24 @@ def plot_embedding(
     return path
 
 
-def umap_coords(latent: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """2-d UMAP of a latent (scanpy neighbours + UMAP)."""
+def umap_2d(latent: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """2-d UMAP of a latent (scanpy neighbours + UMAP, on the latent as float32).
+
+    The one UMAP of the project: evaluation, the sweep, the quickstart and
+    :mod:`regvi.plotting` (reference mapping) use it.
+    """
     import anndata as ad
     import scanpy as sc
 
     tmp = ad.AnnData(X=np.zeros((latent.shape[0], 1), dtype=np.float32))
-    tmp.obsm["X_latent"] = latent
+    tmp.obsm["X_latent"] = np.asarray(latent, dtype=np.float32)
     sc.pp.neighbors(tmp, use_rep="X_latent", n_neighbors=n_neighbors, random_state=seed)
     sc.tl.umap(tmp, random_state=seed)
     return np.asarray(tmp.obsm["X_umap"])
+
+
+#: Former name of :func:`umap_2d` (``regvi.quickstart``, ``regvi.sweep.evaluator``).
+umap_coords = umap_2d
 
 
 def plot_correlation_histograms(

@@ -108,6 +108,91 @@ def _library_stats(
     return means, variances, n
 
 
+def _set_library_prior(
+    module: RegVIModule,
+    X: np.ndarray | sp.csr_matrix,
+    cov: Mapping[str, np.ndarray],
+    use: np.ndarray,
+    chunk_nnz: int | None,
+) -> np.ndarray:
+    """Set the library-size prior from the log library sizes of the ``use`` cells with
+    counts; return the mask of cells with counts."""
+    totals = row_totals(X, chunk_nnz)
+    nonzero = totals > 0
+    log_lib = np.log(np.maximum(totals, 1.0))
+    lib_codes = cov["library_size"][:, 0]
+    n_lib = module.config.n_library_groups
+    means, variances, n_per_group = _library_stats(
+        log_lib, lib_codes, use & nonzero, nonzero, n_lib
+    )
+    module.set_library_prior(
+        torch.tensor(means, dtype=torch.float32),
+        torch.tensor(variances, dtype=torch.float32),
+        torch.tensor(n_per_group),
+    )
+    return nonzero
+
+
+def _feature_stats(
+    module: RegVIModule,
+    X: np.ndarray | sp.csr_matrix,
+    cov: Mapping[str, np.ndarray],
+    use: np.ndarray,
+    dispersion_from_data: bool,
+    chunk_nnz: int | None,
+) -> tuple[np.ndarray, list[torch.Tensor] | None, torch.Tensor | None] | None:
+    """Mean depth-normalised expression, ambient group means (with ambient) and
+    method-of-moments theta (``dispersion_from_data``) over the ``use`` cells, accumulated
+    over row chunks; ``None`` when no cell is used."""
+    n_all = X.shape[0]
+    offset = float(module.library_log_offset)
+    n_cells, n_genes = int(use.sum()), X.shape[1]
+    if n_cells == 0:
+        return None
+    col_sum = np.zeros(n_genes)
+    ambient: list[tuple[np.ndarray, _GroupMeans]] = []
+    if module.config.use_ambient:
+        for k, n in enumerate(module.config.n_ambient_per_key):
+            codes = cov["ambient"][use, k]
+            ambient.append((cov["ambient"][:, k], _GroupMeans(codes, n, n_genes)))
+    disp: tuple[np.ndarray, _GroupMeans, _GroupMeans] | None = None
+    if dispersion_from_data:
+        n_disp = module.log_theta_mean.shape[0]
+        codes = cov["dispersion"][:, 0] if n_disp > 1 else np.zeros(n_all, dtype=np.int64)
+        disp = (
+            codes,
+            _GroupMeans(codes[use], n_disp, n_genes),
+            _GroupMeans(codes[use], n_disp, n_genes),
+        )
+    for start, stop, block in iter_row_blocks(X, chunk_nnz):
+        keep = use[start:stop]
+        if not keep.any():
+            continue
+        block = block if keep.all() else block[keep]
+        _, Xn = _depth_normalised_stats(block, offset)
+        col_sum += np.asarray(Xn.sum(axis=0)).ravel()
+        for all_codes, acc in ambient:
+            acc.add_rows(all_codes[start:stop][keep], Xn)
+        if disp is not None:
+            all_codes, disp_mean, disp_sq = disp
+            sub = all_codes[start:stop][keep]
+            disp_mean.add_rows(sub, Xn)
+            disp_sq.add_rows(sub, Xn.multiply(Xn) if sp.issparse(Xn) else Xn**2)
+        del Xn
+    mean_expr = col_sum / n_cells
+    ambient_means = None
+    if module.config.use_ambient:
+        ambient_means = [torch.tensor(acc.result(), dtype=torch.float32) for _, acc in ambient]
+    theta = None
+    if disp is not None:
+        m = disp[1].result()
+        v = disp[2].result() - m**2
+        excess = np.maximum(v - m, 1e-8)
+        # 90% of the excess variance is biological (explained by z), 10% technical
+        theta = torch.tensor(m**2 / (0.1 * excess), dtype=torch.float32)
+    return mean_expr, ambient_means, theta
+
+
 def initialise_from_data(
     module: RegVIModule,
     X: np.ndarray | sp.csr_matrix,
@@ -147,67 +232,13 @@ def initialise_from_data(
     use = np.ones(n_all, dtype=bool) if cells is None else np.asarray(cells, dtype=bool)
     if use.shape != (n_all,):
         raise ValueError(f"cells mask has shape {use.shape}; expected ({n_all},)")
-    totals = row_totals(X, chunk_nnz)
-    nonzero = totals > 0
-    log_lib = np.log(np.maximum(totals, 1.0))
-    lib_codes = cov["library_size"][:, 0]
-    n_lib = module.config.n_library_groups
-    means, variances, n_per_group = _library_stats(
-        log_lib, lib_codes, use & nonzero, nonzero, n_lib
-    )
-    module.set_library_prior(
-        torch.tensor(means, dtype=torch.float32),
-        torch.tensor(variances, dtype=torch.float32),
-        torch.tensor(n_per_group),
-    )
+    nonzero = _set_library_prior(module, X, cov, use, chunk_nnz)
     if not (data_init or dispersion_init == "data"):
         return
-    use = use & nonzero
-    offset = float(module.library_log_offset)
-    n_cells, n_genes = int(use.sum()), X.shape[1]
-    if n_cells == 0:
+    stats = _feature_stats(module, X, cov, use & nonzero, dispersion_init == "data", chunk_nnz)
+    if stats is None:  # no cell with counts to learn from
         return
-    col_sum = np.zeros(n_genes)
-    ambient: list[tuple[np.ndarray, _GroupMeans]] = []
-    if module.config.use_ambient:
-        for k, n in enumerate(module.config.n_ambient_per_key):
-            codes = cov["ambient"][use, k]
-            ambient.append((cov["ambient"][:, k], _GroupMeans(codes, n, n_genes)))
-    disp: tuple[np.ndarray, _GroupMeans, _GroupMeans] | None = None
-    if dispersion_init == "data":
-        n_disp = module.log_theta_mean.shape[0]
-        codes = cov["dispersion"][:, 0] if n_disp > 1 else np.zeros(n_all, dtype=np.int64)
-        disp = (
-            codes,
-            _GroupMeans(codes[use], n_disp, n_genes),
-            _GroupMeans(codes[use], n_disp, n_genes),
-        )
-    for start, stop, block in iter_row_blocks(X, chunk_nnz):
-        keep = use[start:stop]
-        if not keep.any():
-            continue
-        block = block if keep.all() else block[keep]
-        _, Xn = _depth_normalised_stats(block, offset)
-        col_sum += np.asarray(Xn.sum(axis=0)).ravel()
-        for all_codes, acc in ambient:
-            acc.add_rows(all_codes[start:stop][keep], Xn)
-        if disp is not None:
-            all_codes, disp_mean, disp_sq = disp
-            sub = all_codes[start:stop][keep]
-            disp_mean.add_rows(sub, Xn)
-            disp_sq.add_rows(sub, Xn.multiply(Xn) if sp.issparse(Xn) else Xn**2)
-        del Xn
-    mean_expr = col_sum / n_cells
-    ambient_means = None
-    if module.config.use_ambient:
-        ambient_means = [torch.tensor(acc.result(), dtype=torch.float32) for _, acc in ambient]
-    theta = None
-    if disp is not None:
-        m = disp[1].result()
-        v = disp[2].result() - m**2
-        excess = np.maximum(v - m, 1e-8)
-        # 90% of the excess variance is biological (explained by z), 10% technical
-        theta = torch.tensor(m**2 / (0.1 * excess), dtype=torch.float32)
+    mean_expr, ambient_means, theta = stats
     if data_init:
         module.data_init(torch.tensor(mean_expr, dtype=torch.float32), ambient_means, theta)
     elif theta is not None:
@@ -227,6 +258,35 @@ def check_train_option(name: str, value: Any) -> None:
         return
     args.update({name: value, "self": None})
     _check_train_options(args)
+
+
+def _trainer(
+    max_epochs: int,
+    accelerator: str,
+    devices: int | str,
+    precision: str,
+    callbacks: list[Any],
+    trainer_kwargs: Mapping[str, Any],
+) -> Any:
+    """The ``lightning.Trainer`` of :meth:`BaseModel.train` (no logger, checkpoints, sanity
+    steps or progress bar of its own)."""
+    import lightning.pytorch as pl
+
+    with _quiet_lightning():
+        return pl.Trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            use_distributed_sampler=False,  # BatchIndexSampler shards itself
+            precision=precision,
+            **trainer_kwargs,
+        )
 
 
 def _check_train_options(args: Mapping[str, Any]) -> int:
@@ -460,11 +520,63 @@ class BaseModel:
             One row per epoch: every loss term for train and validation, KL weight, active
             latent dims, theta mean, epoch time.
         """
-        import lightning.pytorch as pl
-
         seed = _check_train_options(locals())
         device = training_device(accelerator)
         precision = check_precision(precision, device)
+        train_idx, val_idx = self._split_and_initialise(
+            validation_fraction, stratify_validation, seed, initialise
+        )
+        train_loader, val_loader = self._train_loaders(
+            train_idx, val_idx, batch_size, seed, device, data_on_device, shard
+        )
+        settings = TrainSettings(
+            lr,
+            weight_decay,
+            eps,
+            n_epochs_kl_warmup,
+            scale_lr_with_batch_size,
+            batch_size,
+            compile=compile,
+        )
+        plan = TrainingPlan(self.module, n_obs_train=len(train_idx), settings=settings)
+        plan.epoch_offset = len(self.history)
+        plan.optimizer_state = dict(optimizer_state) if optimizer_state is not None else None
+        self.early_stopping = None
+        if early_stopping and val_loader is not None:
+            self.early_stopping = self._early_stopping(
+                patience,
+                min_delta_per_feature,
+                stop_during_warmup,
+                restore_best,
+                early_stopping_state,
+            )
+        all_callbacks = [
+            EpochProgressBar(max_epochs, progress_bar),
+            *([self.early_stopping] if self.early_stopping is not None else []),
+            *([EpochCallback(epoch_callback)] if epoch_callback is not None else []),
+            *(callbacks or []),
+        ]
+        query = getattr(self, "query", None)
+        freeze = query.freeze(self.module) if query is not None else None
+        if freeze is not None:  # only the query's new entries train
+            all_callbacks.append(freeze.callback())
+        torch.manual_seed(seed)
+        trainer = _trainer(
+            max_epochs, accelerator, devices, precision, all_callbacks, trainer_kwargs
+        )
+        self._fit(trainer, plan, train_loader, val_loader, freeze)
+        return self.history
+
+    def _split_and_initialise(
+        self,
+        validation_fraction: float,
+        stratify_validation: bool,
+        seed: int,
+        initialise: bool | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Train / validation split (recorded on the model), then, on the first training of an
+        untrained model or with ``initialise``, weights from ``seed`` and the data-dependent
+        initialisation from the training cells."""
         n_cells = len(self._dataset())
         strata = None
         if stratify_validation:
@@ -488,6 +600,20 @@ class BaseModel:
             in_train = np.zeros(n_cells, dtype=bool)
             in_train[train_idx] = True
             self._initialise(seed, in_train)
+        return train_idx, val_idx
+
+    def _train_loaders(
+        self,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        data_on_device: bool | str,
+        shard: tuple[int, int] | None,
+    ) -> tuple[Any, Any]:
+        """Training loader (shuffled, sharded) and validation loader (``None`` without
+        validation cells), on the training device when ``data_on_device`` resolves to it."""
         data = self._dataset()
         on_device = resolve_data_on_device(
             data_on_device, data, device, memory_mapped=dataset_is_memory_mapped(data)
@@ -511,55 +637,39 @@ class BaseModel:
             if len(val_idx)
             else None
         )
-        settings = TrainSettings(
-            lr,
-            weight_decay,
-            eps,
-            n_epochs_kl_warmup,
-            scale_lr_with_batch_size,
-            batch_size,
-            compile=compile,
+        return train_loader, val_loader
+
+    def _early_stopping(
+        self,
+        patience: int,
+        min_delta_per_feature: float,
+        stop_during_warmup: bool,
+        restore_best: bool,
+        state: Mapping[str, float] | None,
+    ) -> EarlyStopping:
+        """Early stopping on the validation ELBO, continued from ``state`` when given."""
+        es = EarlyStopping(
+            min_delta=self._n_features() * min_delta_per_feature,
+            patience=patience,
+            stop_during_warmup=stop_during_warmup,
+            restore_best=restore_best,
         )
-        plan = TrainingPlan(self.module, n_obs_train=len(train_idx), settings=settings)
-        plan.epoch_offset = len(self.history)
-        plan.optimizer_state = dict(optimizer_state) if optimizer_state is not None else None
-        all_callbacks: list[pl.Callback] = [EpochProgressBar(max_epochs, progress_bar)]
-        self.early_stopping = None
-        if early_stopping and val_loader is not None:
-            self.early_stopping = EarlyStopping(
-                min_delta=self._n_features() * min_delta_per_feature,
-                patience=patience,
-                stop_during_warmup=stop_during_warmup,
-                restore_best=restore_best,
-            )
-            if early_stopping_state:
-                es = self.early_stopping
-                es.best = float(early_stopping_state.get("best", es.best))
-                es.best_epoch = int(early_stopping_state.get("best_epoch", es.best_epoch))
-                es.wait = int(early_stopping_state.get("wait", es.wait))
-            all_callbacks.append(self.early_stopping)
-        if epoch_callback is not None:
-            all_callbacks.append(EpochCallback(epoch_callback))
-        all_callbacks.extend(callbacks or [])
-        freeze = query.freeze(self.module) if query is not None else None
-        if freeze is not None:  # only the query's new entries train
-            all_callbacks.append(freeze.callback())
-        torch.manual_seed(seed)
-        with _quiet_lightning():
-            trainer = pl.Trainer(
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                logger=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=False,
-                num_sanity_val_steps=0,
-                callbacks=all_callbacks,
-                use_distributed_sampler=False,  # BatchIndexSampler shards itself
-                precision=precision,
-                **trainer_kwargs,
-            )
+        if state:
+            es.best = float(state.get("best", es.best))
+            es.best_epoch = int(state.get("best_epoch", es.best_epoch))
+            es.wait = int(state.get("wait", es.wait))
+        return es
+
+    def _fit(
+        self,
+        trainer: Any,
+        plan: TrainingPlan,
+        train_loader: Any,
+        val_loader: Any,
+        freeze: Any,
+    ) -> None:
+        """Run ``trainer`` (the query's freeze released after, whatever happens), then append
+        the epochs to :attr:`history` and mark the model trained."""
         with warnings.catch_warnings(), _quiet_lightning():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -576,7 +686,6 @@ class BaseModel:
             pd.concat([self.history, new], ignore_index=True) if len(self.history) else new
         )
         self.is_trained = True
-        return self.history
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()

@@ -20,27 +20,11 @@ from regvi.data import (
     make_loader,
     validate_counts,
 )
-from regvi.data.registry import MODEL_PURPOSES
+from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
+from regvi.data.registry import REGISTRY_ARGS as REGISTRY_ARGS  # re-exported
 from regvi.module import ModuleConfig, RegVIModule, check_module_options
 
 logger = logging.getLogger(__name__)
-
-#: RegVI arguments that set up the covariate registry (the data section of a sweep config).
-REGISTRY_ARGS = (
-    "library_key",
-    "batch_key",
-    "ambient_covariate_keys",
-    "dispersion_key",
-    "library_size_key",
-    "feature_scaling_covariate_keys",
-    "nn_conditioning_covariate_keys",
-    "encoder_covariate_keys",
-    "continuous_covariate_keys",
-    "dataset_key",
-    "technical_covariate_keys",
-    "labels_key",
-    "layer",
-)
 
 
 class RegVI(BaseModel):
@@ -130,9 +114,22 @@ class RegVI(BaseModel):
         check_bool("data_init", data_init)
         check_choice("dispersion_init", dispersion_init, ("prior", "data"))
         self.seed = int(check_int("seed", seed, 0))
-        local = locals()
-        registry_kwargs = {k: local[k] for k in REGISTRY_ARGS}
-        self.registry = CovariateRegistry.from_anndata(adata, **registry_kwargs)
+        keys = CovariateKeys(
+            library_key=library_key,
+            batch_key=batch_key,
+            ambient_covariate_keys=ambient_covariate_keys,
+            dispersion_key=dispersion_key,
+            library_size_key=library_size_key,
+            feature_scaling_covariate_keys=feature_scaling_covariate_keys,
+            nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
+            encoder_covariate_keys=encoder_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            dataset_key=dataset_key,
+            technical_covariate_keys=technical_covariate_keys,
+            labels_key=labels_key,
+            layer=layer,
+        )
+        self.registry = CovariateRegistry.from_anndata(adata, keys)
         X = get_counts(adata, layer)
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         self.count_summary = validate_counts(X, where, allow_non_integer)

@@ -20,8 +20,7 @@ from regvi.base import BaseModel, initialise_from_data
 from regvi.checks import check_bool, check_choice, check_float, check_int
 from regvi.data import CovariateRegistry, MultiCountBatches, get_counts, make_loader
 from regvi.data.counts import validate_counts
-from regvi.data.registry import MODEL_PURPOSES
-from regvi.model import REGISTRY_ARGS
+from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
 from regvi.module import ModuleConfig, check_module_options
 from regvi.multimodule import (
     _GROUP_PURPOSES,
@@ -201,6 +200,81 @@ def _check_per_modality_options(
             check_float(f"lr_multipliers[{m!r}]", v, positive=True)
 
 
+def _check_disabled_covariates(
+    disabled_covariates: Mapping[str, Sequence[str]] | None, names: Sequence[str]
+) -> dict[str, list[str]]:
+    """Modality → switched-off purposes, checked for unknown modalities and purposes."""
+    disabled = {m: list(v) for m, v in (disabled_covariates or {}).items()}
+    for m, purposes in disabled.items():
+        if m not in names:
+            raise KeyError(f"disabled_covariates names unknown modality {m!r}; have {names}")
+        if isinstance(purposes, str):
+            raise TypeError(f"disabled_covariates[{m!r}] must be a list of purposes")
+        bad = sorted(set(purposes) - set(SWITCHABLE_PURPOSES))
+        if bad:
+            raise ValueError(
+                f"disabled_covariates[{m!r}] has unknown purposes {bad}; expected some of "
+                f"{list(SWITCHABLE_PURPOSES)}"
+            )
+    return disabled
+
+
+def _validated_counts(
+    mods: Mapping[str, AnnData], layers: Mapping[str, str | None], allow: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Modality → counts and modality → count summary, validated before anything is built."""
+    Xs, summaries = {}, {}
+    for m, a in mods.items():
+        layer_m = layers.get(m)
+        X = get_counts(a, layer_m)
+        where = f"modality {m!r} " + ("X" if layer_m is None else f"layers[{layer_m!r}]")
+        summaries[m] = validate_counts(X, where, bool(allow.get(m, False)))
+        Xs[m] = X
+    return Xs, summaries
+
+
+def _module_configs(
+    mods: Mapping[str, AnnData],
+    registry: CovariateRegistry,
+    sizes: Mapping[str, Any],
+    model_kwargs: Mapping[str, Any],
+    disabled: Mapping[str, Sequence[str]],
+) -> dict[str, ModuleConfig]:
+    """Modality → module config: defaults by modality kind, then the options and sizes given
+    (scalars or dicts by modality), with the modality's covariate switches applied."""
+    names = list(mods)
+    sizes = {k: _per_modality(k, v, names) for k, v in sizes.items()}
+    options = {k: _per_modality(k, v, names) for k, v in model_kwargs.items()}
+    n_lat = {m: sizes["n_latent"].get(m, 10) for m in names}
+    for m, v in n_lat.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"n_latent[{m!r}]={v!r}; expected a positive integer")
+    total_latent = sum(n_lat.values())
+    configs = {}
+    for m in names:
+        off = set(disabled.get(m, ()))
+
+        def groups(purpose: str, off: set[str] = off) -> list:
+            return [] if purpose in off else registry.n_categories(purpose)
+
+        kw: dict[str, Any] = dict(MODALITY_DEFAULTS[modality_kind(m)])
+        kw.update({k: v[m] for k, v in options.items() if m in v})
+        kw.update({k: v[m] for k, v in sizes.items() if m in v})
+        configs[m] = ModuleConfig(
+            n_genes=mods[m].n_vars,
+            n_continuous=0 if "continuous" in off else len(registry.keys_for("continuous")),
+            n_cats_decoder=groups("nn_conditioning"),
+            n_cats_encoder=groups("encoder"),
+            n_ambient_per_key=groups("ambient") or [1],
+            n_dispersion_groups=(groups("dispersion") or [1])[0],
+            n_library_groups=(groups("library_size") or [1])[0],
+            n_scaling_per_key=groups("feature_scaling"),
+            n_latent_decoder=total_latent,
+            **kw,
+        )
+    return configs
+
+
 def modality_covariates(
     cov: Mapping[str, np.ndarray], disabled: Sequence[str]
 ) -> dict[str, np.ndarray]:
@@ -209,9 +283,7 @@ def modality_covariates(
     for purpose in disabled:
         if purpose in _GROUP_PURPOSES:
             out[purpose] = np.zeros((len(cov[purpose]), 1), dtype=np.int64)
-        elif purpose == "continuous":
-            out[purpose] = cov[purpose][:, :0]
-        else:
+        else:  # continuous, nn_conditioning, encoder: no inputs
             out[purpose] = cov[purpose][:, :0]
     return out
 
@@ -292,89 +364,38 @@ class RegMultiVI(BaseModel):
         self.seed = int(check_int("seed", seed, 0))
         mods = select_modalities(mdata, modalities)
         names = list(mods)
-        _check_per_modality_options(
-            {
-                "n_hidden": n_hidden,
-                "n_latent": n_latent,
-                "n_layers": n_layers,
-                "dropout_rate": dropout_rate,
-                **model_kwargs,
-            },
-            allow_non_integer,
-            lr_multipliers,
-        )
+        sizes = {
+            "n_hidden": n_hidden,
+            "n_latent": n_latent,
+            "n_layers": n_layers,
+            "dropout_rate": dropout_rate,
+        }
+        _check_per_modality_options({**sizes, **model_kwargs}, allow_non_integer, lr_multipliers)
         layers = _per_modality("layer", layer, names)
         allow = _per_modality("allow_non_integer", allow_non_integer, names)
-        disabled = {m: list(v) for m, v in (disabled_covariates or {}).items()}
-        for m, purposes in disabled.items():
-            if m not in mods:
-                raise KeyError(f"disabled_covariates names unknown modality {m!r}; have {names}")
-            if isinstance(purposes, str):
-                raise TypeError(f"disabled_covariates[{m!r}] must be a list of purposes")
-            bad = sorted(set(purposes) - set(SWITCHABLE_PURPOSES))
-            if bad:
-                raise ValueError(
-                    f"disabled_covariates[{m!r}] has unknown purposes {bad}; expected some of "
-                    f"{list(SWITCHABLE_PURPOSES)}"
-                )
-        # counts: validated per modality before anything is built
-        Xs, summaries = {}, {}
-        for m, a in mods.items():
-            layer_m = layers.get(m)
-            X = get_counts(a, layer_m)
-            where = f"modality {m!r} " + ("X" if layer_m is None else f"layers[{layer_m!r}]")
-            summaries[m] = validate_counts(X, where, bool(allow.get(m, False)))
-            Xs[m] = X
-        # covariates: one registry over the shared cell metadata
-        local = locals()
-        registry_kwargs = {k: local[k] for k in REGISTRY_ARGS if k != "layer"}
-        wanted = [
-            v
-            for k, v in registry_kwargs.items()
-            for v in ([v] if isinstance(v, str) else list(v or []))
-        ]
-        obs = shared_obs(mdata, mods, sorted(set(wanted)))
-        self.registry = CovariateRegistry.from_anndata(AnnData(obs=obs), **registry_kwargs)
+        disabled = _check_disabled_covariates(disabled_covariates, names)
+        Xs, summaries = _validated_counts(mods, layers, allow)
+        # covariates: one registry over the shared cell metadata (the layer is per modality)
+        keys = CovariateKeys(
+            library_key=library_key,
+            batch_key=batch_key,
+            ambient_covariate_keys=ambient_covariate_keys,
+            dispersion_key=dispersion_key,
+            library_size_key=library_size_key,
+            feature_scaling_covariate_keys=feature_scaling_covariate_keys,
+            nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
+            encoder_covariate_keys=encoder_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            dataset_key=dataset_key,
+            technical_covariate_keys=technical_covariate_keys,
+            labels_key=labels_key,
+        )
+        obs = shared_obs(mdata, mods, keys.columns())
+        self.registry = CovariateRegistry.from_anndata(AnnData(obs=obs), keys)
         self._covariates = self.registry.encode(obs, MODEL_PURPOSES)
-        # per-modality module configs
-        sizes = {
-            "n_hidden": _per_modality("n_hidden", n_hidden, names),
-            "n_latent": _per_modality("n_latent", n_latent, names),
-            "n_layers": _per_modality("n_layers", n_layers, names),
-            "dropout_rate": _per_modality("dropout_rate", dropout_rate, names),
-        }
-        options = {k: _per_modality(k, v, names) for k, v in model_kwargs.items()}
-        n_lat = {m: sizes["n_latent"].get(m, 10) for m in names}
-        for m, v in n_lat.items():
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"n_latent[{m!r}]={v!r}; expected a positive integer")
-        total_latent = sum(n_lat.values())
-        configs = {}
-        for m in names:
-            off = set(disabled.get(m, ()))
-            reg = self.registry
-
-            def groups(purpose: str, off: set[str] = off, reg: CovariateRegistry = reg) -> list:
-                return [] if purpose in off else reg.n_categories(purpose)
-
-            kw: dict[str, Any] = dict(MODALITY_DEFAULTS[modality_kind(m)])
-            kw.update({k: v[m] for k, v in options.items() if m in v})
-            kw.update({k: v[m] for k, v in sizes.items() if m in v})
-            configs[m] = ModuleConfig(
-                n_genes=mods[m].n_vars,
-                n_continuous=0 if "continuous" in off else len(reg.keys_for("continuous")),
-                n_cats_decoder=groups("nn_conditioning"),
-                n_cats_encoder=groups("encoder"),
-                n_ambient_per_key=groups("ambient") or [1],
-                n_dispersion_groups=(groups("dispersion") or [1])[0],
-                n_library_groups=(groups("library_size") or [1])[0],
-                n_scaling_per_key=groups("feature_scaling"),
-                n_latent_decoder=total_latent,
-                **kw,
-            )
         self.config = MultiModuleConfig(
             modalities=names,
-            configs=configs,
+            configs=_module_configs(mods, self.registry, sizes, model_kwargs, disabled),
             disabled_covariates={m: v for m, v in disabled.items() if v},
             lr_multipliers={m: float(v) for m, v in (lr_multipliers or {}).items()},
         )

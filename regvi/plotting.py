@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from evaluation.plots import umap_2d as umap_2d  # the one UMAP helper, re-exported
+
 
 def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
     """Train/validation ELBO, KL terms and KL weight per epoch, one PNG."""
@@ -43,18 +45,6 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def umap_2d(latent: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """2-d UMAP of a latent (scanpy neighbours + UMAP)."""
-    import anndata as ad
-    import scanpy as sc
-
-    tmp = ad.AnnData(X=np.zeros((latent.shape[0], 1), dtype=np.float32))
-    tmp.obsm["X_latent"] = np.asarray(latent, dtype=np.float32)
-    sc.pp.neighbors(tmp, use_rep="X_latent", n_neighbors=n_neighbors, random_state=seed)
-    sc.tl.umap(tmp, random_state=seed)
-    return np.asarray(tmp.obsm["X_umap"])
 
 
 def plot_attribution(

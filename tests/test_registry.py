@@ -174,3 +174,40 @@ def test_single_level_categorical_ignored_in_networks(sim):
         n_latent=3,
     )
     assert m.module.decoder_cats.n_out == 2  # only technology's two levels
+
+
+def test_covariate_keys_one_definition():
+    """RegVI / RegMultiVI take exactly the CovariateKeys fields (same defaults) and REGISTRY_ARGS
+    is derived from them."""
+    import dataclasses
+    import inspect
+
+    from regvi import RegMultiVI, RegVI
+    from regvi.data.registry import REGISTRY_ARGS, CovariateKeys
+    from regvi.model import REGISTRY_ARGS as MODEL_REGISTRY_ARGS
+    from regvi.sweep.config import DATA_KEYS
+
+    assert REGISTRY_ARGS == MODEL_REGISTRY_ARGS == CovariateKeys.names()
+    assert len(REGISTRY_ARGS) == 13 and set(REGISTRY_ARGS) <= DATA_KEYS
+    defaults = {f.name: f.default for f in dataclasses.fields(CovariateKeys)}
+    for cls in (RegVI, RegMultiVI):
+        params = inspect.signature(cls.__init__).parameters
+        assert {k: params[k].default for k in REGISTRY_ARGS} == defaults, cls
+    keys = CovariateKeys.from_kwargs({"library_key": "library", "labels_key": "cell_type"})
+    assert CovariateKeys.from_kwargs(keys.as_kwargs()) == keys
+    assert keys.columns() == ["cell_type", "library"]
+    with pytest.raises(TypeError, match="unknown covariate key"):
+        CovariateKeys.from_kwargs({"libary_key": "library"})
+
+
+def test_from_anndata_takes_keys_or_kwargs(sim):
+    from regvi.data.registry import CovariateKeys
+
+    keys = CovariateKeys(library_key="library", layer="counts")
+    a = CovariateRegistry.from_anndata(sim, keys)
+    b = CovariateRegistry.from_anndata(sim, library_key="library", layer="counts")
+    assert a.to_dict() == b.to_dict() and a.layer == "counts"
+    with pytest.raises(TypeError, match="not both"):
+        CovariateRegistry.from_anndata(sim, keys, labels_key="cell_type")
+    with pytest.raises(TypeError, match="unknown covariate key"):
+        CovariateRegistry.from_anndata(sim, libary_key="library")

@@ -801,3 +801,23 @@ def test_dry_run_checks_every_searched_purpose_value_against_obs(tmp_path, capsy
         match=r"search\.encoder_covariate_keys\.values\[1\] = 'technology': .*missing",
     ):
         check_data_files(load_config(_sim_config(tmp_path, search=nan)))
+
+
+def test_evaluation_metric_prefixes_cover_final_metrics(tmp_path):
+    """Every final-report metric is trial bookkeeping or has an evaluation prefix."""
+    from regvi.sweep.metric_names import (
+        EVALUATION_METRIC_PREFIXES,
+        TRIAL_BOOKKEEPING,
+        metric_families,
+    )
+
+    raw = _multimodal(tmp_path)
+    raw["data"]["technical_covariate_keys"] = ["lane"]
+    raw["data"]["dataset_key"] = "dataset"
+    raw["evaluation"] = {"lowcount": True}
+    for cfg in (parse_config(_base()), parse_config(raw, tmp_path / "c.yaml")):
+        for family in metric_families(cfg):
+            if family.per_epoch:
+                continue
+            for name in family.names:
+                assert name in TRIAL_BOOKKEEPING or name.startswith(EVALUATION_METRIC_PREFIXES)

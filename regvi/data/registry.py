@@ -10,7 +10,7 @@ with clear errors for missing keys, NaNs and unseen categories.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,167 @@ def _single(key: str | None, name: str) -> str | None:
     return key
 
 
+@dataclass(frozen=True)
+class CovariateKeys:
+    """Which ``adata.obs`` columns serve which covariate purpose
+    (docs/model.md#covariate-purposes): the one definition of the covariate-key arguments of
+    :meth:`CovariateRegistry.from_anndata`, :class:`regvi.RegVI`, :class:`regvi.RegMultiVI`
+    and a sweep config's ``data`` section.
+
+    Values are kept as given; :meth:`resolve` checks them and resolves the fan-out.
+
+    Attributes
+    ----------
+    library_key
+        Finest technical unit (run / lane / GEM well); alone it fans out to the ambient,
+        dispersion and library-size groups and, unless ``nn_conditioning_covariate_keys`` is
+        given, to decoder conditioning.
+    batch_key
+        Alias of ``library_key``.
+    ambient_covariate_keys
+        Keys of the ambient-RNA groups (explicit, with ``dispersion_key`` and
+        ``library_size_key``, instead of ``library_key``).
+    dispersion_key
+        Key of the dispersion groups (explicit, instead of ``library_key``).
+    library_size_key
+        Key of the library-size prior groups (explicit, instead of ``library_key``).
+    feature_scaling_covariate_keys
+        Keys of multiplicative per-feature scaling (default: the decoder-conditioning keys).
+    nn_conditioning_covariate_keys
+        Categorical keys injected (one-hot) into every decoder layer. Default (``None``): the
+        library key (the library-size key when the purposes are given one by one); ``[]`` for
+        a batch-free decoder.
+    encoder_covariate_keys
+        Categorical keys injected into the encoders (default none).
+    continuous_covariate_keys
+        Continuous covariates (standardised), concatenated to encoder and decoder inputs.
+    dataset_key
+        Metric-only key of the dataset; validated (each library in one dataset).
+    technical_covariate_keys
+        Metric-only technical keys.
+    labels_key
+        Metric-only key of the cell labels (also stratifies the validation split on request).
+    layer
+        Layer holding counts (``None`` for ``X``).
+    """
+
+    library_key: str | None = None
+    batch_key: str | None = None
+    ambient_covariate_keys: str | Sequence[str] | None = None
+    dispersion_key: str | None = None
+    library_size_key: str | None = None
+    feature_scaling_covariate_keys: str | Sequence[str] | None = None
+    nn_conditioning_covariate_keys: str | Sequence[str] | None = None
+    encoder_covariate_keys: str | Sequence[str] | None = None
+    continuous_covariate_keys: str | Sequence[str] | None = None
+    dataset_key: str | None = None
+    technical_covariate_keys: str | Sequence[str] | None = None
+    labels_key: str | None = None
+    layer: str | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The key arguments, in order."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> CovariateKeys:
+        """The keys from keyword arguments (a TypeError names unknown ones)."""
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"unknown covariate key argument(s) {unknown}; expected some of {list(cls.names())}"
+            )
+        return cls(**kwargs)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keys as keyword arguments (inverse of :meth:`from_kwargs`)."""
+        return {name: getattr(self, name) for name in self.names()}
+
+    def columns(self) -> list[str]:
+        """The obs columns named by any key (all but ``layer``), sorted and unique."""
+        wanted = [
+            v
+            for k, v in self.as_kwargs().items()
+            if k != "layer"
+            for v in ([v] if isinstance(v, str) else list(v or []))
+        ]
+        return sorted(set(wanted))
+
+    def resolve(self) -> dict[str, list[str]]:
+        """Purpose → obs keys, with the ``library_key`` fan-out and the defaults applied.
+
+        ``library_key`` alone fans out to the ambient, dispersion and library-size groups and,
+        unless ``nn_conditioning_covariate_keys`` is given (``[]`` for none: a batch-free
+        decoder), to decoder conditioning; ``batch_key`` is an alias. Combining it with an
+        explicit ambient / dispersion / library-size key is an error; without it, all three must
+        be given.
+        """
+        library_key, ambient, dispersion_key, library_size_key = self._library_groups()
+        nn_cond = _as_list(self.nn_conditioning_covariate_keys, "nn_conditioning_covariate_keys")
+        if nn_cond is None:  # default: the decoder is conditioned on the library(-size) key
+            nn_cond = [library_size_key]
+        scaling = _as_list(self.feature_scaling_covariate_keys, "feature_scaling_covariate_keys")
+        if scaling is None:
+            # default = decoder-conditioning keys (docs/model.md#covariate-purposes)
+            scaling = list(nn_cond)
+        encoder = _as_list(self.encoder_covariate_keys, "encoder_covariate_keys")
+        continuous = _as_list(self.continuous_covariate_keys, "continuous_covariate_keys")
+        return {
+            "library": [library_key] if library_key else [],
+            "ambient": ambient or [],
+            "dispersion": [dispersion_key] if dispersion_key else [],
+            "library_size": [library_size_key] if library_size_key else [],
+            "feature_scaling": scaling,
+            "nn_conditioning": nn_cond,
+            "encoder": encoder or [],
+            "continuous": continuous or [],
+            "dataset": [dk] if (dk := _single(self.dataset_key, "dataset_key")) else [],
+            "technical": _as_list(self.technical_covariate_keys, "technical_covariate_keys") or [],
+            "labels": [lk] if (lk := _single(self.labels_key, "labels_key")) else [],
+        }
+
+    def _library_groups(self) -> tuple[str | None, list[str] | None, str | None, str | None]:
+        """``(library key, ambient keys, dispersion key, library-size key)`` after the fan-out."""
+        library_key = _single(self.library_key, "library_key")
+        batch_key = _single(self.batch_key, "batch_key")
+        if library_key is not None and batch_key is not None and library_key != batch_key:
+            raise ValueError(
+                f"library_key={library_key!r} and its alias batch_key={batch_key!r} disagree; "
+                "give only one of them"
+            )
+        library_key = library_key or batch_key
+        ambient = _as_list(self.ambient_covariate_keys, "ambient_covariate_keys")
+        dispersion_key = _single(self.dispersion_key, "dispersion_key")
+        library_size_key = _single(self.library_size_key, "library_size_key")
+        explicit = {
+            "ambient_covariate_keys": ambient,
+            "dispersion_key": dispersion_key,
+            "library_size_key": library_size_key,
+        }
+        if library_key is not None:
+            given = [k for k, v in explicit.items() if v is not None]
+            if given:
+                raise ValueError(
+                    f"library_key={library_key!r} already sets the ambient, dispersion and "
+                    f"library-size groups; do not also give {', '.join(given)} (either use "
+                    "library_key alone, or give all three purpose keys without it)"
+                )
+            return library_key, [library_key], library_key, library_key
+        missing = [k for k, v in explicit.items() if v is None]
+        if missing:
+            raise ValueError(
+                f"without library_key (or batch_key), {', '.join(missing)} must be given; "
+                "pass library_key=<finest technical unit> to set all three at once"
+            )
+        return library_key, ambient, dispersion_key, library_size_key
+
+
+#: The covariate-key arguments (:class:`CovariateKeys` fields; the data section of a sweep
+#: config).
+REGISTRY_ARGS: tuple[str, ...] = CovariateKeys.names()
+
+
 @dataclass
 class CovariateRegistry:
     """Which obs keys serve which purpose, with recorded categories.
@@ -77,92 +238,30 @@ class CovariateRegistry:
     # ------------------------------------------------------------------ setup
     @classmethod
     def from_anndata(
-        cls,
-        adata: AnnData,
-        library_key: str | None = None,
-        batch_key: str | None = None,
-        ambient_covariate_keys: str | Sequence[str] | None = None,
-        dispersion_key: str | None = None,
-        library_size_key: str | None = None,
-        feature_scaling_covariate_keys: str | Sequence[str] | None = None,
-        nn_conditioning_covariate_keys: str | Sequence[str] | None = None,
-        encoder_covariate_keys: str | Sequence[str] | None = None,
-        continuous_covariate_keys: str | Sequence[str] | None = None,
-        dataset_key: str | None = None,
-        technical_covariate_keys: str | Sequence[str] | None = None,
-        labels_key: str | None = None,
-        layer: str | None = None,
+        cls, adata: AnnData, keys: CovariateKeys | None = None, **key_kwargs: Any
     ) -> CovariateRegistry:
-        """Resolve the key fan-out (docs/model.md#covariate-purposes) and record categories.
+        """Resolve the key fan-out (:meth:`CovariateKeys.resolve`) and record categories.
 
-        ``library_key`` alone fans out to the ambient, dispersion and library-size groups and,
-        unless ``nn_conditioning_covariate_keys`` is given (``[]`` for none: a batch-free
-        decoder), to decoder conditioning; ``batch_key`` is an alias. Combining it with an explicit ambient / dispersion /
-        library-size key is an error; without it, all three must be given.
+        The keys come as a :class:`CovariateKeys` or as its fields' keyword arguments
+        (``library_key=...``), not both.
         """
-        library_key = _single(library_key, "library_key")
-        batch_key = _single(batch_key, "batch_key")
-        if library_key is not None and batch_key is not None and library_key != batch_key:
-            raise ValueError(
-                f"library_key={library_key!r} and its alias batch_key={batch_key!r} disagree; "
-                "give only one of them"
-            )
-        library_key = library_key or batch_key
-        ambient = _as_list(ambient_covariate_keys, "ambient_covariate_keys")
-        dispersion_key = _single(dispersion_key, "dispersion_key")
-        library_size_key = _single(library_size_key, "library_size_key")
-        explicit = {
-            "ambient_covariate_keys": ambient,
-            "dispersion_key": dispersion_key,
-            "library_size_key": library_size_key,
-        }
-        if library_key is not None:
-            given = [k for k, v in explicit.items() if v is not None]
-            if given:
-                raise ValueError(
-                    f"library_key={library_key!r} already sets the ambient, dispersion and "
-                    f"library-size groups; do not also give {', '.join(given)} (either use "
-                    "library_key alone, or give all three purpose keys without it)"
-                )
-            ambient, dispersion_key, library_size_key = [library_key], library_key, library_key
-        else:
-            missing = [k for k, v in explicit.items() if v is None]
-            if missing:
-                raise ValueError(
-                    f"without library_key (or batch_key), {', '.join(missing)} must be given; "
-                    "pass library_key=<finest technical unit> to set all three at once"
-                )
-        nn_cond = _as_list(nn_conditioning_covariate_keys, "nn_conditioning_covariate_keys")
-        if nn_cond is None:  # default: the decoder is conditioned on the library(-size) key
-            nn_cond = [library_size_key]
-        scaling = _as_list(feature_scaling_covariate_keys, "feature_scaling_covariate_keys")
-        if scaling is None:
-            # default = decoder-conditioning keys (docs/model.md#covariate-purposes)
-            scaling = list(nn_cond)
-        purposes: dict[str, list[str]] = {
-            "library": [library_key] if library_key else [],
-            "ambient": ambient or [],
-            "dispersion": [dispersion_key] if dispersion_key else [],
-            "library_size": [library_size_key] if library_size_key else [],
-            "feature_scaling": scaling,
-            "nn_conditioning": nn_cond,
-            "encoder": _as_list(encoder_covariate_keys, "encoder_covariate_keys") or [],
-            "continuous": _as_list(continuous_covariate_keys, "continuous_covariate_keys") or [],
-            "dataset": [dk] if (dk := _single(dataset_key, "dataset_key")) else [],
-            "technical": _as_list(technical_covariate_keys, "technical_covariate_keys") or [],
-            "labels": [lk] if (lk := _single(labels_key, "labels_key")) else [],
-        }
+        if keys is None:
+            keys = CovariateKeys.from_kwargs(key_kwargs)
+        elif key_kwargs:
+            raise TypeError(f"give keys or keyword arguments, not both (got {sorted(key_kwargs)})")
+        purposes = keys.resolve()
         obs = adata.obs
-        all_keys = sorted({k for keys in purposes.values() for k in keys})
-        missing_keys = [k for k in all_keys if k not in obs.columns]
-        if missing_keys:
-            users = {k: [p for p, keys in purposes.items() if k in keys] for k in missing_keys}
-            detail = "; ".join(f"{k!r} (for {', '.join(v)})" for k, v in users.items())
-            raise KeyError(
-                f"adata.obs has no column {detail}. Available columns: {list(obs.columns)}"
-            )
-        reg = cls(purposes=purposes, var_names=[str(v) for v in adata.var_names], layer=layer)
-        for key in reg.categorical_keys():
+        _check_columns(obs, purposes)
+        reg = cls(purposes=purposes, var_names=[str(v) for v in adata.var_names], layer=keys.layer)
+        reg._record_categories(obs)
+        reg._record_continuous(obs)
+        if purposes["dataset"]:
+            reg._validate_dataset(obs)
+        return reg
+
+    def _record_categories(self, obs: pd.DataFrame) -> None:
+        """Categories of every categorical key, in the column's order (else sorted)."""
+        for key in self.categorical_keys():
             col = obs[key]
             _check_no_nan(col, key)
             if isinstance(col.dtype, pd.CategoricalDtype):
@@ -170,8 +269,11 @@ class CovariateRegistry:
                 cats = [str(c) for c in col.cat.categories if str(c) in present]
             else:
                 cats = sorted(pd.unique(col.astype(str)))
-            reg.categories[key] = cats
-        for key in purposes["continuous"]:
+            self.categories[key] = cats
+
+    def _record_continuous(self, obs: pd.DataFrame) -> None:
+        """Mean and standard deviation (1 when constant) of every continuous covariate."""
+        for key in self.purposes["continuous"]:
             col = obs[key]
             if not pd.api.types.is_numeric_dtype(col):
                 raise TypeError(
@@ -182,10 +284,7 @@ class CovariateRegistry:
             if n_bad:
                 raise ValueError(f"continuous covariate {key!r} has {n_bad} NaN/inf values")
             std = float(values.std())
-            reg.continuous_stats[key] = [float(values.mean()), std if std > 0 else 1.0]
-        if purposes["dataset"]:
-            reg._validate_dataset(obs)
-        return reg
+            self.continuous_stats[key] = [float(values.mean()), std if std > 0 else 1.0]
 
     def _validate_dataset(self, obs: pd.DataFrame) -> None:
         dataset_key = self.purposes["dataset"][0]
@@ -325,6 +424,16 @@ class CovariateRegistry:
                 f"not a regvi registry: unexpected fields {sorted(unknown)} or no 'purposes'"
             )
         return cls(**{k: d[k] for k in expected if k in d})
+
+
+def _check_columns(obs: pd.DataFrame, purposes: Mapping[str, list[str]]) -> None:
+    """Raise a KeyError naming every key of ``purposes`` that ``obs`` lacks (and its purposes)."""
+    all_keys = sorted({k for keys in purposes.values() for k in keys})
+    missing_keys = [k for k in all_keys if k not in obs.columns]
+    if missing_keys:
+        users = {k: [p for p, keys in purposes.items() if k in keys] for k in missing_keys}
+        detail = "; ".join(f"{k!r} (for {', '.join(v)})" for k, v in users.items())
+        raise KeyError(f"adata.obs has no column {detail}. Available columns: {list(obs.columns)}")
 
 
 def _check_no_nan(col: pd.Series, key: str) -> None:

@@ -62,7 +62,7 @@ def _full_precision(t: torch.Tensor) -> torch.Tensor:
 
 
 class FCBlock(nn.Module):
-    """[Dropout on input] → Linear → LayerNorm (no affine) → activation → Dropout.
+    """Linear → LayerNorm (no affine) → activation → Dropout, per layer.
 
     Categorical one-hot features are concatenated to the input of every layer
     ("injection at every layer").
@@ -75,12 +75,10 @@ class FCBlock(nn.Module):
         n_layers: int,
         n_cat_features: int = 0,
         dropout_rate: float = 0.1,
-        input_dropout_rate: float = 0.0,
         use_layer_norm: bool = True,
         activation: str = "relu",
     ):
         super().__init__()
-        self.input_dropout = nn.Dropout(input_dropout_rate) if input_dropout_rate > 0 else None
         self.linears = nn.ModuleList()
         self.post = nn.ModuleList()
         dims = [n_in] + [n_hidden] * n_layers
@@ -96,8 +94,6 @@ class FCBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cat_features: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the block; ``cat_features`` is concatenated before every Linear."""
-        if self.input_dropout is not None:
-            x = self.input_dropout(x)
         for linear, post in zip(self.linears, self.post, strict=True):
             if cat_features is not None:
                 x = torch.cat([x, cat_features], dim=-1)
@@ -126,7 +122,7 @@ class Encoder(nn.Module):
     ):
         super().__init__()
         self.body = FCBlock(
-            n_in, n_hidden, n_layers, n_cat_features, dropout_rate, 0.0, use_layer_norm, activation
+            n_in, n_hidden, n_layers, n_cat_features, dropout_rate, use_layer_norm, activation
         )
         self.mean = nn.Linear(n_hidden, n_out)
         self.var = nn.Linear(n_hidden, n_out)
@@ -158,7 +154,7 @@ class Decoder(nn.Module):
     """Decoder rho = softplus(Linear(FC(z ⊕ continuous, onehot(c)))) (docs/model.md#decoder);
     ``c`` are the decoder-conditioning keys (none: batch-free).
 
-    The output is non-negative and not on the simplex.
+    The output is non-negative and not on the simplex. The decoder has no dropout.
     """
 
     def __init__(
@@ -170,11 +166,10 @@ class Decoder(nn.Module):
         n_cat_features: int = 0,
         use_layer_norm: bool = True,
         activation: str = "relu",
-        dropout_rate: float = 0.0,
     ):
         super().__init__()
         self.body = FCBlock(
-            n_in, n_hidden, n_layers, n_cat_features, dropout_rate, 0.0, use_layer_norm, activation
+            n_in, n_hidden, n_layers, n_cat_features, 0.0, use_layer_norm, activation
         )
         self.out = nn.Linear(n_hidden, n_out)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from regvi.model import REGISTRY_ARGS
+from regvi.data.registry import REGISTRY_ARGS
 from regvi.module import ModuleConfig
 
 BUNDLED_PREFIX = "bundled:"

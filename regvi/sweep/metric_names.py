@@ -57,6 +57,10 @@ EVAL_BOOKKEEPING = (
     "eval_in_pool",
     "eval_warm",
 )
+#: Prefixes of the metrics evaluation adds to a trial's final report (scib, neighbourhood,
+#: low-count robustness, evaluation bookkeeping, modality attribution): the one list, e.g. of
+#: the final metrics the MLflow tracker logs besides :data:`TRIAL_BOOKKEEPING`.
+EVALUATION_METRIC_PREFIXES = ("scib_", "nc_", "lowcount_", "eval_", "attribution_")
 #: scib-metrics functions that return several values, reported as ``<metric>_<value>``.
 SCIB_MULTI_VALUED = {"nmi_ari_": ("nmi", "ari")}
 SCIB_AGGREGATES = ("bio", "batch", "total")
