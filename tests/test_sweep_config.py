@@ -196,10 +196,13 @@ def test_multimodal_config(tmp_path):
     assert cfg.data_path()["rna"] == str((tmp_path / "rna.h5ad").resolve())
     (p,) = cfg.params
     assert (p.name, p.modality, p.target) == ("n_latent.rna", "rna", "model")
-    from regvi.sweep.trial import model_arguments
+    from dataclasses import replace
 
-    static = {"model": {"n_latent": 8}, "model_params": ["n_latent.rna"], "data": cfg.data}
-    assert model_arguments(static, {"n_latent.rna": 5}) == {"n_latent": {"atac": 8, "rna": 5}}
+    from regvi.sweep.settings import TrialSettings
+
+    settings = replace(TrialSettings.from_config(cfg, tmp_path), model={"n_latent": 8})
+    assert settings.model_params == ("n_latent.rna",)
+    assert settings.model_arguments({"n_latent.rna": 5}) == {"n_latent": {"atac": 8, "rna": 5}}
 
 
 @pytest.mark.parametrize(
@@ -536,13 +539,13 @@ def test_epoch_and_attribution_names_match_real_training(tmp_path):
 def test_trial_bookkeeping_names_are_the_trials():
     import inspect
 
-    from regvi.sweep import trial
+    from regvi.sweep import trial_eval, worker
     from regvi.sweep.metric_names import EVAL_BOOKKEEPING, TRIAL_BOOKKEEPING
 
     stamps = dict.fromkeys(("enter", "imports", "data", "model", "trained"), 0.0)
-    setup = set(trial._setup_seconds(stamps, 0.0))
+    setup = set(worker._setup_seconds(stamps, 0.0))
     assert setup <= set(TRIAL_BOOKKEEPING)
-    source = inspect.getsource(trial.train_worker) + inspect.getsource(trial._evaluate)
+    source = inspect.getsource(worker.train_worker) + inspect.getsource(trial_eval.evaluate_trial)
     for name in set(TRIAL_BOOKKEEPING) - setup:
         assert f'"{name}"' in source, name
     for name in ("eval_seconds_total", "eval_in_pool", "eval_warm"):
@@ -688,26 +691,29 @@ def test_covariate_purposes_are_searchable_as_categorical_obs_keys():
     )
 
 
-def test_trial_data_arguments_decode_searched_purposes():
-    from regvi.sweep.trial import data_arguments
+def test_trial_data_arguments_decode_searched_purposes(tmp_path):
+    from dataclasses import replace
 
-    static = {
-        "data": {"path": "x.h5ad", "library_key": "sample"},
-        "data_params": ["nn_conditioning_covariate_keys", "feature_scaling_covariate_keys"],
-    }
+    from regvi.sweep.settings import TrialSettings
+
+    settings = replace(
+        TrialSettings.from_config(parse_config(_base()), tmp_path),
+        data={"path": "x.h5ad", "library_key": "sample"},
+        data_params=("nn_conditioning_covariate_keys", "feature_scaling_covariate_keys"),
+    )
     params = {
         "nn_conditioning_covariate_keys": '["donor", "tech"]',
         "feature_scaling_covariate_keys": None,
         "n_hidden": 32,
     }
-    data = data_arguments(static, params)
+    data = settings.data_arguments(params)
     assert data == {
         "path": "x.h5ad",
         "library_key": "sample",
         "nn_conditioning_covariate_keys": ["donor", "tech"],
         "feature_scaling_covariate_keys": None,
     }
-    assert static["data"] == {"path": "x.h5ad", "library_key": "sample"}  # not changed
+    assert settings.data == {"path": "x.h5ad", "library_key": "sample"}  # not changed
 
 
 @pytest.mark.parametrize(
@@ -821,3 +827,59 @@ def test_evaluation_metric_prefixes_cover_final_metrics(tmp_path):
                 continue
             for name in family.names:
                 assert name in TRIAL_BOOKKEEPING or name.startswith(EVALUATION_METRIC_PREFIXES)
+
+
+# ------------------------------------------------------------- the settings a trial runs with
+def test_trial_settings_carry_the_config_to_the_worker(tmp_path):
+    """One frozen TrialSettings from the config; a trial's sampled values merged in; it pickles
+    (Ray sends it to the Train workers) and defaults come from RegVI.train's signature."""
+    import dataclasses
+    import inspect
+    import pickle
+
+    from regvi.base import BaseModel
+    from regvi.sweep.settings import EvaluationSettings, TrialSettings
+
+    raw = _base(
+        evaluation={"n_subsample": 500, "umap": False},
+        resources={"workers": 2, "cpus_per_worker": 2, "gpus_per_worker": 0.5},
+        search={
+            "n_hidden": {"type": "categorical", "values": [16, 32]},
+            "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            "nn_conditioning_covariate_keys": {
+                "type": "categorical",
+                "values": [None, ["condition", "cell_type"]],
+            },
+        },
+    )
+    cfg = parse_config(raw)
+    settings = TrialSettings.from_config(cfg, tmp_path / "sweep")
+    assert (settings.model_params, settings.train_params) == (("n_hidden",), ("lr",))
+    assert settings.data_params == ("nn_conditioning_covariate_keys",)
+    assert settings.evaluation == EvaluationSettings(n_subsample=500, umap=False)
+    assert settings.evaluation.pool and settings.evaluation.scib  # the defaults
+    assert settings.train_storage == str(tmp_path / "sweep" / "train")
+    assert settings.resources_per_worker == {"CPU": 2.0, "GPU": 0.5} and settings.use_gpu
+    assert settings.max_epochs == 3 and settings.train_kwargs == {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 1
+    params = {"n_hidden": 32, "lr": 0.01, "nn_conditioning_covariate_keys": '["condition"]'}
+    trial = settings.for_trial(params, trial_start=1.0, divergence_file="x/DIVERGED")
+    assert trial.model == {"n_hidden": 32}
+    assert trial.training == {"max_epochs": 3, "lr": 0.01}
+    assert trial.data["nn_conditioning_covariate_keys"] == ["condition"]
+    assert (trial.trial_start, trial.divergence_file) == (1.0, "x/DIVERGED")
+    assert settings.model == {} and settings.trial_start is None  # the sweep's are unchanged
+    assert pickle.loads(pickle.dumps(trial)) == trial
+    no_epochs = dataclasses.replace(settings, training={})
+    default = inspect.signature(BaseModel.train).parameters["max_epochs"].default
+    assert no_epochs.max_epochs == default
+
+
+def test_scheduler_max_t_is_refused_naming_max_epochs():
+    raw = _base(scheduler={"name": "asha", "max_t": 50})
+    with pytest.raises(
+        ConfigError, match=r"scheduler\.max_t: 50; not supported.*training\.max_epochs"
+    ):
+        parse_config(raw)
+    parse_config(_base(scheduler={"name": "asha", "grace_period": 2}))  # without it: accepted

@@ -72,6 +72,14 @@ def _train_args() -> set[str]:
     return params - {"epoch_callback", "progress_bar", "accelerator", "devices", "seed"}
 
 
+def train_default(name: str) -> Any:
+    """The default of ``RegVI.train``'s argument ``name`` (``max_epochs``: 400), written once
+    in :meth:`regvi.base.BaseModel.train` and read from its signature."""
+    from regvi.base import BaseModel
+
+    return inspect.signature(BaseModel.train).parameters[name].default
+
+
 def _bool_train_args() -> set[str]:
     """train() arguments that are switches (bool defaults: early_stopping, compile, ...)."""
     from regvi.model import RegVI
@@ -575,6 +583,13 @@ def parse_config(
     _unknown(sched, {"name", "grace_period", "reduction_factor", "max_t"}, "scheduler")
     if sched.get("name", "asha") not in ("asha", "fifo"):
         raise ConfigError(f"scheduler.name: {sched.get('name')!r}; expected 'asha' or 'fifo'")
+    if "max_t" in sched:
+        raise ConfigError(
+            f"scheduler.max_t: {sched['max_t']!r}; not supported: ASHA's max_t is the trials' "
+            "training.max_epochs (a trial that survives every rung trains to its last epoch and "
+            "is evaluated; stopping it earlier would leave it without evaluation metrics). Set "
+            f"training.max_epochs instead (default {train_default('max_epochs')})"
+        )
     sched.setdefault("name", "asha")
     # budget / resources
     budget = _require_mapping(raw.get("budget"), "budget")

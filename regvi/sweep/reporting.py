@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+
+from regvi.sweep import checkpoints
 
 
 class RayEpochReporter(pl.Callback):
@@ -26,9 +26,6 @@ class RayEpochReporter(pl.Callback):
         import pandas as pd
         import ray.train
 
-        from regvi.io import save_optimizer_state
-        from regvi.sweep.trial import CHECKPOINT_STATE
-
         row = plan.finish_epoch()
         metrics = {
             k: float(v) for k, v in row.items() if isinstance(v, int | float) and math.isfinite(v)
@@ -43,17 +40,10 @@ class RayEpochReporter(pl.Callback):
             if self.rank == 0:
                 prior = self.model.history
                 current = pd.DataFrame(plan.history)
-                self.model.history = (
-                    pd.concat([prior, current], ignore_index=True) if len(prior) else current
+                history = pd.concat([prior, current], ignore_index=True) if len(prior) else current
+                optimizer_state = (  # Adam moments too, so a restart resumes exactly
+                    trainer.optimizers[0].state_dict() if trainer.optimizers else None
                 )
-                try:
-                    self.model.save(Path(tmp) / "model", overwrite=True)
-                finally:
-                    self.model.history = prior
-                if trainer.optimizers:  # Adam moments too, so a restart resumes exactly
-                    save_optimizer_state(trainer.optimizers[0].state_dict(), tmp)
-                (Path(tmp) / CHECKPOINT_STATE).write_text(
-                    json.dumps({"training_done": False, "early_stopping": es_state})
-                )
+                checkpoints.write_epoch(tmp, self.model, history, optimizer_state, es_state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

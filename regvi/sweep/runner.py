@@ -7,13 +7,20 @@ import json
 import math
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from regvi.sweep.cleanup import LeakedPlacementGroupReaper
 from regvi.sweep.config import SweepConfig
+from regvi.sweep.data_check import check_data_files
+from regvi.sweep.durable import TuneStateSnapshot, atomic_filesystem, prepare_resume
+from regvi.sweep.evaluator import start_pool
 from regvi.sweep.metric_names import asha_metric, final_only_objective
+from regvi.sweep.searcher import FinalResultOptunaSearch
+from regvi.sweep.settings import TrialSettings
+from regvi.sweep.space import define_by_run, grid
 from regvi.sweep.storage import StorageFullError, is_storage_full, stopped_message
+from regvi.sweep.summary import SweepResult, summarise
 from regvi.sweep.tracking import (
     MLflowSweepCallback,
     client,
@@ -21,7 +28,10 @@ from regvi.sweep.tracking import (
     flat_params,
     resolve_tracking_uri,
 )
-from regvi.sweep.trial import TRAIN_POLL_ENV, TRAIN_POLL_INTERVAL_S
+from regvi.sweep.trial import TRAIN_POLL_ENV, TRAIN_POLL_INTERVAL_S, run_trial
+from regvi.sweep.worker import build_model, read_data
+
+__all__ = ["SweepResult", "check_data", "check_writable", "init_ray", "run_sweep"]
 
 STATE_FILE = "sweep_state.json"
 #: Environment of every Ray worker process of a sweep. JAX (scib-metrics, in the trial's
@@ -51,21 +61,6 @@ DRIVER_RESOURCES = {
     "cpu": 0,
     "memory": 256 * 1024**2,
 }  # drivers must not hold the CPUs workers need
-
-
-@dataclass
-class SweepResult:
-    """What a finished sweep produced."""
-
-    sweep_dir: Path
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    best_trial_id: str | None
-    best_metrics: dict[str, float]
-    n_completed: int
-    n_failed: int
-    n_pruned: int
 
 
 def _git_sha() -> str:
@@ -134,29 +129,8 @@ def init_ray(address: str | None, cfg: SweepConfig) -> dict[str, float]:
     return res
 
 
-def _static(cfg: SweepConfig, sweep_dir: Path) -> dict[str, Any]:
-    return {
-        "data": cfg.data,
-        "model": cfg.model,
-        "training": cfg.training,
-        "model_params": [p.name for p in cfg.params if p.target == "model"],
-        "train_params": [p.name for p in cfg.params if p.target == "training"],
-        "data_params": [p.name for p in cfg.params if p.target == "data"],
-        "evaluation": cfg.evaluation,
-        "workers": cfg.workers,
-        "cpus_per_worker": cfg.cpus_per_worker,
-        "gpus_per_worker": cfg.gpus_per_worker,
-        "seed": cfg.seed,
-        "train_storage": str(sweep_dir / "train"),
-        "reference_cache": str(sweep_dir / "reference_cache"),
-        "sweep": cfg.name,
-    }
-
-
 def _searcher(cfg: SweepConfig, sweep_dir: Path):
     import optuna
-
-    from regvi.sweep.space import define_by_run
 
     if cfg.search_algorithm == "grid":
         return None
@@ -168,8 +142,6 @@ def _searcher(cfg: SweepConfig, sweep_dir: Path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}")
     metric = cfg.objective_metrics if cfg.multi_objective else cfg.objective_metrics[0]
     mode = cfg.objective_modes if cfg.multi_objective else cfg.objective_modes[0]
-    from regvi.sweep.searcher import FinalResultOptunaSearch
-
     return FinalResultOptunaSearch(
         space=define_by_run(cfg),
         metric=metric,
@@ -243,8 +215,6 @@ def check_data(cfg: SweepConfig) -> Any:
     modalities are validated in the driver before Ray, MLflow or any file is touched."""
     import warnings
 
-    from regvi.sweep.trial import build_model, read_data
-
     try:
         data = read_data(cfg.data_path())
     except OSError as err:
@@ -270,8 +240,6 @@ def run_sweep(
     output folder, then the data read in full. Storage filling up mid-sweep stops it with
     :class:`~regvi.sweep.storage.StorageFullError`; free space, then ``resume``.
     """
-    from regvi.sweep.data_check import check_data_files
-
     check_data_files(cfg)  # cheap: obs/var and matrix metadata; names the key and the file
     sweep_dir = cfg.storage_path / cfg.name
     state_path = sweep_dir / STATE_FILE
@@ -288,8 +256,6 @@ def run_sweep(
     check_writable(sweep_dir)  # also refuses a full disk
     data = None if resume else check_data(cfg)  # bad keys / counts fail before any work
     if resume:  # Tune's state complete and readable, or a clear error (never a fresh restart)
-        from regvi.sweep.durable import prepare_resume
-
         prepare_resume(sweep_dir)
     try:
         return _run_sweep(cfg, resume, address, verbose, uri, data)
@@ -305,11 +271,6 @@ def _run_sweep(
     import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from regvi.sweep.cleanup import LeakedPlacementGroupReaper
-    from regvi.sweep.durable import TuneStateSnapshot, atomic_filesystem
-    from regvi.sweep.space import grid
-    from regvi.sweep.trial import run_trial
 
     sweep_dir = cfg.storage_path / cfg.name
     state_path = sweep_dir / STATE_FILE
@@ -354,22 +315,23 @@ def _run_sweep(
             )
         )
     callback = MLflowSweepCallback(uri, experiment_id, parent_id, cfg.name, cfg.resolved())
-    static = _static(cfg, sweep_dir)
+    settings = TrialSettings.from_config(cfg, sweep_dir)  # every trial's, as the worker reads it
     searcher = _searcher(cfg, sweep_dir)
     if searcher is None:
-        param_space = {"static": static, "params": tune.grid_search(grid(cfg))}
+        param_space = {"settings": settings, "params": tune.grid_search(grid(cfg))}
         num_samples = 1
     else:
-        param_space = {"static": static}
+        param_space = {"settings": settings}
         num_samples = cfg.trials
     a_metric, a_mode = asha_metric(cfg)
-    max_epochs = int(cfg.training.get("max_epochs", 400))
     if cfg.scheduler["name"] == "asha":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             metric=a_metric,
             mode=a_mode,
-            max_t=max_epochs + 2,
+            # a report per epoch, the final report, and one to spare (a replayed final report):
+            # ASHA never stops a trial before it has trained its last epoch and been evaluated
+            max_t=settings.max_epochs + 2,
             grace_period=int(cfg.scheduler.get("grace_period", 5)),
             reduction_factor=float(cfg.scheduler.get("reduction_factor", 2)),
         )
@@ -382,9 +344,7 @@ def _run_sweep(
         )
     trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
     evaluators = None
-    if cfg.evaluation.get("pool", True):  # warm evaluation processes shared by the trials
-        from regvi.sweep.evaluator import start_pool
-
+    if settings.evaluation.pool:  # warm evaluation processes shared by the trials
         n_trials = num_samples if searcher is not None else len(grid(cfg))
         evaluators = start_pool(cfg.name, min(concurrency, max(1, n_trials)))
     fs = atomic_filesystem()  # no state file on storage is ever left cut short
@@ -427,8 +387,6 @@ def _run_sweep(
     grid_results = tuner.fit()
     del evaluators  # the evaluator actors end with the sweep
     mlflow.set_tracking_uri(uri)
-    from regvi.sweep.summary import summarise
-
     return summarise(cfg, grid_results, uri, experiment_id, parent_id, sweep_dir)
 
 

@@ -1,4 +1,4 @@
-"""The Optuna searcher of a sweep (imported only when a sweep runs: it imports Ray)."""
+"""The Optuna searcher of a sweep (Ray Tune's OptunaSearch, for final-report objectives)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,21 @@ import pandas as pd
 
 from regvi.sweep.config import SweepConfig
 from regvi.sweep.tracking import TAG_PARENT, _retry, client
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep produced."""
+
+    sweep_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    best_trial_id: str | None
+    best_metrics: dict[str, float]
+    n_completed: int
+    n_failed: int
+    n_pruned: int
 
 
 def trial_table(uri: str, experiment_id: str, parent_id: str) -> pd.DataFrame:
@@ -92,10 +108,8 @@ def plot_importance(importance: dict[str, float], path: Path) -> Path | None:
 
 def summarise(
     cfg: SweepConfig, grid_results, uri: str, experiment_id: str, parent_id: str, sweep_dir: Path
-):
+) -> SweepResult:
     """Log the sweep summary to the parent run, register the best model; return SweepResult."""
-    from regvi.sweep.runner import SweepResult
-
     c = client(uri)
     table = trial_table(uri, experiment_id, parent_id)
     completed = table[table["status"] == "completed"] if len(table) else table
