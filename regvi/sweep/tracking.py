@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from regvi.sweep.metric_names import EVALUATION_METRIC_PREFIXES
 from regvi.sweep.storage import StorageFullError, first_line, is_storage_full
 
 TAG_PARENT = "mlflow.parentRunId"
@@ -271,7 +272,7 @@ class MLflowSweepCallback(_TuneCallback):
         final = {
             k: v
             for k, v in result.items()
-            if k.startswith(("scib_", "nc_", "lowcount_", "eval_", "attribution_"))
+            if k.startswith(EVALUATION_METRIC_PREFIXES)
             or k.startswith("setup_")
             or k in ("epochs_trained", "world_size", "resumed_optimizer_state", "training_wall_s")
         }
