@@ -24,6 +24,7 @@ from regvi.data.device import (
     to_device,
     training_device,
 )
+from regvi.io import save_model
 from regvi.module import RegVIModule
 from regvi.training import (
     EarlyStopping,
@@ -730,6 +731,4 @@ class BaseModel:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Save weights (safetensors) and config / registry / history (JSON, CSV) to ``path``."""
-        from regvi.io import save_model
-
         save_model(self, path, overwrite=overwrite)

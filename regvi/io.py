@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from anndata import AnnData
 from safetensors.torch import load_file, save_file
 
-from regvi.data import CovariateRegistry, get_counts
-from regvi.data.registry import MODEL_PURPOSES
-from regvi.module import ModuleConfig, RegVIModule
+from regvi.data import CovariateRegistry
 
 if TYPE_CHECKING:
     from regvi.model import RegVI
     from regvi.multimodal import RegMultiVI
+
+#: model class name (``config.json``'s ``model_class``) → class; filled by
+#: :func:`register_model_class` in each model's module, so this module imports no model
+MODEL_CLASSES: dict[str, Any] = {}
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -34,12 +35,22 @@ HISTORY = "history.csv"
 FORMAT_VERSION = 1
 
 
+def register_model_class(cls: Any) -> Any:
+    """Class decorator: make ``cls`` loadable by :func:`load` under its name.
+
+    The class provides ``config_from_dict(d)``, ``module_from_config(config)``,
+    ``from_saved(meta, registry, config, module, history)``, ``attach(data)`` and
+    ``saved_meta()`` (its extra ``config.json`` fields).
+    """
+    MODEL_CLASSES[cls.__name__] = cls
+    return cls
+
+
 def save_model(model: RegVI | RegMultiVI, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` to directory ``path`` atomically (temp dir, then rename)."""
     from regvi import __version__
 
     path = Path(path)
-    multimodal = type(model).__name__ == "RegMultiVI"
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +67,7 @@ def save_model(model: RegVI | RegMultiVI, path: str | os.PathLike, overwrite: bo
             "model_class": type(model).__name__,
             "module_config": model.config.to_dict(),
             "registry": model.registry.to_dict(),
-            **({"var_names": model.var_names, "layers": model.layers} if multimodal else {}),
+            **model.saved_meta(),
             "setup_kwargs": model.setup_kwargs,
             "is_trained": model.is_trained,
         }
@@ -180,23 +191,18 @@ def load(path: str | os.PathLike, adata: Any = None) -> RegVI | RegMultiVI:
     RegVI or RegMultiVI
         The model in eval mode.
     """
-    from regvi.model import RegVI
-
     path = resolve_model_path(path)
     meta = _read_meta(path)
     model_class = meta.get("model_class")
-    if model_class not in ("RegVI", "RegMultiVI"):
-        raise ValueError(f"{path} holds a {model_class!r} model; expected 'RegVI' or 'RegMultiVI'")
+    cls = MODEL_CLASSES.get(model_class)
+    if cls is None:
+        raise ValueError(
+            f"{path} holds a {model_class!r} model; expected one of {sorted(MODEL_CLASSES)}"
+        )
     try:
         registry = CovariateRegistry.from_dict(meta["registry"])
-        if model_class == "RegMultiVI":
-            from regvi.multimodule import MultiModuleConfig, RegMultiVIModule
-
-            config: Any = MultiModuleConfig.from_dict(meta["module_config"])
-            module: Any = RegMultiVIModule(config)
-        else:
-            config = ModuleConfig(**meta["module_config"])
-            module = RegVIModule(config)
+        config = cls.config_from_dict(meta["module_config"])
+        module = cls.module_from_config(config)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path / CONFIG} has an invalid model config: {err}") from None
     try:
@@ -216,55 +222,13 @@ def load(path: str | os.PathLike, adata: Any = None) -> RegVI | RegMultiVI:
         )
     module.load_state_dict(state, strict=True)
     module.eval()
-    if model_class == "RegMultiVI":
-        return _load_multimodal(meta, config, registry, module, path, adata)
     history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
-    model = RegVI.assemble(
-        registry,
-        config,
-        module,
-        meta.get("setup_kwargs", {}),
-        is_trained=bool(meta.get("is_trained", False)),
-        history=history,
-    )
+    model = cls.from_saved(meta, registry, config, module, history)
     if adata is not None:
-        attach_data(model, adata)
+        model.attach(adata)
     return model
 
 
-def attach_data(model: RegVI, adata: AnnData) -> None:
-    """Attach ``adata`` to a loaded model after checking genes and categories."""
-    from regvi.data import validate_counts
-
-    model.registry.check_var_names(adata)
-    X = get_counts(adata, model.registry.layer)
-    validate_counts(X, "adata", model.setup_kwargs.get("allow_non_integer", False))
-    model._covariates = model.registry.encode(adata.obs, MODEL_PURPOSES)
-    model._X = X
-    model.adata = adata
-
-
-def _load_multimodal(
-    meta: dict[str, Any],
-    config: Any,
-    registry: CovariateRegistry,
-    module: Any,
-    path: Path,
-    mdata: Any,
-) -> RegMultiVI:
-    from regvi.multimodal import RegMultiVI
-
-    history = pd.read_csv(path / HISTORY) if (path / HISTORY).is_file() else pd.DataFrame()
-    model = RegMultiVI.assemble(
-        registry,
-        config,
-        module,
-        meta.get("setup_kwargs", {}),
-        var_names=meta["var_names"],
-        layers=meta.get("layers", {}),
-        is_trained=bool(meta.get("is_trained", False)),
-        history=history,
-    )
-    if mdata is not None:
-        model.attach(mdata)
-    return model
+def attach_data(model: Any, data: Any) -> None:
+    """Attach data to a loaded model (``model.attach``: genes and categories are checked)."""
+    model.attach(data)

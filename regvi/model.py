@@ -22,11 +22,14 @@ from regvi.data import (
 )
 from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
 from regvi.data.registry import REGISTRY_ARGS as REGISTRY_ARGS  # re-exported
+from regvi.io import register_model_class
+from regvi.map.query import build_query
 from regvi.module import ModuleConfig, RegVIModule, check_module_options
 
 logger = logging.getLogger(__name__)
 
 
+@register_model_class
 class RegVI(BaseModel):
     """Regularised Bayesian scVI for one modality (equations: docs/model.md).
 
@@ -189,6 +192,49 @@ class RegVI(BaseModel):
         model.query = None
         return model
 
+    # ------------------------------------------------------------------ saving (regvi.io)
+    @staticmethod
+    def config_from_dict(d: Mapping[str, Any]) -> ModuleConfig:
+        """The module config saved in ``config.json``."""
+        return ModuleConfig(**d)
+
+    @staticmethod
+    def module_from_config(config: ModuleConfig) -> RegVIModule:
+        """An (untrained) module for ``config``."""
+        return RegVIModule(config)
+
+    @classmethod
+    def from_saved(
+        cls,
+        meta: Mapping[str, Any],
+        registry: CovariateRegistry,
+        config: ModuleConfig,
+        module: RegVIModule,
+        history: pd.DataFrame,
+    ) -> RegVI:
+        """The model of a saved directory (``meta``: its ``config.json``)."""
+        return cls.assemble(
+            registry,
+            config,
+            module,
+            meta.get("setup_kwargs", {}),
+            is_trained=bool(meta.get("is_trained", False)),
+            history=history,
+        )
+
+    def saved_meta(self) -> dict[str, Any]:
+        """Extra ``config.json`` fields (none: the registry holds the genes and layer)."""
+        return {}
+
+    def attach(self, adata: AnnData) -> None:
+        """Attach ``adata`` to a loaded model after checking genes and categories."""
+        self.registry.check_var_names(adata)
+        X = get_counts(adata, self.registry.layer)
+        validate_counts(X, "adata", self.setup_kwargs.get("allow_non_integer", False))
+        self._covariates = self.registry.encode(adata.obs, MODEL_PURPOSES)
+        self._X = X
+        self.adata = adata
+
     @classmethod
     def load_query_data(
         cls,
@@ -227,9 +273,7 @@ class RegVI(BaseModel):
         RegVI
             The query model; ``model.adata`` is the query with the reference's genes.
         """
-        from regvi.map.query import build_query
-
-        return build_query(reference, adata, allow_missing_genes, fine_tune)
+        return build_query(cls, reference, adata, allow_missing_genes, fine_tune)
 
     def _build_module(self) -> RegVIModule:
         return RegVIModule(self.config)

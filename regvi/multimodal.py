@@ -20,10 +20,20 @@ from regvi.base import BaseModel, initialise_from_data
 from regvi.checks import check_bool, check_choice, check_float, check_int
 from regvi.data import CovariateRegistry, MultiCountBatches, get_counts, make_loader
 from regvi.data.counts import validate_counts
+from regvi.data.modalities import (  # re-exported: regvi.multimodal.select_modalities etc.
+    modality_covariates as modality_covariates,
+)
+from regvi.data.modalities import (
+    select_modalities as select_modalities,
+)
+from regvi.data.modalities import (
+    shared_obs as shared_obs,
+)
 from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
+from regvi.io import register_model_class
+from regvi.map.query import build_multimodal_query
 from regvi.module import ModuleConfig, check_module_options
 from regvi.multimodule import (
-    _GROUP_PURPOSES,
     SWITCHABLE_PURPOSES,
     MultiModuleConfig,
     RegMultiVIModule,
@@ -52,112 +62,6 @@ def modality_kind(name: str) -> str:
     if any(t in low for t in _RNA_NAMES):
         return "rna"
     return "other"
-
-
-def _modality_dict(data: Any) -> dict[str, AnnData]:
-    try:
-        from mudata import MuData
-    except ImportError:  # pragma: no cover - mudata is a dependency
-        MuData = ()  # type: ignore[assignment]
-    if isinstance(data, MuData):
-        mods = dict(data.mod)
-    elif isinstance(data, Mapping):
-        mods = dict(data)
-    else:
-        raise TypeError(
-            f"RegMultiVI needs a MuData or a dict of AnnData (modality → AnnData); got "
-            f"{type(data).__name__}"
-        )
-    for m, a in mods.items():
-        if not isinstance(m, str) or not m:
-            raise TypeError(f"modality names must be non-empty strings; got {m!r}")
-        if not isinstance(a, AnnData):
-            raise TypeError(f"modality {m!r} is a {type(a).__name__}; expected an AnnData")
-    return mods
-
-
-def select_modalities(data: Any, modalities: Sequence[str] | None) -> dict[str, AnnData]:
-    """Modality → AnnData, sorted by name, checked to hold the same cells in the same order.
-
-    Raises a clear error for an unknown / missing modality, fewer than two modalities, duplicate
-    cell names, or modalities whose ``obs_names`` differ (naming cells and modalities).
-    """
-    mods = _modality_dict(data)
-    if modalities is None:
-        names = sorted(mods)
-    else:
-        if isinstance(modalities, str):
-            modalities = [modalities]
-        missing = [m for m in modalities if m not in mods]
-        if missing:
-            raise KeyError(
-                f"modalities {missing} not in the data; available modalities: {sorted(mods)}"
-            )
-        if len(set(modalities)) != len(modalities):
-            raise ValueError(f"modalities={list(modalities)} lists a modality more than once")
-        names = sorted(modalities)
-    if len(names) < 2:
-        raise ValueError(
-            f"RegMultiVI needs at least 2 modalities; got {names} (use regvi.RegVI for one)"
-        )
-    ref_name = names[0]
-    ref = mods[ref_name].obs_names
-    if not ref.is_unique:
-        dup = ref[ref.duplicated()][:5].tolist()
-        raise ValueError(f"modality {ref_name!r} has duplicate obs_names, e.g. {dup}")
-    for m in names[1:]:
-        other = mods[m].obs_names
-        if len(other) == len(ref) and (other == ref).all():
-            continue
-        only_ref = ref.difference(other)
-        only_other = other.difference(ref)
-        if len(only_ref) == 0 and len(only_other) == 0:
-            raise ValueError(
-                f"modalities {ref_name!r} and {m!r} hold the same cells in a different order; "
-                "RegMultiVI needs paired cells in the same order (reorder one modality with "
-                "adata[other.obs_names])"
-            )
-        raise ValueError(
-            f"modalities {ref_name!r} ({len(ref)} cells) and {m!r} ({len(other)} cells) have "
-            f"different obs_names: {len(only_ref)} cells only in {ref_name!r} (e.g. "
-            f"{only_ref[:3].tolist()}), {len(only_other)} only in {m!r} (e.g. "
-            f"{only_other[:3].tolist()}). Paired data needs the same cells in every modality "
-            "(subset to the shared cells, e.g. mudata.pp.intersect_obs)"
-        )
-    return {m: mods[m] for m in names}
-
-
-def shared_obs(data: Any, mods: Mapping[str, AnnData], keys: Sequence[str]) -> pd.DataFrame:
-    """Cell metadata holding ``keys``, from the MuData's global obs or the modalities' obs.
-
-    A key present in several modalities must have the same values in each.
-    """
-    index = next(iter(mods.values())).obs_names
-    out = pd.DataFrame(index=index)
-    global_obs = getattr(data, "obs", None) if not isinstance(data, Mapping) else None
-    for key in keys:
-        if global_obs is not None and key in global_obs.columns:
-            out[key] = global_obs.loc[index, key].to_numpy()
-            continue
-        holders = [m for m, a in mods.items() if key in a.obs.columns]
-        if not holders:
-            available = sorted({c for a in mods.values() for c in a.obs.columns})
-            raise KeyError(
-                f"no modality's obs has column {key!r} (looked in {list(mods)}); available "
-                f"columns: {available[:20]}"
-            )
-        first = mods[holders[0]].obs[key]
-        for m in holders[1:]:
-            other = mods[m].obs[key]
-            if not (first.astype(str).to_numpy() == other.astype(str).to_numpy()).all():
-                raise ValueError(
-                    f"obs column {key!r} differs between modalities {holders[0]!r} and {m!r}; "
-                    "covariates are per cell and must agree across modalities"
-                )
-        out[key] = first.to_numpy()
-        if isinstance(first.dtype, pd.CategoricalDtype):
-            out[key] = pd.Categorical(out[key], categories=first.cat.categories)
-    return out
 
 
 def _per_modality(name: str, value: Any, modalities: Sequence[str]) -> dict[str, Any]:
@@ -275,19 +179,7 @@ def _module_configs(
     return configs
 
 
-def modality_covariates(
-    cov: Mapping[str, np.ndarray], disabled: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """Covariate codes as one modality sees them (switched-off purposes → one group / none)."""
-    out = dict(cov)
-    for purpose in disabled:
-        if purpose in _GROUP_PURPOSES:
-            out[purpose] = np.zeros((len(cov[purpose]), 1), dtype=np.int64)
-        else:  # continuous, nn_conditioning, encoder: no inputs
-            out[purpose] = cov[purpose][:, :0]
-    return out
-
-
+@register_model_class
 class RegMultiVI(BaseModel):
     """Multimodal regvi: per-modality encoders, joint latent, one decoder per modality
     (docs/model.md#multimodal-model).
@@ -451,6 +343,42 @@ class RegMultiVI(BaseModel):
         model.query = None
         return model
 
+    # ------------------------------------------------------------------ saving (regvi.io)
+    @staticmethod
+    def config_from_dict(d: Mapping[str, Any]) -> MultiModuleConfig:
+        """The module config saved in ``config.json``."""
+        return MultiModuleConfig.from_dict(dict(d))
+
+    @staticmethod
+    def module_from_config(config: MultiModuleConfig) -> RegMultiVIModule:
+        """An (untrained) module for ``config``."""
+        return RegMultiVIModule(config)
+
+    @classmethod
+    def from_saved(
+        cls,
+        meta: Mapping[str, Any],
+        registry: CovariateRegistry,
+        config: MultiModuleConfig,
+        module: RegMultiVIModule,
+        history: pd.DataFrame,
+    ) -> RegMultiVI:
+        """The model of a saved directory (``meta``: its ``config.json``)."""
+        return cls.assemble(
+            registry,
+            config,
+            module,
+            meta.get("setup_kwargs", {}),
+            var_names=meta["var_names"],
+            layers=meta.get("layers", {}),
+            is_trained=bool(meta.get("is_trained", False)),
+            history=history,
+        )
+
+    def saved_meta(self) -> dict[str, Any]:
+        """Extra ``config.json`` fields: features and count layer per modality."""
+        return {"var_names": self.var_names, "layers": self.layers}
+
     @classmethod
     def load_query_data(
         cls,
@@ -477,9 +405,7 @@ class RegMultiVI(BaseModel):
         fine_tune
             ``"conditioning"`` and / or ``"encoder"`` (see :meth:`regvi.RegVI.load_query_data`).
         """
-        from regvi.map.query import build_multimodal_query
-
-        return build_multimodal_query(reference, mdata, allow_missing_genes, fine_tune)
+        return build_multimodal_query(cls, reference, mdata, allow_missing_genes, fine_tune)
 
     def _build_module(self) -> RegMultiVIModule:
         return RegMultiVIModule(self.config)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regvi.data.modalities import GROUP_PURPOSES
 from regvi.module import ModuleConfig, RegVIModule, check_n_obs
 from regvi.nn.joint_embedding import barlow_twins_loss
 
@@ -37,7 +38,7 @@ SWITCHABLE_PURPOSES = (
     "continuous",
 )
 #: Purposes whose codes index parameter groups (switched off = everything in group 0).
-_GROUP_PURPOSES = ("ambient", "dispersion", "library_size", "feature_scaling")
+_GROUP_PURPOSES = GROUP_PURPOSES
 
 
 @dataclass

@@ -303,3 +303,22 @@ def test_a_query_without_the_reference_counts_layer_is_refused(split):
     with_layer.layers["counts"] = with_layer.X.copy()
     q = regvi.RegVI.load_query_data(with_layer[:, ::-1].copy(), model)  # reordered genes too
     assert q.get_latent_representation().shape == (query.n_obs, 2)
+
+
+def test_data_initialised_dispersion_of_new_libraries_starts_from_the_query(split):
+    """With ``dispersion_init="data"`` the reference's theta came from its counts; new
+    libraries' theta (and the containment prior's mean) come from the query's counts."""
+    ref, query = split
+    model = regvi.RegVI(ref, library_key="library", n_hidden=8, n_latent=2, dispersion_init="data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, progress_bar=False)
+    q = regvi.RegVI.load_query_data(query, model)
+    new = q.module.log_theta_mean[2:].detach()
+    assert torch.isfinite(new).all()
+    assert not torch.allclose(new, torch.full_like(new, np.log(9.0)))
+    torch.testing.assert_close(
+        q.module.dispersion_rate_prior_mean[2:],
+        1.0 / torch.exp(new).rsqrt().mean(-1),
+    )
+    torch.testing.assert_close(q.module.log_theta_mean[:2], model.module.log_theta_mean)

@@ -30,9 +30,11 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from regvi.base import _depth_normalised_stats, _GroupMeans, _library_stats
 from regvi.data import CovariateRegistry, get_counts
 from regvi.data.counts import iter_row_blocks, row_totals
 from regvi.data.registry import MODEL_PURPOSES
+from regvi.module import inverse_softplus
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +294,6 @@ def init_new_categories(
     Counts are depth-normalised with the reference's library offset, so new ambient rows are
     on the reference's scale; reference rows are not touched.
     """
-    from regvi.base import _depth_normalised_stats, _GroupMeans, _library_stats
-
     offset = float(module.library_log_offset)
     totals = row_totals(X)
     nonzero = totals > 0
@@ -351,8 +351,6 @@ def init_new_categories(
         module.log_theta_mean[n_disp_old:] = torch.log(theta)
         lam = 1.0 / theta.rsqrt().mean(-1)
         module.dispersion_rate_prior_mean[n_disp_old:] = lam
-        from regvi.nn.distributions import inverse_softplus
-
         module.dispersion_rate_raw[n_disp_old:] = inverse_softplus(lam)
 
 

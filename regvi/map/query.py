@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,11 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from regvi.data import CovariateRegistry, get_counts
+from regvi.checks import check_bool
+from regvi.data import CovariateRegistry, get_counts, validate_counts
+from regvi.data.modalities import modality_covariates, modality_dict, select_modalities, shared_obs
 from regvi.data.registry import MODEL_PURPOSES
+from regvi.io import load
 from regvi.map.grow import (
     TRAINABLE,
     KeyGrowth,
@@ -68,11 +72,7 @@ def check_fine_tune(fine_tune: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def resolve_reference(reference: Any, expected: type) -> Any:
     """A trained reference model of class ``expected`` (a path or MLflow URI is loaded)."""
-    import os
-
     if isinstance(reference, (str, os.PathLike)):
-        from regvi.io import load
-
         reference = load(reference)
     if not isinstance(reference, expected):
         raise TypeError(
@@ -85,24 +85,19 @@ def resolve_reference(reference: Any, expected: type) -> Any:
 
 
 def build_query(
+    cls: type,
     reference: Any,
     adata: AnnData,
     allow_missing_genes: bool = False,
     fine_tune: str | Sequence[str] | None = None,
 ) -> Any:
-    """The query :class:`regvi.RegVI` of :meth:`regvi.RegVI.load_query_data`."""
-    from dataclasses import replace
-
-    from regvi.checks import check_bool
-    from regvi.data import validate_counts
-    from regvi.model import RegVI
-    from regvi.module import RegVIModule
+    """The query model (a ``cls``, :class:`regvi.RegVI`) of :meth:`regvi.RegVI.load_query_data`."""
 
     if not isinstance(adata, AnnData):
         raise TypeError(f"adata must be an AnnData; got {type(adata).__name__}")
     check_bool("allow_missing_genes", allow_missing_genes)
     tune = check_fine_tune(fine_tune)
-    reference = resolve_reference(reference, RegVI)
+    reference = resolve_reference(reference, cls)
     ref_reg = reference.registry
     aligned = align_genes(adata, ref_reg.var_names, ref_reg.layer, allow_missing_genes)
     registry, added = extend_registry(ref_reg, aligned.obs)
@@ -121,7 +116,7 @@ def build_query(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(reference.seed)
-        module = RegVIModule(config)
+        module = cls.module_from_config(config)
     growth = {
         p: growth_of(ref_reg, registry, ref_reg.keys_for(p)) for p in ("nn_conditioning", "encoder")
     }
@@ -131,7 +126,7 @@ def build_query(
         module, X, cov, n_old, reference.setup_kwargs.get("dispersion_init", "prior")
     )
     module.eval()
-    model = RegVI.assemble(
+    model = cls.assemble(
         registry, config, module, dict(reference.setup_kwargs), is_trained=reference.is_trained
     )
     model.adata, model._X, model._covariates, model.count_summary = aligned, X, cov, summary
@@ -148,9 +143,7 @@ def _query_modalities(
     Returns the dict and the names of the modalities the query lacks (its cells then miss
     them, as cells without a modality do in training).
     """
-    from regvi.multimodal import _modality_dict, select_modalities
-
-    given = _modality_dict(data)
+    given = modality_dict(data)
     unknown = sorted(set(given) - set(reference.modalities))
     if unknown:
         raise KeyError(
@@ -185,22 +178,16 @@ def _query_modalities(
 
 
 def build_multimodal_query(
+    cls: type,
     reference: Any,
     data: Any,
     allow_missing_genes: bool = False,
     fine_tune: str | Sequence[str] | None = None,
 ) -> Any:
     """The query :class:`regvi.RegMultiVI` of :meth:`regvi.RegMultiVI.load_query_data`."""
-    from dataclasses import replace
-
-    from regvi.checks import check_bool
-    from regvi.data import validate_counts
-    from regvi.multimodal import RegMultiVI, modality_covariates, shared_obs
-    from regvi.multimodule import RegMultiVIModule
-
     check_bool("allow_missing_genes", allow_missing_genes)
     tune = check_fine_tune(fine_tune)
-    reference = resolve_reference(reference, RegMultiVI)
+    reference = resolve_reference(reference, cls)
     given = data if not isinstance(data, Mapping) else dict(data)
     mods, absent = _query_modalities(given, reference, allow_missing_genes)
     ref_reg = reference.registry
@@ -247,7 +234,7 @@ def build_multimodal_query(
     config = replace(old_cfg, configs=configs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(reference.seed)
-        module = RegMultiVIModule(config)
+        module = cls.module_from_config(config)
     parts = QueryParts()
     for m in config.modalities:
         grown = grow_module(reference.module.mods[m], module.mods[m], growth[m], f"mods.{m}.")
@@ -259,7 +246,7 @@ def build_multimodal_query(
             dispersion_init = reference.setup_kwargs.get("dispersion_init", "prior")
             init_new_categories(module.mods[m], Xs[m], cov_m, n_old[m], dispersion_init)
     module.eval()
-    model = RegMultiVI.assemble(
+    model = cls.assemble(
         registry,
         config,
         module,
