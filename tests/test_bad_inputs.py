@@ -1,15 +1,18 @@
-"""The bad-input table (README "Bad input"): every malformed input is refused before any work
-starts, with a message naming the problem, and nothing is written.
+"""The bad-input table (docs/reliability.md, "Bad input and safe artifacts"): every malformed
+input is refused before any work starts, with a message naming the problem, and nothing is
+written.
 
 Each case builds its input inside ``tmp_path`` and returns the action that must fail; the test
 snapshots the folder, runs the action, checks the error type and message, then checks the folder
-is byte-for-byte unchanged. Keep this list in sync with the README table.
+is byte-for-byte unchanged. A case's name is its row's "input" column (backticks dropped), and
+``test_every_documented_case_is_tested`` fails when the list and the table drift apart.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,7 +383,7 @@ CASES = [
         r"resources.gpus_per_worker: 1.5",
     ),
     Case(
-        "config: name that escapes the output folder",
+        "config: name escaping the output folder",
         config_name_escapes_output,
         ConfigError,
         r"name: '../../etc'; expected letters",
@@ -428,7 +431,7 @@ CASES = [
         r"data\.layer: 'counts' is not a layer of .*atlas\.h5ad; available layers: \[\]",
     ),
     Case(
-        "sweep: misspelt labels_key (refused before any folder)",
+        "sweep: misspelt labels_key",
         sweep_misspelt_labels_key,
         ConfigError,
         r"data\.labels_key: 'celltype' is not an obs column of .*atlas\.h5ad",
@@ -441,7 +444,7 @@ CASES = [
     ),
     Case("truncated h5ad", truncated_h5ad, ValueError, r"data: cannot read .*atlas.h5ad"),
     Case(
-        "model dir without weights",
+        "model folder without weights",
         model_dir_missing_weights,
         FileNotFoundError,
         r"model.safetensors is missing",
@@ -454,7 +457,7 @@ CASES = [
     ),
     Case("corrupt config.json", model_dir_corrupt_config, ValueError, r"is not valid JSON"),
     Case(
-        "pickle planted as the weights",
+        "a pickle planted as the weights",
         model_dir_pickle_payload,
         ValueError,
         r"is not a readable safetensors file",
@@ -484,5 +487,41 @@ def test_bad_input_is_refused_and_nothing_is_written(case, tmp_path, monkeypatch
     assert not (tmp_path / "PWNED").exists()  # no planted payload ran
 
 
-def test_table_is_long_enough():
-    assert len(CASES) >= 20
+RELIABILITY = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+
+
+def _documented_cases() -> dict[str, list[str]]:
+    """{input: [quoted message excerpts]} from the bad-input table in docs/reliability.md."""
+    section = RELIABILITY.read_text().split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or cells[0] in ("input", "---"):
+            continue
+        name = cells[0].replace("`", "")
+        assert name not in rows, f"row {name!r} appears twice in {RELIABILITY.name}"
+        rows[name] = re.findall(r"`([^`]*)`", "|".join(cells[1:]))
+    return rows
+
+
+def test_every_documented_case_is_tested():
+    """Each row of the documented table is a case of the parametrised test above, by name, and
+    the documented message matches what that case expects."""
+    documented = _documented_cases()
+    assert len(documented) >= 20, f"bad-input table in {RELIABILITY} not found or cut short"
+    names = [c.name for c in CASES]
+    assert len(set(names)) == len(names), "duplicate case names (pytest would rename the ids)"
+    assert not set(documented) - set(names), (
+        f"documented but untested: {set(documented) - set(names)}"
+    )
+    assert not set(names) - set(documented), (
+        f"tested but not documented: {set(names) - set(documented)}"
+    )
+    # the cases are collected as test ids under those names, and nothing skips them
+    marks = test_bad_input_is_refused_and_nothing_is_written.pytestmark
+    (param,) = [m for m in marks if m.name == "parametrize"]
+    assert param.args[1] is CASES and param.kwargs["ids"] == names
+    assert not [m.name for m in marks if m.name in ("skip", "skipif", "xfail")]
+    for case in CASES:
+        excerpts = documented[case.name]
+        assert any(re.search(case.match, e) for e in excerpts), (case.name, case.match, excerpts)

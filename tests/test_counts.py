@@ -38,10 +38,28 @@ def test_bad_counts_refused(sim, mutate, match):
 
 
 def test_non_integer_opt_out(sim):
+    """allow_non_integer=True accepts fractional counts, at setup and for new data passed to a
+    model later, and only that: NaN/inf and negative values are still refused."""
     X = sim.X.toarray().astype(np.float32) * 0.5
-    regvi.RegVI(
-        _with_x(sim, X), library_key="library", allow_non_integer=True, n_hidden=8, n_latent=2
-    )
+    assert (X != np.round(X)).any()  # the data really is non-integer
+    kw = {"library_key": "library", "n_hidden": 8, "n_latent": 2}
+    with pytest.raises(ValueError, match="non-integer"):
+        regvi.RegVI(_with_x(sim, X), **kw)  # refused without the opt-out
+
+    model = regvi.RegVI(_with_x(sim, X), allow_non_integer=True, **kw)
+    assert model.setup_kwargs["allow_non_integer"] is True
+    assert model.count_summary == {"n_zero_cells": 0, "n_zero_genes": 0}
+    # the opt-out carries over to data given later (validated again on the way in)
+    z = model.get_latent_representation(_with_x(sim, X * 1.5))
+    assert z.shape == (sim.n_obs, 2) and np.isfinite(z).all()
+
+    for bad, match in ((-0.5, "negative"), (np.nan, "NaN/inf"), (np.inf, "NaN/inf")):
+        Y = X.copy()
+        Y[0, 0] = bad
+        with pytest.raises(ValueError, match=match):
+            validate_counts(Y, allow_non_integer=True)
+        with pytest.raises(ValueError, match=match):
+            regvi.RegVI(_with_x(sim, Y), allow_non_integer=True, **kw)
 
 
 def test_empty_refused(sim):

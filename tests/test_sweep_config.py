@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -32,18 +33,30 @@ def _base(**over):
     return cfg
 
 
-def test_shipped_sweeps_parse():
-    parsed = 0
-    for path in sorted((REPO / "sweeps").glob("*.yaml")):
-        try:
-            cfg = load_config(path)
-        except ConfigError as err:
-            # configs on the shared real data need ../shared/data next to the checkout
-            assert "data." in str(err) and "does not exist" in str(err), (path, err)
-            continue
-        assert cfg.params, path
-        parsed += 1
-    assert parsed >= 1  # the quickstart uses bundled data and always parses
+SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def _load_shipped(path: Path):
+    """load_config(path); a shipped config whose shared data (../shared/data next to the
+    checkout) is missing is a visible xfail, or a failure under REGVI_REQUIRE_SHARED_DATA=1 (CI)."""
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        missing = "data." in str(err) and "does not exist" in str(err)
+        if not missing or os.environ.get("REGVI_REQUIRE_SHARED_DATA") == "1":
+            raise
+        pytest.xfail(f"{path.name}: shared data missing ({err}); REGVI_REQUIRE_SHARED_DATA=1 fails")
+
+
+def test_sweeps_are_shipped():
+    assert "quickstart.yaml" in [p.name for p in SHIPPED]  # bundled data: parses everywhere
+    assert len(SHIPPED) >= 2, SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_sweep_parses(path):
+    cfg = _load_shipped(path)
+    assert cfg.params, path
 
 
 def test_relative_data_path_resolves_against_config_folder(tmp_path):
@@ -481,19 +494,12 @@ def test_dry_run_checks_each_modality_file(tmp_path):
         check({"atac": data["atac"][:50].copy(), "rna": data["rna"]}, library_key="library")
 
 
-def test_shipped_sweeps_pass_dry_run_where_their_data_exists(capsys):
-    ran = []
-    for path in sorted((REPO / "sweeps").glob("*.yaml")):
-        try:
-            load_config(path)
-        except ConfigError as err:  # the shared real data is not next to this checkout
-            assert "does not exist" in str(err), (path, err)
-            continue
-        rc, out, err = _cli([path, "--dry-run"], capsys)
-        assert rc == 0, (path, err)
-        assert "cells x" in out, path
-        ran.append(path.name)
-    assert "quickstart.yaml" in ran
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_sweep_passes_dry_run(path, capsys):
+    _load_shipped(path)
+    rc, out, err = _cli([path, "--dry-run"], capsys)
+    assert rc == 0, (path, err)
+    assert "cells x" in out, path
 
 
 # ------------------------------- the name lists against the real training and evaluation
