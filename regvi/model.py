@@ -248,7 +248,8 @@ class RegVI(BaseModel):
         Every category of a covariate key the reference has not seen (a new library, say) gets
         its own technical terms (ambient, dispersion, library prior, feature scaling, decoder
         conditioning column), initialised from the query's counts as training would. ``train()``
-        then fits only those by default; the reference's weights stay byte-identical, and the
+        then fits only those by default (few parameters: ``train(max_epochs=100, patience=10)``
+        is enough, as ``python -m regvi.map`` uses); the reference's weights stay byte-identical, and the
         encoder is the reference's, so the latent of the reference cells does not move
         (docs/mapping.md).
 
