@@ -1,6 +1,6 @@
 """Where a sweep trial's time goes between epochs: Ray Train's report path, profiled.
 
-One Ray Train run of regvi's real trial worker (``regvi.sweep.trial.train_worker``, the
+One Ray Train run of regvi's real trial worker (``regvi.sweep.worker.train_worker``, the
 per-epoch ``RayEpochReporter``) on the bundled Kang subset, timed from inside the worker:
 
 * ``epoch``: training + validation steps (the history's ``epoch_time_s``);
@@ -41,7 +41,7 @@ def _worker(cfg: dict) -> None:
     import ray.train
 
     import regvi.sweep.reporting as reporting
-    import regvi.sweep.trial as trial
+    import regvi.sweep.worker as worker
 
     times: dict[str, list[float]] = {"callback": [], "report": []}
     report = ray.train.report
@@ -58,7 +58,7 @@ def _worker(cfg: dict) -> None:
         on_epoch_end(self, trainer, plan)
         times["callback"].append(time.perf_counter() - t)
 
-    evaluate = trial._evaluate
+    evaluate = worker.evaluate_trial
 
     def record_epochs(model, *args, **kwargs):
         times["epoch"] = [float(x) for x in model.history["epoch_time_s"]]
@@ -66,11 +66,10 @@ def _worker(cfg: dict) -> None:
 
     ray.train.report = timed_report
     reporting.RayEpochReporter.on_train_epoch_end = timed_epoch_end
-    trial._evaluate = record_epochs
-    cfg = dict(cfg)
-    out = Path(cfg.pop("times_file"))
+    worker.evaluate_trial = record_epochs
+    out = Path(cfg["times_file"])
     try:
-        trial.train_worker(cfg)
+        worker.train_worker({"settings": cfg["settings"]})
     finally:
         out.write_text(json.dumps(times))
 
@@ -83,26 +82,34 @@ def run_one(epochs: int, poll_s: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     from regvi.sweep.durable import atomic_filesystem
+    from regvi.sweep.settings import EvaluationSettings, TrialSettings
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="regvi_epoch_overhead_"))
-    cfg = {
-        "data": {
+    # the settings TrialSettings.from_config builds from a sweep config with these sections
+    # (nothing searched); no sweep name, so no evaluator pool: evaluation runs in the worker
+    settings = TrialSettings(
+        data={
             "path": "bundled:kang_pbmc_small",
             "library_key": "condition",
             "labels_key": "cell_type",
         },
-        "model_kwargs": {"n_layers": 1, "n_hidden": 128, "n_latent": 16},
-        "train_kwargs": {"max_epochs": epochs, "early_stopping": False, "batch_size": 128},
-        "evaluation": {"n_subsample": 500, "scib": False, "neighbourhood": False, "umap": False},
-        "cpus_per_worker": 2,
-        "use_gpu": False,
-        "gpus_per_worker": 0,
-        "seed": 0,
-        "reference_cache": None,
-        "divergence_file": str(tmp / "DIVERGED"),
-        "times_file": str(tmp / "times.json"),
-    }
+        model={"n_layers": 1, "n_hidden": 128, "n_latent": 16},
+        training={"max_epochs": epochs, "early_stopping": False, "batch_size": 128},
+        evaluation=EvaluationSettings(n_subsample=500, scib=False, neighbourhood=False, umap=False),
+        model_params=(),
+        train_params=(),
+        data_params=(),
+        workers=1,
+        cpus_per_worker=2,
+        gpus_per_worker=0,
+        seed=0,
+        train_storage=str(tmp / "train"),
+        reference_cache=None,
+        sweep=None,
+        divergence_file=str(tmp / "DIVERGED"),
+    )
+    cfg = {"settings": settings, "times_file": str(tmp / "times.json")}
     t0 = time.perf_counter()
     TorchTrainer(
         _worker,

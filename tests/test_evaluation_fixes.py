@@ -20,14 +20,13 @@ def _trained(adata, layer: str | None, **kwargs) -> regvi.RegVI:
 
 
 def _robustness(model, adata, layer: str | None, tmp_path) -> dict[str, float]:
-    from regvi.sweep.trial import _lowcount
+    from regvi.sweep.trial_eval import lowcount
 
     idx = np.arange(0, adata.n_obs, 2)
     sub = adata[idx].copy()
     sub.obsm["X_regvi"] = model.get_latent_representation(indices=idx)
-    cfg = {"data": {"library_key": "library", "labels_key": "cell_type", "layer": layer}}
-    cfg["seed"] = 0
-    return _lowcount(model, adata, sub, idx, cfg, "cell_type", tmp_path)
+    data = {"library_key": "library", "labels_key": "cell_type", "layer": layer}
+    return lowcount(model, adata, sub, idx, data, 0, "cell_type", tmp_path)
 
 
 def test_lowcount_thins_the_layer_the_model_reads(tmp_path):
@@ -54,7 +53,7 @@ def test_lowcount_thins_the_layer_the_model_reads(tmp_path):
 
 def test_lowcount_thins_the_counts_modality_layer_multimodal(tmp_path):
     """Multimodal with a per-modality layer dict: the evaluated modality's layer is thinned."""
-    from regvi.sweep.trial import _lowcount
+    from regvi.sweep.trial_eval import lowcount
 
     data = regvi.simulate_multiome(
         n_cells=300, n_genes=60, n_peaks=120, n_cell_types=3, n_libraries=2, seed=1
@@ -70,15 +69,12 @@ def test_lowcount_thins_the_counts_modality_layer_multimodal(tmp_path):
     idx = np.arange(rna.n_obs)
     sub = rna[idx].copy()
     sub.obsm["X_regvi"] = model.get_latent_representation(indices=idx)
-    cfg = {
-        "data": {
-            "modalities": {"atac": "a.h5ad", "rna": "r.h5ad"},
-            "library_key": "library",
-            "layer": {"rna": "counts"},
-        },
-        "seed": 0,
+    data_cfg = {
+        "modalities": {"atac": "a.h5ad", "rna": "r.h5ad"},
+        "library_key": "library",
+        "layer": {"rna": "counts"},
     }
-    found = _lowcount(model, data, sub, idx, cfg, "cell_type", tmp_path)
+    found = lowcount(model, data, sub, idx, data_cfg, 0, "cell_type", tmp_path)
     assert found["lowcount_q0.1_displacement"] > 0.0
     assert found["lowcount_q0.1_median_umis"] < np.median(np.asarray(rna.layers["counts"].sum(1)))
 

@@ -20,6 +20,8 @@ import yaml
 
 from regvi.data.registry import REGISTRY_ARGS
 from regvi.module import ModuleConfig
+from regvi.sweep.errors import ConfigError
+from regvi.sweep.metric_names import check_metric_settings
 
 BUNDLED_PREFIX = "bundled:"
 #: RegVI constructor arguments that may be fixed or searched (besides ModuleConfig fields).
@@ -121,10 +123,6 @@ def redact_uri(uri: str | None) -> str | None:
     out = re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1***@", uri)
     secret = r"(?:token|password|passwd|secret|key|sig|signature|credential)[\w-]*"
     return re.sub(rf"([?&]\w*{secret}=)[^&#]*", r"\1***", out, flags=re.IGNORECASE)
-
-
-class ConfigError(ValueError):
-    """A sweep config problem; the message names the key and what was expected."""
 
 
 def _require_mapping(value: Any, where: str) -> dict:
@@ -663,7 +661,5 @@ def parse_config(
     )
     # objective / ASHA metric names against the metrics the configured trials report
     if check_metrics:
-        from regvi.sweep.metric_names import check_metric_settings
-
         check_metric_settings(cfg)
     return cfg

@@ -25,6 +25,7 @@ import numpy as np
 
 from regvi.model import REGISTRY_ARGS
 from regvi.sweep.config import BUNDLED_PREFIX, ConfigError, SweepConfig, decode_data_value
+from regvi.sweep.trial_eval import counts_modality
 
 #: Stored values of the count matrix whose values are checked (the first ones on disk).
 SAMPLE_VALUES = 1_000_000
@@ -360,8 +361,6 @@ def _check(cfg: SweepConfig) -> DataSummary:
                 raise ConfigError(f"search.{p.name}.values[{i}] = {decoded!r}: {err}") from None
     levels = {k: len(v) for k, v in registry.categories.items()}
     if cfg.multimodal:
-        from regvi.sweep.trial import counts_modality
-
         counted = counts_modality(cfg.data)
     else:
         counted = None

@@ -1,8 +1,9 @@
 """The metric names a sweep trial reports, given its config, and the check of metric settings.
 
 A trial reports per-epoch training metrics (every epoch, to Tune and ASHA) and, once at the
-end, bookkeeping and evaluation metrics (see :mod:`regvi.sweep.trial`). Which names exist
-depends on the config: validation metrics need ``training.validation_fraction > 0``, scib needs
+end, bookkeeping and evaluation metrics (see :mod:`regvi.sweep.worker` and
+:mod:`regvi.sweep.trial_eval`). Which names exist depends on the config: validation metrics
+need ``training.validation_fraction > 0``, scib needs
 ``evaluation.scib`` and ``data.labels_key``, neighbourhood metrics need ``evaluation.neighbourhood``
 and markers (``data.labels_key`` or ``evaluation.markers``), their cross-dataset / technical
 versions need ``data.dataset_key`` / ``data.technical_covariate_keys``, low-count robustness needs
@@ -27,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from regvi.sweep.errors import ConfigError
+
 if TYPE_CHECKING:
     from regvi.sweep.config import SweepConfig
 
@@ -37,7 +40,8 @@ DERIVED_TERMS = ("n_active_dims",)
 #: Loss terms the multimodal module reports per modality m, as ``<term>_<m>``
 #: (``RegMultiVIModule.loss``).
 MODALITY_LOSS_TERMS = ("reconstruction", "kl_z", "kl_library", "global", "theta_mean")
-#: Final-report bookkeeping of every trial (``train_worker`` and ``_setup_seconds``).
+#: Final-report bookkeeping of every trial (:func:`regvi.sweep.worker.train_worker` and its
+#: ``_setup_seconds``).
 TRIAL_BOOKKEEPING = (
     "final",
     "epochs_trained",
@@ -49,7 +53,8 @@ TRIAL_BOOKKEEPING = (
     "setup_model_s",
     "training_wall_s",
 )
-#: Evaluation bookkeeping of every trial (``evaluate`` and the trial's ``_evaluate``).
+#: Evaluation bookkeeping of every trial (``evaluate`` and
+#: :func:`regvi.sweep.trial_eval.evaluate_trial`).
 EVAL_BOOKKEEPING = (
     "eval_n_cells",
     "eval_seconds_knn",
@@ -378,8 +383,6 @@ def check_metric(
     Raises :class:`~regvi.sweep.config.ConfigError` naming ``where``, the value and either the
     closest valid names (a misspelt name) or the settings that would enable it.
     """
-    from regvi.sweep.config import ConfigError
-
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: {name!r}; expected a metric name")
     families = metric_families(cfg) if families is None else families
@@ -405,8 +408,6 @@ def check_metric_settings(cfg: SweepConfig) -> None:
     Raises :class:`~regvi.sweep.config.ConfigError` for a name the configured trials will not
     report (misspelt, or switched off), before anything starts.
     """
-    from regvi.sweep.config import ConfigError
-
     families = metric_families(cfg)
     for i, m in enumerate(cfg.objective_metrics):
         where = f"objective.metric[{i}]" if cfg.multi_objective else "objective.metric"

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from regvi.sweep import checkpoints
 from regvi.sweep.metric_names import EVALUATION_METRIC_PREFIXES
 from regvi.sweep.storage import StorageFullError, first_line, is_storage_full
 
@@ -240,8 +241,10 @@ class MLflowSweepCallback(_TuneCallback):
         so every trained epoch is in MLflow exactly once."""
         from regvi.io import HISTORY
 
-        history = None if checkpoint_dir is None else Path(checkpoint_dir) / "model" / HISTORY
-        if history is None or not history.is_file():
+        if checkpoint_dir is None:
+            return 0
+        history = Path(checkpoint_dir) / checkpoints.MODEL_DIR / HISTORY
+        if not history.is_file():
             return 0
         import pandas as pd
 
@@ -281,10 +284,10 @@ class MLflowSweepCallback(_TuneCallback):
         if ckpt and Path(ckpt).is_dir():
             ckpt = Path(ckpt)
             self._backfill_epochs(run_id, ckpt)
-            for sub in ("plots",):
+            for sub in (checkpoints.PLOTS_DIR,):
                 if (ckpt / sub).is_dir():
                     _retry(lambda s=sub: c.log_artifacts(run_id, str(ckpt / s), s))
-            for f in ("eval_latent.npy", "eval_indices.npy"):
+            for f in (checkpoints.LATENT_FILE, checkpoints.EVAL_INDEX_FILE):
                 if (ckpt / f).is_file():
                     _retry(lambda f=f: c.log_artifact(run_id, str(ckpt / f), "evaluation"))
             cfg_path = ckpt / "resolved_config.json"
@@ -296,7 +299,9 @@ class MLflowSweepCallback(_TuneCallback):
                 )
             )
             _retry(lambda: c.log_artifact(run_id, str(cfg_path)))
-            model_uri = _retry(lambda: log_model_dir(self.tracking_uri, run_id, ckpt / "model"))
+            model_uri = _retry(
+                lambda: log_model_dir(self.tracking_uri, run_id, ckpt / checkpoints.MODEL_DIR)
+            )
             c.set_tag(run_id, "regvi.model_uri", model_uri)
             c.set_tag(run_id, "regvi.checkpoint", str(ckpt))
         if result.get("worker_node_id"):

@@ -25,7 +25,7 @@ from typing import Any
 
 from regvi.sweep.durable import atomic_filesystem
 from regvi.sweep.settings import TrialSettings
-from regvi.sweep.trial_eval import counts_modality, lowcount
+from regvi.sweep.trial_eval import counts_modality
 from regvi.sweep.worker import train_worker
 
 __all__ = [
@@ -48,12 +48,6 @@ TRAIN_POLL_INTERVAL_S = "0.2"
 
 class TrialDiverged(RuntimeError):
     """Training produced NaN/inf; the trial is marked failed with this reason."""
-
-
-def _lowcount(model, adata, sub, idx, cfg: dict[str, Any], label_key, plots: Path):
-    """:func:`regvi.sweep.trial_eval.lowcount` with ``data`` and ``seed`` from ``cfg``
-    (the call of ``tests/test_evaluation_fixes.py``)."""
-    return lowcount(model, adata, sub, idx, cfg["data"], cfg["seed"], label_key, plots)
 
 
 def run_trial(config: dict[str, Any]) -> None:
