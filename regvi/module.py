@@ -115,11 +115,11 @@ class ModuleConfig:
     #: are scaled by 0.1, so the cells' posterior means are not drowned in sampling noise at
     #: the start of training (see :meth:`RegVIModule.init_posterior_scale`)
     encoder_var_init: float | None = None
-    #: what the z encoder reads (docs/model.md#encoder-input): ``"log1p"``, log(1 + x); or
-    #: ``"normalised"``, log(1 + x · L̄ / L) with L the cell's total and L̄ the training cells'
-    #: typical total, so z does not see sequencing depth (the library encoder always reads
-    #: log(1 + x))
-    encoder_input: str = "log1p"
+    #: what the z encoder reads (docs/model.md#encoder-input): ``"normalised"`` (default),
+    #: log(1 + x · L̄ / L) with L the cell's total and L̄ the training cells' typical total, so
+    #: z does not see sequencing depth; or ``"log1p"``, log(1 + x) (scVI's input). The library
+    #: encoder always reads log(1 + x)
+    encoder_input: str = "normalised"
     # joint-embedding loss for low-count cells (regvi/nn/joint_embedding.py; 0 = off)
     #: weight of the Barlow Twins loss between z of x and of a binomially thinned copy x*
     joint_embedding_weight: float = 0.0
