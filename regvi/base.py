@@ -363,6 +363,29 @@ class BaseModel:
             raise ValueError(f"preset {name!r} unknown; expected one of {list(cls.PRESETS)}")
         return dict(cls.PRESETS[name])
 
+    @classmethod
+    def _bare(
+        cls,
+        registry: Any,
+        config: Any,
+        module: Any,
+        setup_kwargs: Mapping[str, Any],
+        is_trained: bool,
+        history: pd.DataFrame | None,
+    ) -> Any:
+        """A model object holding its parts and no data (``assemble`` of a subclass)."""
+        model = cls.__new__(cls)
+        model.registry, model.config, model.module = registry, config, module
+        model.setup_kwargs = dict(setup_kwargs)
+        model.seed = int(model.setup_kwargs.get("seed", 0))
+        model.is_trained = bool(is_trained)
+        model.history = pd.DataFrame() if history is None else history
+        model.train_indices = model.validation_indices = None
+        model.count_summary = {}
+        model._covariates = None
+        model.query = None
+        return model
+
     def _dataset(self) -> Any:
         raise NotImplementedError
 

@@ -178,18 +178,9 @@ class RegVI(BaseModel):
         history: pd.DataFrame | None = None,
     ) -> RegVI:
         """A model from its parts, without data (loading, reference mapping)."""
-        model = cls.__new__(cls)
-        model.registry, model.config, model.module = registry, config, module
-        model.setup_kwargs = dict(setup_kwargs)
-        model.seed = int(model.setup_kwargs.get("seed", 0))
-        model.is_trained = bool(is_trained)
-        model.history = pd.DataFrame() if history is None else history
-        model.train_indices = model.validation_indices = None
-        model.count_summary = {}
+        model = cls._bare(registry, config, module, setup_kwargs, is_trained, history)
         model.adata = None
         model._X = None
-        model._covariates = None
-        model.query = None
         return model
 
     # ------------------------------------------------------------------ saving (regvi.io)

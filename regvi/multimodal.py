@@ -324,23 +324,14 @@ class RegMultiVI(BaseModel):
         history: pd.DataFrame | None = None,
     ) -> RegMultiVI:
         """A model from its parts, without data (loading, reference mapping)."""
-        model = cls.__new__(cls)
-        model.registry, model.config, model.module = registry, config, module
+        model = cls._bare(registry, config, module, setup_kwargs, is_trained, history)
         model.var_names = {m: list(v) for m, v in var_names.items()}
         model.layers = dict(layers)
-        model.setup_kwargs = dict(setup_kwargs)
-        model.seed = int(model.setup_kwargs.get("seed", 0))
-        model.is_trained = bool(is_trained)
-        model.history = pd.DataFrame() if history is None else history
-        model.train_indices = model.validation_indices = None
-        model.count_summary = {}
         model.mdata = None
         model._Xs = None
-        model._covariates = None
         model._obs = None
         model._cached_dataset = None
         model.attribution_ = None
-        model.query = None
         return model
 
     # ------------------------------------------------------------------ saving (regvi.io)

@@ -41,6 +41,15 @@ def _reference_part(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return new[tuple(slice(0, n) for n in old.shape)]
 
 
+def _assert_reference_entries_unchanged(reference_state, query_state) -> None:
+    """Every reference entry (rows, and one-hot columns of grown layers) is byte-identical."""
+    for name, old in reference_state.items():
+        part = _reference_part(query_state[name], old)
+        if ".body.linears." in name and name.endswith("weight"):
+            part = query_state[name][:, : old.shape[1]]
+        assert torch.equal(part, old), f"reference entries of {name} moved"
+
+
 def test_new_libraries_get_their_own_technical_terms(split, reference):
     _, query = split
     q = regvi.RegVI.load_query_data(query, reference)
@@ -87,12 +96,7 @@ def test_query_training_fits_only_new_entries_and_the_reference_latent_stays(spl
         warnings.simplefilter("ignore")
         q.train(max_epochs=3, progress_bar=False)
     after = _state(q)
-    ref_state = _state(reference)
-    for name, old in ref_state.items():
-        part = _reference_part(after[name], old)
-        if "decoder.body.linears" in name and name.endswith("weight"):
-            part = after[name][:, : old.shape[1]]
-        assert torch.equal(part, old), f"reference entries of {name} moved"
+    _assert_reference_entries_unchanged(_state(reference), after)
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert {"ambient_log.0", "log_theta_mean", "feature_scaling_raw.0"} <= moved
     assert not any(k.startswith(("z_encoder", "l_encoder", "decoder")) for k in moved)
@@ -233,11 +237,7 @@ def test_multimodal_query_keeps_the_reference_and_fits_new_libraries(multiome):
         warnings.simplefilter("ignore")
         q.train(max_epochs=3, progress_bar=False)
     after = _state(q)
-    for name, old in before.items():
-        part = _reference_part(after[name], old)
-        if ".body.linears." in name and name.endswith("weight"):
-            part = after[name][:, : old.shape[1]]
-        assert torch.equal(part, old), f"reference entries of {name} moved"
+    _assert_reference_entries_unchanged(before, after)
     moved = {k for k in after if not torch.equal(after[k], grown[k])}
     assert {"mods.rna.ambient_log.0", "mods.atac.feature_scaling_raw.0"} <= moved
     np.testing.assert_array_equal(
