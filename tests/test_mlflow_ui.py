@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from regvi.sweep.tracking import KIND_TRAINING, TAG_KIND, ensure_experiment
@@ -25,3 +27,17 @@ def test_an_existing_experiment_gets_the_tag_but_a_users_value_is_kept(tmp_path)
     assert ensure_experiment(uri, "own") == own
     assert c.get_experiment(untagged).tags[TAG_KIND] == KIND_TRAINING
     assert c.get_experiment(own).tags[TAG_KIND] == "genai_development"
+
+
+def test_a_failed_model_upload_leaves_the_trial_run_unfinished(tmp_path):
+    """A model upload that fails (e.g. on a full disk) must not mark the trial's run FAILED:
+    the sweep stops and --resume logs the trial again."""
+    from regvi.sweep.tracking import client, log_model_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "upload", artifact_root=tmp_path / "artifacts")
+    c = client(uri)
+    run_id = c.create_run(exp).info.run_id
+    with pytest.raises(MlflowException):
+        log_model_dir(uri, run_id, tmp_path / "no-such-model")
+    assert c.get_run(run_id).info.status == "RUNNING"

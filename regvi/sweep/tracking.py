@@ -136,13 +136,19 @@ def log_model_dir(uri: str, run_id: str, model_dir: Path) -> str:
 
     mlflow.set_tracking_uri(uri)
     code = Path(__file__).with_name("pyfunc_model.py")
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=str(code),
-            artifacts={"regvi_model": str(model_dir)},
-            pip_requirements=["regvi"],
-        )
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(code),
+                artifacts={"regvi_model": str(model_dir)},
+                pip_requirements=["regvi"],
+            )
+    except BaseException:
+        # leaving the `with` on an error marked the run FAILED; a failed upload (e.g. a full
+        # disk) leaves the trial unfinished instead, so --resume logs it again
+        client(uri).update_run(run_id, status="RUNNING")
+        raise
     return info.model_uri
 
 
