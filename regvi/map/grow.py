@@ -385,6 +385,7 @@ class QueryFreeze:
         self.masks: dict[str, torch.Tensor] = {}
         self.frozen_values: dict[str, torch.Tensor] = {}
         self._hooks: list[Any] = []
+        self._entries: list[list[torch.Tensor]] = []
         self._flags: dict[str, bool] = {}
         for name, param in module.named_parameters():
             self._flags[name] = param.requires_grad
@@ -397,14 +398,30 @@ class QueryFreeze:
             mask = mask.to(param.device)
             self.masks[name] = mask
             self.frozen_values[name] = param.detach()[~mask].clone()
-            self._hooks.append(param.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+            # per parameter: the frozen-entry mask, their values, the gradient factor (moved to
+            # the parameter's device and dtype once, not every step)
+            self._entries.append([param, ~mask, self.frozen_values[name], mask.to(param.dtype)])
+            self._hooks.append(param.register_hook(self._gradient_mask(len(self._entries) - 1)))
+
+    def _on_device(self, k: int, device: torch.device) -> list[torch.Tensor]:
+        entry = self._entries[k]
+        if entry[1].device != device:  # the module moved (e.g. to a GPU) after the freeze
+            entry[1:] = [t.to(device) for t in entry[1:]]
+        return entry
+
+    def _gradient_mask(self, k: int) -> Any:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            factor = self._on_device(k, grad.device)[3]
+            return grad * (factor if factor.dtype == grad.dtype else factor.to(grad.dtype))
+
+        return hook
 
     @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen entries back (after an optimiser step)."""
-        params = dict(self.module.named_parameters())
-        for name, mask in self.masks.items():
-            params[name][~mask] = self.frozen_values[name].to(params[name].device)
+        for k, (param, *_) in enumerate(self._entries):
+            _, frozen, values, _ = self._on_device(k, param.device)
+            param[frozen] = values
 
     def release(self) -> None:
         """Undo the freeze (hooks removed, requires_grad as before)."""
