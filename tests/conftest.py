@@ -3,10 +3,13 @@ and the unit/integration markers."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import inspect
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +153,65 @@ def pytest_runtest_makereport(item, call):
     if "shared/data" in reason or "shared data" in reason:
         report.outcome = "failed"
         report.longrepr = f"REGVI_REQUIRE_SHARED_DATA=1, but skipped: {reason}"
+
+
+# ------------------------------------------------------------------ catalogued datasets
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that does not log each request."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """A real HTTP server on 127.0.0.1 (free port) serving ``folder``; yields its base URL."""
+    import functools
+    import threading
+
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def http_folder():
+    """``serve_folder`` as a fixture: ``with http_folder(path) as url: ...``."""
+    return serve_folder
+
+
+@pytest.fixture(scope="session")
+def data_mirror():
+    """A real HTTP server on 127.0.0.1 serving ../shared/data (the built dataset files), as a
+    user's mirror would; yields its base URL. Skips (fails in CI) without ../shared/data."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the shared data at {SHARED_DATA} (../shared/data)")
+    with serve_folder(SHARED_DATA) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def dataset_cache(data_mirror, tmp_path_factory):
+    """Every catalogued dataset fetched from :func:`data_mirror` into a session cache, which
+    ``$REGVI_DATA_DIR`` points at for the session (shipped configs name ``dataset:<name>``)."""
+    from regvi.datasets import catalog
+
+    cache = tmp_path_factory.mktemp("regvi-datasets")
+    catalog.fetch(list(catalog.CATALOG), mirror=data_mirror, cache=cache, log=lambda _: None)
+    old = os.environ.get(catalog.ENV_DIR)
+    os.environ[catalog.ENV_DIR] = str(cache)
+    try:
+        yield cache
+    finally:
+        if old is None:
+            os.environ.pop(catalog.ENV_DIR, None)
+        else:
+            os.environ[catalog.ENV_DIR] = old

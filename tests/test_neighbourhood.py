@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,8 +34,9 @@ from evaluation.nc_summary import (
 )
 from evaluation.neighbourhood import HEADLINE_KEYS, neighbourhood_metrics
 from evaluation.plots import category_labels
+from regvi.datasets import immune_markers_path
 
-CURATED = Path(__file__).resolve().parents[2] / "shared/data/markers/immune_marker_genes.csv"
+CURATED = immune_markers_path()  # the bundled curated list
 
 
 @pytest.fixture(scope="module")

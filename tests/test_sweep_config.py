@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -37,15 +36,9 @@ SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
 
 
 def _load_shipped(path: Path):
-    """load_config(path); a shipped config whose shared data (../shared/data next to the
-    checkout) is missing is a visible xfail, or a failure under REGVI_REQUIRE_SHARED_DATA=1 (CI)."""
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        missing = "data." in str(err) and "does not exist" in str(err)
-        if not missing or os.environ.get("REGVI_REQUIRE_SHARED_DATA") == "1":
-            raise
-        pytest.xfail(f"{path.name}: shared data missing ({err}); REGVI_REQUIRE_SHARED_DATA=1 fails")
+    """load_config(path); shipped configs name catalogued datasets (``dataset:<name>``), which the
+    ``dataset_cache`` fixture fetched from a local HTTP mirror of ../shared/data."""
+    return load_config(path)
 
 
 def test_sweeps_are_shipped():
@@ -54,7 +47,7 @@ def test_sweeps_are_shipped():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_sweep_parses(path):
+def test_shipped_sweep_parses(path, dataset_cache):
     cfg = _load_shipped(path)
     assert cfg.params, path
 
@@ -495,7 +488,7 @@ def test_dry_run_checks_each_modality_file(tmp_path):
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_sweep_passes_dry_run(path, capsys):
+def test_shipped_sweep_passes_dry_run(path, capsys, dataset_cache):
     _load_shipped(path)
     rc, out, err = _cli([path, "--dry-run"], capsys)
     assert rc == 0, (path, err)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 import anndata as ad
 
 KANG_SMALL = "kang2018_pbmc_small.h5ad"
+IMMUNE_MARKERS = "immune_marker_genes.csv"
 
 
 def kang_pbmc_small() -> ad.AnnData:
@@ -20,3 +22,14 @@ def kang_pbmc_small() -> ad.AnnData:
     """
     with resources.as_file(resources.files(__package__) / KANG_SMALL) as path:
         return ad.read_h5ad(path)
+
+
+def immune_markers_path() -> Path:
+    """The bundled curated immune / haematopoietic marker list (192 genes; columns ``gene,
+    cell_type, lineage, category``), for the neighbourhood metrics on human immune data.
+
+    From the public regularizedvi repository (``vitkl/regularizedvi``,
+    ``docs/notebooks/known_marker_genes.csv``, MIT licence, © 2026 Vitalii Kleshchevnikov).
+    Sweep configs name it ``evaluation.markers: bundled:immune_markers``.
+    """
+    return Path(__file__).resolve().parent / IMMUNE_MARKERS

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import yaml
 
 from regvi.data.registry import REGISTRY_ARGS
+from regvi.datasets.catalog import DATASET_PREFIX, DatasetError
+from regvi.datasets.catalog import resolve as dataset_path
 from regvi.module import ModuleConfig
 from regvi.sweep.errors import ConfigError
 from regvi.sweep.metric_names import check_metric_settings
@@ -401,10 +404,35 @@ def decode_data_value(value: Any) -> Any:
     return value
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(value: str, where: str) -> str:
+    """``${VAR}`` / ``${VAR:-default}`` from the environment; an unset variable without a
+    default is a :class:`ConfigError` naming it."""
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} in {value!r} is not set")
+
+    return _VAR.sub(sub, value)
+
+
 def _resolve_file(value: Any, base: Path, where: str) -> str:
-    """Absolute path of an existing .h5ad file (relative paths resolve against ``base``)."""
+    """Absolute path of an existing .h5ad file: a path (``${VAR}`` expanded; relative paths
+    resolve against ``base``) or ``dataset:<name>`` (a fetched catalogue dataset)."""
     if not isinstance(value, str | os.PathLike):
         raise ConfigError(f"{where}: expected a file path, got {value!r}")
+    value = expand_vars(str(value), where)
+    if value.startswith(DATASET_PREFIX):
+        try:
+            return str(dataset_path(value).resolve())
+        except DatasetError as err:
+            raise ConfigError(f"{where}: {err}") from None
     p = Path(value).expanduser()
     p = p if p.is_absolute() else (base / p)
     if not p.is_file():
@@ -476,7 +504,8 @@ def parse_config(
         raise ConfigError("data.counts_modality: only for multimodal data (data.modalities)")
     elif "path" not in data:
         raise ConfigError(
-            "data.path: missing; give an .h5ad path or 'bundled:kang_pbmc_small' (or "
+            "data.path: missing; give an .h5ad path, 'dataset:<name>' (python -m "
+            "regvi.datasets list) or 'bundled:kang_pbmc_small' (or "
             "data.modalities for paired multimodal data)"
         )
     else:
@@ -616,8 +645,17 @@ def parse_config(
     for key in ("scib", "neighbourhood", "lowcount", "umap", "pool"):
         if key in ev and not isinstance(ev[key], bool):
             raise ConfigError(f"evaluation.{key}: {ev[key]!r}; expected true or false")
-    if isinstance(ev.get("markers"), str) and ev["markers"] != "data":
-        mp = Path(ev["markers"]).expanduser()
+    if ev.get("markers") == BUNDLED_PREFIX + "immune_markers":
+        from regvi.datasets import immune_markers_path
+
+        ev["markers"] = str(immune_markers_path())
+    elif isinstance(ev.get("markers"), str) and ev["markers"] != "data":
+        if ev["markers"].startswith(BUNDLED_PREFIX):
+            raise ConfigError(
+                f"evaluation.markers: unknown bundled marker list {ev['markers']!r}; have "
+                "'bundled:immune_markers'"
+            )
+        mp = Path(expand_vars(ev["markers"], "evaluation.markers")).expanduser()
         mp = mp if mp.is_absolute() else base / mp
         if not mp.is_file():
             raise ConfigError(f"evaluation.markers: file {mp} does not exist")
