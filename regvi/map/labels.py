@@ -115,6 +115,117 @@ def _neighbour_weights(distances: np.ndarray, weighting: str) -> np.ndarray:
     return w
 
 
+def _check_settings(
+    weighting: Any, threshold: Any, n_neighbors: Any, chunk_size: Any
+) -> tuple[int, int]:
+    """Check the scalar settings; returns ``n_neighbors`` and ``chunk_size`` as ints."""
+    _check_weighting(weighting)
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not (0.0 <= float(threshold) <= 1.0)
+    ):
+        raise ValueError(f"threshold: expected a number in [0, 1], got {threshold!r}")
+    return _check_int(n_neighbors, "n_neighbors", 1), _check_int(chunk_size, "chunk_size", 1)
+
+
+def _check_latents(reference_latent: Any, query_latent: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both latents as finite 2-D float arrays of the same width."""
+    ref = _as_latent(reference_latent, "reference_latent")
+    query = _as_latent(query_latent, "query_latent")
+    if ref.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"query_latent: expected {ref.shape[1]} latent dimensions like reference_latent, "
+            f"got {query.shape[1]}"
+        )
+    return ref, query
+
+
+def _reference_labels(
+    reference_labels: Any, n_reference: int, n_neighbors: int
+) -> tuple[np.ndarray, np.ndarray, list[Any] | None]:
+    """Label values, labelled mask and categorical order (or None), with enough labelled cells."""
+    values, missing, categories = _as_label_array(reference_labels, "reference_labels")
+    if values.shape[0] != n_reference:
+        raise ValueError(
+            f"reference_labels: expected one label per reference_latent row ({n_reference}), "
+            f"got {values.shape[0]}"
+        )
+    labelled = ~missing
+    n_labelled = int(labelled.sum())
+    if n_labelled == 0:
+        raise ValueError("reference_labels: expected at least one labelled cell, all are missing")
+    if n_neighbors > n_labelled:
+        raise ValueError(
+            f"n_neighbors: expected at most the number of labelled reference cells ({n_labelled}), "
+            f"got {n_neighbors}"
+        )
+    return values, labelled, categories
+
+
+def _label_classes(
+    values: np.ndarray, labelled: np.ndarray, categories: list[Any] | None, unknown_label: str
+) -> list[Any]:
+    """The labels present, in categorical (else sorted) order; ``unknown_label`` not among them."""
+    present = pd.unique(values[labelled])
+    if categories is not None:
+        present_set = set(present)
+        classes = [c for c in categories if c in present_set]
+    else:
+        try:
+            classes = sorted(present)
+        except TypeError:  # mixed, unorderable label types
+            classes = sorted(present, key=str)
+    if unknown_label in set(classes):
+        raise ValueError(
+            f"unknown_label: {unknown_label!r} is also a reference label; pick another "
+            "unknown_label or mark those reference cells as missing (NaN)"
+        )
+    return classes
+
+
+def _output_index(query_index: Sequence[Any] | pd.Index | None, n_query: int) -> pd.Index:
+    """The output table's index: ``query_index`` (one entry per query cell) or ``0..n-1``."""
+    if query_index is not None:
+        out_index = pd.Index(query_index)
+        if len(out_index) != n_query:
+            raise ValueError(
+                f"query_index: expected {n_query} entries (one per query_latent row), "
+                f"got {len(out_index)}"
+            )
+    else:
+        out_index = pd.RangeIndex(n_query)
+    return out_index
+
+
+def _knn_vote(
+    nn: NearestNeighbors,
+    codes: np.ndarray,
+    n_classes: int,
+    query: np.ndarray,
+    weighting: str,
+    chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Winning class code and its vote share (clipped to [0, 1]) per query cell, by chunks."""
+    n_query = query.shape[0]
+    winner = np.empty(n_query, dtype=np.intp)
+    confidence = np.empty(n_query, dtype=np.float64)
+    for start in range(0, n_query, chunk_size):
+        stop = min(start + chunk_size, n_query)
+        dist, idx = nn.kneighbors(query[start:stop], return_distance=True)
+        w = _neighbour_weights(dist, weighting)
+        n_rows = stop - start
+        flat = (np.arange(n_rows)[:, None] * n_classes + codes[idx]).ravel()
+        votes = np.bincount(flat, weights=w.ravel(), minlength=n_rows * n_classes)
+        votes = votes.reshape(n_rows, n_classes)
+        total = votes.sum(axis=1)
+        best = votes.argmax(axis=1)  # first maximum: ties go to the earlier label
+        winner[start:stop] = best
+        confidence[start:stop] = votes[np.arange(n_rows), best] / total
+    np.clip(confidence, 0.0, 1.0, out=confidence)
+    return winner, confidence
+
+
 def transfer_labels(
     reference_latent: Any,
     reference_labels: Any,
@@ -208,60 +319,11 @@ def transfer_labels(
     from the reference, query NK cells are called CD4 T cells).
     """
     # ---- validate everything before doing any work
-    _check_weighting(weighting)
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, numbers.Real)
-        or not (0.0 <= float(threshold) <= 1.0)
-    ):
-        raise ValueError(f"threshold: expected a number in [0, 1], got {threshold!r}")
-    n_neighbors = _check_int(n_neighbors, "n_neighbors", 1)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    ref = _as_latent(reference_latent, "reference_latent")
-    query = _as_latent(query_latent, "query_latent")
-    if ref.shape[1] != query.shape[1]:
-        raise ValueError(
-            f"query_latent: expected {ref.shape[1]} latent dimensions like reference_latent, "
-            f"got {query.shape[1]}"
-        )
-    values, missing, categories = _as_label_array(reference_labels, "reference_labels")
-    if values.shape[0] != ref.shape[0]:
-        raise ValueError(
-            f"reference_labels: expected one label per reference_latent row ({ref.shape[0]}), "
-            f"got {values.shape[0]}"
-        )
-    labelled = ~missing
-    n_labelled = int(labelled.sum())
-    if n_labelled == 0:
-        raise ValueError("reference_labels: expected at least one labelled cell, all are missing")
-    if n_neighbors > n_labelled:
-        raise ValueError(
-            f"n_neighbors: expected at most the number of labelled reference cells ({n_labelled}), "
-            f"got {n_neighbors}"
-        )
-    present = pd.unique(values[labelled])
-    if categories is not None:
-        present_set = set(present)
-        classes = [c for c in categories if c in present_set]
-    else:
-        try:
-            classes = sorted(present)
-        except TypeError:  # mixed, unorderable label types
-            classes = sorted(present, key=str)
-    if unknown_label in set(classes):
-        raise ValueError(
-            f"unknown_label: {unknown_label!r} is also a reference label; pick another "
-            "unknown_label or mark those reference cells as missing (NaN)"
-        )
-    if query_index is not None:
-        out_index = pd.Index(query_index)
-        if len(out_index) != query.shape[0]:
-            raise ValueError(
-                f"query_index: expected {query.shape[0]} entries (one per query_latent row), "
-                f"got {len(out_index)}"
-            )
-    else:
-        out_index = pd.RangeIndex(query.shape[0])
+    n_neighbors, chunk_size = _check_settings(weighting, threshold, n_neighbors, chunk_size)
+    ref, query = _check_latents(reference_latent, query_latent)
+    values, labelled, categories = _reference_labels(reference_labels, ref.shape[0], n_neighbors)
+    classes = _label_classes(values, labelled, categories, unknown_label)
+    out_index = _output_index(query_index, query.shape[0])
 
     # ---- kNN vote
     ref_lab = ref[labelled] if not labelled.all() else ref
@@ -269,23 +331,7 @@ def transfer_labels(
     n_classes = len(classes)
     nn = NearestNeighbors(n_neighbors=n_neighbors, algorithm="auto", n_jobs=n_jobs)
     nn.fit(ref_lab)
-
-    n_query = query.shape[0]
-    winner = np.empty(n_query, dtype=np.intp)
-    confidence = np.empty(n_query, dtype=np.float64)
-    for start in range(0, n_query, chunk_size):
-        stop = min(start + chunk_size, n_query)
-        dist, idx = nn.kneighbors(query[start:stop], return_distance=True)
-        w = _neighbour_weights(dist, weighting)
-        n_rows = stop - start
-        flat = (np.arange(n_rows)[:, None] * n_classes + codes[idx]).ravel()
-        votes = np.bincount(flat, weights=w.ravel(), minlength=n_rows * n_classes)
-        votes = votes.reshape(n_rows, n_classes)
-        total = votes.sum(axis=1)
-        best = votes.argmax(axis=1)  # first maximum: ties go to the earlier label
-        winner[start:stop] = best
-        confidence[start:stop] = votes[np.arange(n_rows), best] / total
-    np.clip(confidence, 0.0, 1.0, out=confidence)
+    winner, confidence = _knn_vote(nn, codes, n_classes, query, weighting, chunk_size)
 
     call = confidence >= float(threshold)
     out_codes = np.where(call, winner, n_classes)

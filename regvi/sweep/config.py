@@ -284,11 +284,10 @@ def train_option_names() -> set[str]:
     return set(inspect.signature(RegVI.train).parameters) - {"self", "trainer_kwargs"}
 
 
-def _parse_param(
-    name: str, spec: Any, train_args: set[str], modalities: list[str] | None = None
-) -> Param:
-    where = f"search.{name}"
-    modality = None
+def _param_target(
+    name: str, where: str, train_args: set[str], modalities: list[str] | None
+) -> tuple[str, str | None]:
+    """The target (``model`` / ``training`` / ``data``) and modality of searched ``name``."""
     if modalities and "." in name:
         base, modality = name.split(".", 1)
         if modality not in modalities:
@@ -300,30 +299,64 @@ def _parse_param(
                 f"{where}: {base!r} cannot be set per modality; use a model option such as "
                 "n_latent.<modality> or lr_multipliers.<modality>"
             )
-        target = "model"
-    elif name in MODEL_ARGS:
-        target = "model"
-    elif name in train_args:
-        target = "training"
-    elif name in SEARCHABLE_DATA_KEYS:
-        target = "data"
-    elif name in _FAN_OUT_KEYS:
+        return "model", modality
+    if name in MODEL_ARGS:
+        return "model", None
+    if name in train_args:
+        return "training", None
+    if name in SEARCHABLE_DATA_KEYS:
+        return "data", None
+    if name in _FAN_OUT_KEYS:
         raise ConfigError(
             f"{where}: {name!r} cannot be searched: it is set by the fixed library_key (ambient, "
             f"dispersion and library-size groups); searchable covariate purposes: "
             f"{list(SEARCHABLE_DATA_KEYS)}"
         )
-    elif name in DATA_KEYS:
+    if name in DATA_KEYS:
         raise ConfigError(
             f"{where}: {name!r} cannot be searched: it defines what every trial is scored on "
             f"(fix it under data); searchable covariate purposes: {list(SEARCHABLE_DATA_KEYS)}"
         )
-    else:
-        raise ConfigError(
-            f"{where}: {name!r} is not a RegVI model or training argument or a searchable "
-            f"covariate purpose; model: {sorted(MODEL_ARGS)}; training: {sorted(train_args)}; "
-            f"covariate purposes: {list(SEARCHABLE_DATA_KEYS)}"
-        )
+    raise ConfigError(
+        f"{where}: {name!r} is not a RegVI model or training argument or a searchable "
+        f"covariate purpose; model: {sorted(MODEL_ARGS)}; training: {sorted(train_args)}; "
+        f"covariate purposes: {list(SEARCHABLE_DATA_KEYS)}"
+    )
+
+
+def _set_param_values(p: Param, spec: dict[str, Any], where: str) -> None:
+    """Set ``p.values`` of a categorical parameter from ``spec`` (data values encoded)."""
+    values = spec.get("values")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}.values: expected a non-empty list, got {values!r}")
+    if p.target == "data":
+        values = [encode_data_value(v, f"{where}.values[{i}]") for i, v in enumerate(values)]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{where}.values: {spec['values']!r} lists a value twice")
+    p.values = values
+
+
+def _set_param_range(p: Param, spec: dict[str, Any], where: str) -> None:
+    """Set ``p.low`` / ``p.high`` (and ``p.log``) of a numeric parameter from ``spec``."""
+    for bound in ("low", "high"):
+        if bound not in spec:
+            raise ConfigError(f"{where}: missing '{bound}' for type {p.type}")
+        _number(spec[bound], f"{where}.{bound}", integer=p.type == "int")
+    p.low, p.high = spec["low"], spec["high"]
+    if not p.low < p.high:
+        raise ConfigError(f"{where}: empty or inverted range low={p.low} >= high={p.high}")
+    if (p.type == "loguniform" or p.log) and p.low <= 0:
+        raise ConfigError(f"{where}: log scale needs low > 0, got {p.low}")
+    if p.type == "loguniform":
+        p.log = True
+
+
+def _parse_param(
+    name: str, spec: Any, train_args: set[str], modalities: list[str] | None = None
+) -> Param:
+    """One ``search`` entry as a :class:`Param` (target, type and values or range checked)."""
+    where = f"search.{name}"
+    target, modality = _param_target(name, where, train_args, modalities)
     spec = _require_mapping(spec, where)
     _unknown(spec, {"type", "low", "high", "values", "log", "when"}, where)
     ptype = spec.get("type")
@@ -344,26 +377,9 @@ def _parse_param(
             "keys, e.g. {type: categorical, values: [null, sample, [sample, donor]]}"
         )
     if ptype == "categorical":
-        values = spec.get("values")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.values: expected a non-empty list, got {values!r}")
-        if target == "data":
-            values = [encode_data_value(v, f"{where}.values[{i}]") for i, v in enumerate(values)]
-            if len(set(values)) != len(values):
-                raise ConfigError(f"{where}.values: {spec['values']!r} lists a value twice")
-        p.values = values
+        _set_param_values(p, spec, where)
     else:
-        for bound in ("low", "high"):
-            if bound not in spec:
-                raise ConfigError(f"{where}: missing '{bound}' for type {ptype}")
-            _number(spec[bound], f"{where}.{bound}", integer=ptype == "int")
-        p.low, p.high = spec["low"], spec["high"]
-        if not p.low < p.high:
-            raise ConfigError(f"{where}: empty or inverted range low={p.low} >= high={p.high}")
-        if (ptype == "loguniform" or p.log) and p.low <= 0:
-            raise ConfigError(f"{where}: log scale needs low > 0, got {p.low}")
-        if ptype == "loguniform":
-            p.log = True
+        _set_param_range(p, spec, where)
     return p
 
 
@@ -465,41 +481,47 @@ def load_config(
     return parse_config(raw, path, check_metrics=check_metrics)
 
 
-def parse_config(
-    raw: dict[str, Any], path: Path | None = None, check_metrics: bool = True
-) -> SweepConfig:
-    """Validate an already-parsed config mapping (``path`` anchors relative paths).
+def _parse_modalities(data: dict[str, Any], base: Path) -> list[str]:
+    """Resolve ``data.modalities`` (paths) in place; returns the sorted modality names."""
+    if "path" in data:
+        raise ConfigError("data: give either path (one modality) or modalities, not both")
+    mods = _require_mapping(data["modalities"], "data.modalities")
+    if len(mods) < 2:
+        raise ConfigError(
+            f"data.modalities: {sorted(mods)}; the multimodal model needs 2+ modalities "
+            "(modality name → .h5ad path)"
+        )
+    data["modalities"] = {
+        str(m): _resolve_file(v, base, f"data.modalities.{m}") for m, v in mods.items()
+    }
+    modalities = sorted(data["modalities"])
+    cm = data.get("counts_modality")
+    if cm is not None and cm not in modalities:
+        raise ConfigError(
+            f"data.counts_modality: {cm!r} is not one of data.modalities {modalities}"
+        )
+    return modalities
 
-    Metric names (``objective.metric``, the metric ASHA prunes on) must be metrics the
-    configured trials report (:func:`regvi.sweep.metric_names.check_metric_settings`), unless
-    ``check_metrics`` is false."""
-    if not raw:
-        raise ConfigError(f"{path or 'config'}: empty config; needs at least 'data' and 'search'")
-    _unknown(raw, SECTIONS, "config")
-    base = path.parent.resolve() if path is not None else Path.cwd()
-    train_args = _train_args()
-    # data
+
+def _parse_data_path(data: dict[str, Any], base: Path) -> None:
+    """Check ``data.path`` (a bundled dataset, or a file resolved to an absolute path) in place."""
+    dpath = str(data["path"])
+    if dpath.startswith(BUNDLED_PREFIX):
+        if dpath[len(BUNDLED_PREFIX) :] != "kang_pbmc_small":
+            raise ConfigError(
+                f"data.path: unknown bundled dataset {dpath!r}; have 'bundled:kang_pbmc_small'"
+            )
+    else:
+        data["path"] = _resolve_file(dpath, base, "data.path")
+
+
+def _parse_data(raw: dict[str, Any], base: Path) -> tuple[dict[str, Any], list[str] | None]:
+    """The validated ``data`` section and its sorted modalities (``None``: one modality)."""
     data = dict(_require_mapping(raw.get("data"), "data"))
     _unknown(data, DATA_KEYS, "data")
     modalities: list[str] | None = None
     if "modalities" in data:
-        if "path" in data:
-            raise ConfigError("data: give either path (one modality) or modalities, not both")
-        mods = _require_mapping(data["modalities"], "data.modalities")
-        if len(mods) < 2:
-            raise ConfigError(
-                f"data.modalities: {sorted(mods)}; the multimodal model needs 2+ modalities "
-                "(modality name → .h5ad path)"
-            )
-        data["modalities"] = {
-            str(m): _resolve_file(v, base, f"data.modalities.{m}") for m, v in mods.items()
-        }
-        modalities = sorted(data["modalities"])
-        cm = data.get("counts_modality")
-        if cm is not None and cm not in modalities:
-            raise ConfigError(
-                f"data.counts_modality: {cm!r} is not one of data.modalities {modalities}"
-            )
+        modalities = _parse_modalities(data, base)
     elif "counts_modality" in data:
         raise ConfigError("data.counts_modality: only for multimodal data (data.modalities)")
     elif "path" not in data:
@@ -509,17 +531,14 @@ def parse_config(
             "data.modalities for paired multimodal data)"
         )
     else:
-        dpath = str(data["path"])
-        if dpath.startswith(BUNDLED_PREFIX):
-            if dpath[len(BUNDLED_PREFIX) :] != "kang_pbmc_small":
-                raise ConfigError(
-                    f"data.path: unknown bundled dataset {dpath!r}; have 'bundled:kang_pbmc_small'"
-                )
-        else:
-            data["path"] = _resolve_file(dpath, base, "data.path")
+        _parse_data_path(data, base)
     if not any(k in data for k in ("library_key", "batch_key", "ambient_covariate_keys")):
         raise ConfigError("data: needs library_key (or batch_key, or the explicit purpose keys)")
-    # model / training
+    return data, modalities
+
+
+def _parse_model(raw: dict[str, Any], modalities: list[str] | None) -> dict[str, Any]:
+    """The validated ``model`` section (per-modality mappings checked against ``modalities``)."""
     model = dict(_require_mapping(raw.get("model"), "model"))
     _unknown(model, MODEL_ARGS | (MULTIMODAL_MODEL_ARGS if modalities else set()), "model")
     for k, v in model.items():
@@ -535,6 +554,11 @@ def parse_config(
                 )
     for k, v in model.items():
         _check_option("model", k, v)
+    return model
+
+
+def _parse_training(raw: dict[str, Any], train_args: set[str]) -> dict[str, Any]:
+    """The validated ``training`` section (precision / data_on_device: with the resources)."""
     training = dict(_require_mapping(raw.get("training"), "training"))
     _unknown(training, train_args, "training")
     for k in ("max_epochs", "batch_size", "patience"):
@@ -547,15 +571,23 @@ def parse_config(
     for k, v in training.items():
         if k not in ("precision", "data_on_device"):  # checked with the resources below
             _check_option("training", k, v)
-    # search
-    search = _require_mapping(raw.get("search"), "search")
-    params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
-    for p in params:  # every value a categorical search may take, as if fixed
+    return training
+
+
+def _check_search_values(params: list[Param]) -> None:
+    """Check every value a categorical search may take, as if it were fixed."""
+    for p in params:
         if p.target == "data":  # obs keys: checked against the data (data_check)
             continue
         for i, v in enumerate(p.values or []):
             option = p.name.split(".", 1)[0] if p.modality else p.name
             _check_option(f"search.{p.name}.values[{i}]", option, v, prefix=False)
+
+
+def _check_search_links(
+    params: list[Param], data: dict[str, Any], model: dict[str, Any], training: dict[str, Any]
+) -> None:
+    """Check each parameter's ``when`` (encoding data values) and that none is also fixed."""
     names = {p.name for p in params}
     for p in params:
         for dep in p.when:
@@ -569,7 +601,26 @@ def parse_config(
             clash = isinstance(base_value, dict) and p.modality in base_value
         if clash:
             raise ConfigError(f"search.{p.name}: also fixed in data/model/training; keep one")
-    # objective
+
+
+def _parse_search(
+    raw: dict[str, Any],
+    train_args: set[str],
+    modalities: list[str] | None,
+    data: dict[str, Any],
+    model: dict[str, Any],
+    training: dict[str, Any],
+) -> list[Param]:
+    """The validated ``search`` section: one :class:`Param` per searched parameter."""
+    search = _require_mapping(raw.get("search"), "search")
+    params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
+    _check_search_values(params)
+    _check_search_links(params, data, model, training)
+    return params
+
+
+def _parse_objective(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The validated ``objective`` section: its metric names and their modes."""
     obj = raw.get("objective", {"metric": "validation_elbo", "mode": "min"})
     obj = _require_mapping(obj, "objective")
     _unknown(obj, {"metric", "mode"}, "objective")
@@ -597,7 +648,11 @@ def parse_config(
     for m in modes:
         if m not in ("min", "max"):
             raise ConfigError(f"objective.mode: {m!r}; expected 'min' or 'max'")
-    # algorithm / scheduler
+    return metrics, modes
+
+
+def _parse_search_algorithm(raw: dict[str, Any], params: list[Param]) -> str:
+    """The validated ``search_algorithm.name`` (grid: every parameter categorical)."""
     algo = _require_mapping(raw.get("search_algorithm", {"name": "optuna"}), "search_algorithm")
     _unknown(algo, {"name"}, "search_algorithm")
     algo_name = algo.get("name", "optuna")
@@ -606,6 +661,11 @@ def parse_config(
     if algo_name == "grid" and any(p.type != "categorical" for p in params):
         bad = [p.name for p in params if p.type != "categorical"]
         raise ConfigError(f"search_algorithm grid needs categorical parameters; not: {bad}")
+    return algo_name
+
+
+def _parse_scheduler(raw: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``scheduler`` section, its ``name`` defaulted to ``asha``."""
     sched = dict(_require_mapping(raw.get("scheduler", {"name": "asha"}), "scheduler"))
     _unknown(sched, {"name", "grace_period", "reduction_factor", "max_t"}, "scheduler")
     if sched.get("name", "asha") not in ("asha", "fifo"):
@@ -618,13 +678,22 @@ def parse_config(
             f"training.max_epochs instead (default {train_default('max_epochs')})"
         )
     sched.setdefault("name", "asha")
-    # budget / resources
+    return sched
+
+
+def _parse_budget(raw: dict[str, Any]) -> tuple[int, float | None]:
+    """The validated ``budget`` section: the number of trials and the time budget (s)."""
     budget = _require_mapping(raw.get("budget"), "budget")
     _unknown(budget, {"trials", "time_budget_s"}, "budget")
     trials = int(_number(budget.get("trials", 8), "budget.trials", positive=True, integer=True))
     tbs = budget.get("time_budget_s")
     if tbs is not None:
         _number(tbs, "budget.time_budget_s", positive=True)
+    return trials, tbs
+
+
+def _parse_resources(raw: dict[str, Any]) -> tuple[int, float, float]:
+    """The validated ``resources`` section: workers, CPUs and GPUs per worker."""
     res = _require_mapping(raw.get("resources"), "resources")
     _unknown(res, {"workers", "cpus_per_worker", "gpus_per_worker"}, "resources")
     workers = int(_number(res.get("workers", 1), "resources.workers", positive=True, integer=True))
@@ -634,17 +703,11 @@ def parse_config(
         raise ConfigError(
             f"resources.gpus_per_worker: {gpus}; expected 0, a fraction < 1, or an integer"
         )
-    _check_device_settings(training, gpus)
-    # evaluation / mlflow / storage
-    ev = dict(_require_mapping(raw.get("evaluation"), "evaluation"))
-    _unknown(
-        ev,
-        {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "umap", "n_jobs", "pool"},
-        "evaluation",
-    )
-    for key in ("scib", "neighbourhood", "lowcount", "umap", "pool"):
-        if key in ev and not isinstance(ev[key], bool):
-            raise ConfigError(f"evaluation.{key}: {ev[key]!r}; expected true or false")
+    return workers, cpus, gpus
+
+
+def _resolve_markers(ev: dict[str, Any], base: Path) -> None:
+    """Resolve ``evaluation.markers`` (bundled list or file) to an absolute path in place."""
     if ev.get("markers") == BUNDLED_PREFIX + "immune_markers":
         from regvi.datasets import immune_markers_path
 
@@ -660,19 +723,77 @@ def parse_config(
         if not mp.is_file():
             raise ConfigError(f"evaluation.markers: file {mp} does not exist")
         ev["markers"] = str(mp.resolve())
+
+
+def _parse_evaluation(raw: dict[str, Any], base: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``evaluation`` section (marker paths resolved against ``base``)."""
+    ev = dict(_require_mapping(raw.get("evaluation"), "evaluation"))
+    _unknown(
+        ev,
+        {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "umap", "n_jobs", "pool"},
+        "evaluation",
+    )
+    for key in ("scib", "neighbourhood", "lowcount", "umap", "pool"):
+        if key in ev and not isinstance(ev[key], bool):
+            raise ConfigError(f"evaluation.{key}: {ev[key]!r}; expected true or false")
+    _resolve_markers(ev, base)
     if ev.get("markers") == "data" and not data.get("labels_key"):
         raise ConfigError(
             "evaluation.markers: 'data' (markers from the labels) needs data.labels_key"
         )
+    return ev
+
+
+def _parse_mlflow(raw: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``mlflow`` section."""
     ml = _require_mapping(raw.get("mlflow"), "mlflow")
     _unknown(ml, {"tracking_uri", "experiment", "register_model"}, "mlflow")
+    return ml
+
+
+def _parse_storage(raw: dict[str, Any]) -> Path:
+    """The validated ``storage.path``, absolute (relative to the working directory)."""
     storage = _require_mapping(raw.get("storage"), "storage")
     _unknown(storage, {"path"}, "storage")
     spath = Path(storage.get("path", "regvi_runs")).expanduser()
-    spath = spath if spath.is_absolute() else Path.cwd() / spath
+    return spath if spath.is_absolute() else Path.cwd() / spath
+
+
+def _parse_name(raw: dict[str, Any], path: Path | None) -> str:
+    """The validated sweep ``name`` (default: the config file's stem)."""
     name = raw.get("name", path.stem if path else "sweep")
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"name: {name!r}; expected letters, digits, '-' or '_' (used in paths)")
+    return name
+
+
+def parse_config(
+    raw: dict[str, Any], path: Path | None = None, check_metrics: bool = True
+) -> SweepConfig:
+    """Validate an already-parsed config mapping (``path`` anchors relative paths).
+
+    Metric names (``objective.metric``, the metric ASHA prunes on) must be metrics the
+    configured trials report (:func:`regvi.sweep.metric_names.check_metric_settings`), unless
+    ``check_metrics`` is false."""
+    if not raw:
+        raise ConfigError(f"{path or 'config'}: empty config; needs at least 'data' and 'search'")
+    _unknown(raw, SECTIONS, "config")
+    base = path.parent.resolve() if path is not None else Path.cwd()
+    train_args = _train_args()
+    data, modalities = _parse_data(raw, base)
+    model = _parse_model(raw, modalities)
+    training = _parse_training(raw, train_args)
+    params = _parse_search(raw, train_args, modalities, data, model, training)
+    metrics, modes = _parse_objective(raw)
+    algo_name = _parse_search_algorithm(raw, params)
+    sched = _parse_scheduler(raw)
+    trials, tbs = _parse_budget(raw)
+    workers, cpus, gpus = _parse_resources(raw)
+    _check_device_settings(training, gpus)
+    ev = _parse_evaluation(raw, base, data)
+    ml = _parse_mlflow(raw)
+    spath = _parse_storage(raw)
+    name = _parse_name(raw, path)
     seed = int(_number(raw.get("seed", 0), "seed", integer=True))
     cfg = SweepConfig(
         name=name,

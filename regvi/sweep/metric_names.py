@@ -244,25 +244,10 @@ def epoch_metric_names(prefix: str, modalities: list[str] | None = None) -> list
     return [f"{prefix}_{t}" for t in (*LOGGED_TERMS, *DERIVED_TERMS)]
 
 
-def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
-    """Every metric family a trial of ``cfg`` could report, each with the settings it needs
-    (:attr:`MetricFamily.enabled`: this config has them all)."""
-    data, ev = cfg.data, cfg.evaluation
-    mods = sorted(data["modalities"]) if cfg.multimodal else None
-    mod_names = mods or [MODALITY]
-    labels = bool(data.get("labels_key"))
-    markers = ev.get("markers") not in (None, "data")
-    technical = _as_list(data.get("technical_covariate_keys"))
-    validation = _positive_everywhere(cfg, "validation_fraction", 0.1)
-    multimodal = ("data.modalities (multimodal trials)", cfg.multimodal)
-    scib = (
-        ("evaluation.scib: true", ev.get("scib", True) is not False),
-        ("data.labels_key", labels),
-    )
-    nc_on = ("evaluation.neighbourhood: true", ev.get("neighbourhood", True) is not False)
-    nc = (nc_on, ("data.labels_key or evaluation.markers (a file or gene list)", labels or markers))
-    lowcount = (("evaluation.lowcount: true", bool(ev.get("lowcount", False))),)
-    nc_names = neighbourhood_metric_names(technical)
+def _epoch_families(
+    mod_names: list[str], validation: tuple[str, bool], multimodal: tuple[str, bool]
+) -> list[MetricFamily]:
+    """The per-epoch families: training and validation terms, overall and per modality."""
     return [
         MetricFamily(
             "training (per epoch)",
@@ -287,11 +272,30 @@ def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
             per_epoch=True,
             conditions=(multimodal, validation),
         ),
-        MetricFamily("trial bookkeeping", TRIAL_BOOKKEEPING, per_epoch=False),
-        MetricFamily("evaluation bookkeeping", EVAL_BOOKKEEPING, per_epoch=False),
-        MetricFamily(
-            "scib", (*scib_metric_names(), "eval_seconds_scib"), per_epoch=False, conditions=scib
-        ),
+    ]
+
+
+def _scib_family(ev: dict[str, Any], labels: bool) -> MetricFamily:
+    """The scib family (needs ``evaluation.scib`` and ``data.labels_key``)."""
+    scib = (
+        ("evaluation.scib: true", ev.get("scib", True) is not False),
+        ("data.labels_key", labels),
+    )
+    return MetricFamily(
+        "scib", (*scib_metric_names(), "eval_seconds_scib"), per_epoch=False, conditions=scib
+    )
+
+
+def _neighbourhood_families(
+    data: dict[str, Any], ev: dict[str, Any], labels: bool
+) -> list[MetricFamily]:
+    """The neighbourhood families: timing, library level, across datasets / technical keys."""
+    markers = ev.get("markers") not in (None, "data")
+    technical = _as_list(data.get("technical_covariate_keys"))
+    nc_on = ("evaluation.neighbourhood: true", ev.get("neighbourhood", True) is not False)
+    nc = (nc_on, ("data.labels_key or evaluation.markers (a file or gene list)", labels or markers))
+    nc_names = neighbourhood_metric_names(technical)
+    return [
         MetricFamily(
             "neighbourhood timing",
             ("eval_seconds_neighbourhood",),
@@ -316,6 +320,13 @@ def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
             per_epoch=False,
             conditions=(*nc, ("data.technical_covariate_keys", bool(technical))),
         ),
+    ]
+
+
+def _lowcount_families(ev: dict[str, Any], labels: bool) -> list[MetricFamily]:
+    """The low-count robustness families (label majority: with ``data.labels_key``)."""
+    lowcount = (("evaluation.lowcount: true", bool(ev.get("lowcount", False))),)
+    return [
         MetricFamily(
             "low-count robustness",
             (*lowcount_metric_names(labels=False), "eval_seconds_lowcount"),
@@ -328,6 +339,24 @@ def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
             per_epoch=False,
             conditions=(*lowcount, ("data.labels_key", labels)),
         ),
+    ]
+
+
+def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
+    """Every metric family a trial of ``cfg`` could report, each with the settings it needs
+    (:attr:`MetricFamily.enabled`: this config has them all)."""
+    data, ev = cfg.data, cfg.evaluation
+    mods = sorted(data["modalities"]) if cfg.multimodal else None
+    labels = bool(data.get("labels_key"))
+    validation = _positive_everywhere(cfg, "validation_fraction", 0.1)
+    multimodal = ("data.modalities (multimodal trials)", cfg.multimodal)
+    return [
+        *_epoch_families(mods or [MODALITY], validation, multimodal),
+        MetricFamily("trial bookkeeping", TRIAL_BOOKKEEPING, per_epoch=False),
+        MetricFamily("evaluation bookkeeping", EVAL_BOOKKEEPING, per_epoch=False),
+        _scib_family(ev, labels),
+        *_neighbourhood_families(data, ev, labels),
+        *_lowcount_families(ev, labels),
         MetricFamily(
             "modality attribution",
             tuple(attribution_metric_names(mods or [MODALITY, MODALITY])),

@@ -265,12 +265,157 @@ def run_sweep(
         raise StorageFullError(stopped_message(sweep_dir, err)) from None
 
 
+def _tag_dataset(c: Any, parent_id: str, data: Any) -> None:
+    """Tag the parent run with the dataset's fingerprint and shape (per modality)."""
+    from evaluation.reference import dataset_fingerprint
+
+    adata = data
+    mods = adata if isinstance(adata, dict) else {"": adata}
+    fingerprint = "+".join(dataset_fingerprint(a.X, a.obs_names) for a in mods.values())
+    shape = "+".join(f"{m + ':' if m else ''}{a.n_obs}x{a.n_vars}" for m, a in mods.items())
+    c.set_tag(parent_id, "dataset_fingerprint", fingerprint)
+    c.set_tag(parent_id, "dataset_shape", shape)
+
+
+def _start_parent_run(
+    cfg: SweepConfig, uri: str, data: Any, sweep_dir: Path, state_path: Path
+) -> tuple[str, str]:
+    """Create the sweep's MLflow parent run and write the sweep state; returns its ids."""
+    experiment_id = ensure_experiment(uri, cfg.experiment, sweep_dir / "mlflow_artifacts")
+    c = client(uri)
+    parent = c.create_run(
+        experiment_id,
+        run_name=f"sweep-{cfg.name}",
+        tags={"regvi.sweep": cfg.name, "regvi.role": "sweep", "git_sha": _git_sha()},
+    )
+    parent_id = parent.info.run_id
+    from mlflow.entities import Param
+
+    params = flat_params({"config": cfg.resolved(), "versions": _versions()})
+    c.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    c.log_dict(parent_id, cfg.resolved(), "sweep_config.json")
+    _tag_dataset(c, parent_id, data)
+    state_path.write_text(
+        json.dumps(
+            {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id}
+        )
+    )
+    return experiment_id, parent_id
+
+
+def _tracking_ids(
+    cfg: SweepConfig, resume: bool, uri: str, data: Any, sweep_dir: Path, state_path: Path
+) -> tuple[str, str, str]:
+    """Tracking URI, experiment id and parent run id: read back (resume) or newly made."""
+    if resume:
+        state = json.loads(state_path.read_text())
+        return state["tracking_uri"], state["experiment_id"], state["parent_run_id"]
+    experiment_id, parent_id = _start_parent_run(cfg, uri, data, sweep_dir, state_path)
+    return uri, experiment_id, parent_id
+
+
+def _param_space(
+    cfg: SweepConfig, settings: TrialSettings, searcher: Any
+) -> tuple[dict[str, Any], int]:
+    """Tune's param space and number of samples (a grid when there is no searcher)."""
+    from ray import tune
+
+    if searcher is None:
+        return {"settings": settings, "params": tune.grid_search(grid(cfg))}, 1
+    return {"settings": settings}, cfg.trials
+
+
+def _scheduler(cfg: SweepConfig, settings: TrialSettings, metric: str, mode: str) -> Any:
+    """The trial scheduler: ASHA on ``metric`` / ``mode``, or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler["name"] == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            metric=metric,
+            mode=mode,
+            # a report per epoch, the final report, and one to spare (a replayed final report):
+            # ASHA never stops a trial before it has trained its last epoch and been evaluated
+            max_t=settings.max_epochs + 2,
+            grace_period=int(cfg.scheduler.get("grace_period", 5)),
+            reduction_factor=float(cfg.scheduler.get("reduction_factor", 2)),
+        )
+    return FIFOScheduler()
+
+
+def _concurrency(cfg: SweepConfig, resources: dict[str, float]) -> int:
+    """How many trials fit the cluster's CPUs (and GPUs) at once."""
+    concurrency = max(1, int(resources.get("CPU", 1) // (cfg.workers * cfg.cpus_per_worker)))
+    if cfg.gpus_per_worker > 0:
+        concurrency = min(
+            concurrency, int(resources.get("GPU", 0) // (cfg.workers * cfg.gpus_per_worker))
+        )
+    return concurrency
+
+
+def _tune_config(
+    cfg: SweepConfig,
+    searcher: Any,
+    scheduler: Any,
+    num_samples: int,
+    concurrency: int,
+    asha: tuple[str, str],
+) -> Any:
+    """Tune's config of a fresh sweep (``asha``: the metric and mode a grid search ranks by)."""
+    from ray import tune
+
+    a_metric, a_mode = asha
+    return tune.TuneConfig(
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=concurrency,
+        time_budget_s=cfg.time_budget_s,
+        metric=None if searcher is not None else a_metric,
+        mode=None if searcher is not None else a_mode,
+        reuse_actors=False,
+    )
+
+
+def _run_config(cfg: SweepConfig, callback: MLflowSweepCallback, fs: Any, verbose: int) -> Any:
+    """Tune's run config of a fresh sweep: storage, callbacks, progress and retries."""
+    from ray import tune
+
+    sweep_dir = cfg.storage_path / cfg.name
+    return tune.RunConfig(
+        name=cfg.name,
+        storage_path=str(cfg.storage_path),
+        storage_filesystem=fs,
+        callbacks=[callback, TuneStateSnapshot(sweep_dir), LeakedPlacementGroupReaper()],
+        verbose=verbose,
+        progress_reporter=_reporter(cfg),
+        # a trial whose driver died with its node is retried; Train restores its latest
+        # checkpoint (a diverged trial fails fast on retry: see run_trial)
+        failure_config=tune.FailureConfig(max_failures=2),
+    )
+
+
+def _restored_tuner(sweep_dir: Path, trainable: Any, fs: Any, param_space: dict[str, Any]) -> Any:
+    """The interrupted sweep's tuner, resuming its unfinished (not its errored) trials."""
+    from ray import tune
+
+    return tune.Tuner.restore(
+        str(sweep_dir),
+        trainable=trainable,
+        storage_filesystem=fs,
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+        param_space=param_space,
+    )
+
+
 def _run_sweep(
     cfg: SweepConfig, resume: bool, address: str | None, verbose: int, uri: str, data: Any
 ) -> SweepResult:
+    """Start Ray, set up (or restore) the Tune run with MLflow tracking, fit and summarise."""
     import mlflow
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sweep_dir = cfg.storage_path / cfg.name
     state_path = sweep_dir / STATE_FILE
@@ -279,69 +424,14 @@ def _run_sweep(
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     resources = init_ray(address, cfg)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        state = json.loads(state_path.read_text())
-        uri, experiment_id, parent_id = (
-            state["tracking_uri"],
-            state["experiment_id"],
-            state["parent_run_id"],
-        )
-    else:
-        experiment_id = ensure_experiment(uri, cfg.experiment, sweep_dir / "mlflow_artifacts")
-        c = client(uri)
-        parent = c.create_run(
-            experiment_id,
-            run_name=f"sweep-{cfg.name}",
-            tags={"regvi.sweep": cfg.name, "regvi.role": "sweep", "git_sha": _git_sha()},
-        )
-        parent_id = parent.info.run_id
-        from mlflow.entities import Param
-
-        params = flat_params({"config": cfg.resolved(), "versions": _versions()})
-        c.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        c.log_dict(parent_id, cfg.resolved(), "sweep_config.json")
-        from evaluation.reference import dataset_fingerprint
-
-        adata = data
-        mods = adata if isinstance(adata, dict) else {"": adata}
-        fingerprint = "+".join(dataset_fingerprint(a.X, a.obs_names) for a in mods.values())
-        shape = "+".join(f"{m + ':' if m else ''}{a.n_obs}x{a.n_vars}" for m, a in mods.items())
-        c.set_tag(parent_id, "dataset_fingerprint", fingerprint)
-        c.set_tag(parent_id, "dataset_shape", shape)
-        del adata, mods
-        state_path.write_text(
-            json.dumps(
-                {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id}
-            )
-        )
+    uri, experiment_id, parent_id = _tracking_ids(cfg, resume, uri, data, sweep_dir, state_path)
     callback = MLflowSweepCallback(uri, experiment_id, parent_id, cfg.name, cfg.resolved())
     settings = TrialSettings.from_config(cfg, sweep_dir)  # every trial's, as the worker reads it
     searcher = _searcher(cfg, sweep_dir)
-    if searcher is None:
-        param_space = {"settings": settings, "params": tune.grid_search(grid(cfg))}
-        num_samples = 1
-    else:
-        param_space = {"settings": settings}
-        num_samples = cfg.trials
+    param_space, num_samples = _param_space(cfg, settings, searcher)
     a_metric, a_mode = asha_metric(cfg)
-    if cfg.scheduler["name"] == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            metric=a_metric,
-            mode=a_mode,
-            # a report per epoch, the final report, and one to spare (a replayed final report):
-            # ASHA never stops a trial before it has trained its last epoch and been evaluated
-            max_t=settings.max_epochs + 2,
-            grace_period=int(cfg.scheduler.get("grace_period", 5)),
-            reduction_factor=float(cfg.scheduler.get("reduction_factor", 2)),
-        )
-    else:
-        scheduler = FIFOScheduler()
-    concurrency = max(1, int(resources.get("CPU", 1) // (cfg.workers * cfg.cpus_per_worker)))
-    if cfg.gpus_per_worker > 0:
-        concurrency = min(
-            concurrency, int(resources.get("GPU", 0) // (cfg.workers * cfg.gpus_per_worker))
-        )
+    scheduler = _scheduler(cfg, settings, a_metric, a_mode)
+    concurrency = _concurrency(cfg, resources)
     trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
     evaluators = None
     if settings.evaluation.pool:  # warm evaluation processes shared by the trials
@@ -349,40 +439,15 @@ def _run_sweep(
         evaluators = start_pool(cfg.name, min(concurrency, max(1, n_trials)))
     fs = atomic_filesystem()  # no state file on storage is ever left cut short
     if resume:
-        tuner = tune.Tuner.restore(
-            str(sweep_dir),
-            trainable=trainable,
-            storage_filesystem=fs,
-            resume_unfinished=True,
-            resume_errored=False,
-            restart_errored=False,
-            param_space=param_space,
-        )
+        tuner = _restored_tuner(sweep_dir, trainable, fs, param_space)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=num_samples,
-                max_concurrent_trials=concurrency,
-                time_budget_s=cfg.time_budget_s,
-                metric=None if searcher is not None else a_metric,
-                mode=None if searcher is not None else a_mode,
-                reuse_actors=False,
+            tune_config=_tune_config(
+                cfg, searcher, scheduler, num_samples, concurrency, (a_metric, a_mode)
             ),
-            run_config=tune.RunConfig(
-                name=cfg.name,
-                storage_path=str(cfg.storage_path),
-                storage_filesystem=fs,
-                callbacks=[callback, TuneStateSnapshot(sweep_dir), LeakedPlacementGroupReaper()],
-                verbose=verbose,
-                progress_reporter=_reporter(cfg),
-                # a trial whose driver died with its node is retried; Train restores its latest
-                # checkpoint (a diverged trial fails fast on retry: see run_trial)
-                failure_config=tune.FailureConfig(max_failures=2),
-            ),
+            run_config=_run_config(cfg, callback, fs, verbose),
         )
     grid_results = tuner.fit()
     del evaluators  # the evaluator actors end with the sweep
