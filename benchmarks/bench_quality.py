@@ -14,7 +14,8 @@ the counts by ctrl / stim lane): ``kang_sample`` (Kang 2018 PBMC by sample, 14k 
 Methods: ``pca`` (the Benchmarker's unintegrated reference), ``harmony`` (harmonypy on that
 PCA), ``scvi`` / ``scvi_large`` (scvi-tools SCVI 128/10 and 512/128 with its defaults and early
 stopping, in its own virtualenv: ``benchmarks/setup_scvi_env.sh``), ``regvi`` (defaults, only
-``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_batchfree`` (the
+``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_log1p`` (the
+previous default: ``log1p`` encoder input), ``regvi_batchfree`` (the one before: also the
 batch-free decoder, ``nn_conditioning_covariate_keys=[]``), and any setting given with
 ``--set`` (e.g. the sweep's best; ``"$library"`` stands for the dataset's key).
 
@@ -71,12 +72,26 @@ DATASETS = {
     "mop": ("mop_snareseq2_rna.h5ad", "batch", "cell_type"),
 }
 #: built-in methods; trained ones run once per seed
-METHODS = ("pca", "harmony", "scvi", "scvi_large", "regvi", "regvi_large", "regvi_batchfree")
+METHODS = (
+    "pca",
+    "harmony",
+    "scvi",
+    "scvi_large",
+    "regvi",
+    "regvi_large",
+    "regvi_log1p",
+    "regvi_batchfree",
+)
 REGVI_SETTINGS = {
     "regvi": {"name": "regvi"},
     "regvi_large": {"name": "regvi_large", "preset": "large"},
-    # the batch-free decoder (regvi's default before the decoder was conditioned on the library)
-    "regvi_batchfree": {"name": "regvi_batchfree", "model": {"nn_conditioning_covariate_keys": []}},
+    # the default before the depth-normalised encoder input (encoder_input="normalised")
+    "regvi_log1p": {"name": "regvi_log1p", "model": {"encoder_input": "log1p"}},
+    # the default before that: also the batch-free decoder
+    "regvi_batchfree": {
+        "name": "regvi_batchfree",
+        "model": {"nn_conditioning_covariate_keys": [], "encoder_input": "log1p"},
+    },
 }
 SCVI_SIZES = {"scvi": (128, 10), "scvi_large": (512, 128)}
 N_TOP_GENES = 2000
