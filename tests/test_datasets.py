@@ -167,37 +167,31 @@ def test_build_from_sources_served_over_http(tmp_path, monkeypatch, http_folder)
     assert catalog.resolve("mop_snareseq2_atac", cache=cache) == out["mop_snareseq2_atac"]
 
 
-def test_build_not_matching_its_digest_keeps_nothing(tmp_path, monkeypatch):
+def _build_mop_from(src: Path, cache: Path) -> None:
+    catalog.fetch(
+        "mop_snareseq2_rna", cache=cache, source_mirror=str(src), mirror=None, log=lambda _: None
+    )
+
+
+@pytest.mark.parametrize("broken", ["digest", "source"])
+def test_failed_build_keeps_nothing(tmp_path, monkeypatch, broken):
+    """A build whose result misses its content digest, or a source file with the wrong sha256,
+    leaves neither a dataset nor that source file in the cache."""
     src = tmp_path / "src"
     _scmomat_sources(src)
     _patched_mop(monkeypatch, src, {"mop_snareseq2_rna": "1" * 64, "mop_snareseq2_atac": "2" * 64})
+    if broken == "source":
+        (src / "genes.txt").write_text("changed")
+    match = {
+        "digest": r"content digest \w+, expected 1{64}; nothing",
+        "source": r"source genes\.txt: .* has sha256",
+    }[broken]
     cache = tmp_path / "cache"
-    with pytest.raises(catalog.DatasetError, match=r"content digest \w+, expected 1{64}; nothing"):
-        catalog.fetch(
-            "mop_snareseq2_rna",
-            cache=cache,
-            source_mirror=str(src),
-            mirror=None,
-            log=lambda _: None,
-        )
+    with pytest.raises(catalog.DatasetError, match=match):
+        _build_mop_from(src, cache)
     assert not list(cache.glob("*.h5ad")) and not list(cache.glob(".*"))
-
-
-def test_source_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    _scmomat_sources(src)
-    _patched_mop(monkeypatch, src, {"mop_snareseq2_rna": "1" * 64, "mop_snareseq2_atac": "2" * 64})
-    (src / "genes.txt").write_text("changed")
-    cache = tmp_path / "cache"
-    with pytest.raises(catalog.DatasetError, match=r"source genes\.txt: .* has sha256"):
-        catalog.fetch(
-            "mop_snareseq2_rna",
-            cache=cache,
-            source_mirror=str(src),
-            mirror=None,
-            log=lambda _: None,
-        )
-    assert not (cache / "sources" / "mop" / "genes.txt").exists()
+    if broken == "source":
+        assert not (cache / "sources" / "mop" / "genes.txt").exists()
 
 
 # ------------------------------------------------------------------ CLI
