@@ -882,3 +882,28 @@ def test_scheduler_max_t_is_refused_naming_max_epochs():
     ):
         parse_config(raw)
     parse_config(_base(scheduler={"name": "asha", "grace_period": 2}))  # without it: accepted
+
+
+@pytest.mark.parametrize(
+    ("training", "search", "where"),
+    [
+        ({"max_epochs": 100, "n_epochs_kl_warmup": 100}, {}, r"training\.n_epochs_kl_warmup"),
+        (
+            {"max_epochs": 400},
+            {"n_epochs_kl_warmup": {"type": "categorical", "values": [50, 400]}},
+            r"search\.n_epochs_kl_warmup: 400",
+        ),
+        ({}, {"n_epochs_kl_warmup": {"type": "int", "low": 10, "high": 500}}, r"500"),
+    ],
+)
+def test_kl_warmup_must_end_before_max_epochs(training, search, where):
+    raw = _base(training=training)
+    raw["search"] = {**raw["search"], **search}
+    with pytest.raises(ConfigError, match=where + r".* not below max_epochs"):
+        parse_config(raw)
+
+
+def test_kl_warmup_below_max_epochs_accepted():
+    raw = _base(training={"max_epochs": 401})
+    raw["search"] = {"n_epochs_kl_warmup": {"type": "categorical", "values": [50, 400]}}
+    assert parse_config(raw).params[0].values == [50, 400]

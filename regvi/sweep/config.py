@@ -767,6 +767,28 @@ def _parse_name(raw: dict[str, Any], path: Path | None) -> str:
     return name
 
 
+def _check_warmup(training: dict[str, Any], params: list[Param]) -> None:
+    """A KL warm-up (fixed or searched) must end before ``max_epochs``: early stopping waits
+    for the warm-up, so a longer one trains every trial to ``max_epochs`` at KL weight < 1."""
+    max_epochs = training.get("max_epochs", train_default("max_epochs"))
+    if any(p.name == "max_epochs" for p in params):
+        return  # both searched: a trial's pair is not known here
+    candidates: list[tuple[str, Any]] = []
+    if training.get("n_epochs_kl_warmup") is not None:
+        candidates.append(("training.n_epochs_kl_warmup", training["n_epochs_kl_warmup"]))
+    for p in params:
+        if p.name == "n_epochs_kl_warmup":
+            vals = p.values if p.values is not None else [p.high]
+            candidates += [(f"search.n_epochs_kl_warmup: {v!r}", v) for v in vals]
+    for where, v in candidates:
+        if isinstance(v, int | float) and not isinstance(v, bool) and v >= max_epochs:
+            raise ConfigError(
+                f"{where} is not below max_epochs {max_epochs}: the KL weight would never "
+                "reach 1 and early stopping (which waits for the warm-up) would never stop a "
+                "trial; lower it or raise training.max_epochs"
+            )
+
+
 def parse_config(
     raw: dict[str, Any], path: Path | None = None, check_metrics: bool = True
 ) -> SweepConfig:
@@ -790,6 +812,7 @@ def parse_config(
     trials, tbs = _parse_budget(raw)
     workers, cpus, gpus = _parse_resources(raw)
     _check_device_settings(training, gpus)
+    _check_warmup(training, params)
     ev = _parse_evaluation(raw, base, data)
     ml = _parse_mlflow(raw)
     spath = _parse_storage(raw)
