@@ -60,21 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # truncated / not an h5ad
         print(f"error: cannot read {args.data} as h5ad: {err}", file=sys.stderr)
         return 2
+    # the obs keys and marker options that check_inputs and evaluate share
+    inputs = {
+        "library_key": args.library_key,
+        "label_key": args.label_key,
+        "dataset_key": args.dataset_key,
+        "technical_keys": args.technical_keys,
+        "markers": args.markers,
+        "neighbourhood": not args.no_neighbourhood,
+    }
     try:
         for key in args.embedding:
             if key == "X_pca" and key not in adata.obsm:
                 X = adata.X if args.layer is None else adata.layers[args.layer]
                 adata.obsm["X_pca"] = unintegrated_pca(X, seed=args.seed)
-            check_inputs(
-                adata,
-                key,
-                args.library_key,
-                args.label_key,
-                args.dataset_key,
-                args.technical_keys,
-                args.markers,
-                neighbourhood=not args.no_neighbourhood,
-            )
+            check_inputs(adata, key, **inputs)
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -87,18 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         ev = evaluate(
             adata,
             key,
-            args.library_key,
-            args.label_key,
-            args.dataset_key,
-            args.technical_keys,
-            args.layer,
-            args.markers,
-            args.n_subsample or None,
-            args.seed,
-            not args.no_scib,
-            not args.no_neighbourhood,
+            layer=args.layer,
+            n_subsample=args.n_subsample or None,
+            seed=args.seed,
+            scib=not args.no_scib,
             reference_cache=args.out / ".cache",
             n_jobs=args.n_jobs,
+            **inputs,
         )
         write_outputs(ev, adata.obs, args.out / key, keys, umap=not args.no_umap)
         results[key] = ev.metrics

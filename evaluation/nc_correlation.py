@@ -200,10 +200,8 @@ def neighbour_mean_correlation(
 
     Parameters
     ----------
-    profiles
-        ``(n_cells, n_markers)`` marker profiles.
-    rows, cols, weights
-        ``(n_edges,)`` edges of one mask, ``rows`` non-decreasing.
+    profiles, rows, cols, weights
+        Marker profiles and the edges of one mask, as in :func:`neighbour_sums`.
 
     Returns
     -------
