@@ -4,6 +4,8 @@ Examples::
 
     python -m regvi.datasets list
     python -m regvi.datasets fetch mop_snareseq2_rna mop_snareseq2_atac   # public source
+    python -m regvi.datasets fetch kang2018_ifnb_pbmc   # public source; needs regvi[datasets]
+    python -m regvi.datasets fetch --all --source-mirror DIR   # the source files, offline
     python -m regvi.datasets fetch --all --mirror ../shared/data          # a folder or URL
 """
 

