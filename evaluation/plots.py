@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -14,6 +15,14 @@ import pandas as pd
 
 #: Legend entry of missing obs values (e.g. a failure-mode level that does not apply).
 MISSING_LABEL = "n/a"
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG by suffix) and close it; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def category_labels(values: pd.Series) -> pd.Categorical:
@@ -68,10 +77,7 @@ def plot_embedding(
         ax.set_title(f"{title}: {key}")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def umap_2d(latent: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
@@ -118,10 +124,7 @@ def plot_correlation_histograms(
     ax.set_ylabel("density")
     ax.set_title("Neighbourhood correlation per mask")
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_scib_table(table: pd.DataFrame, path: str | Path) -> Path:
@@ -164,10 +167,7 @@ def plot_scib_table(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title(f"scib metrics ({table.attrs.get('scaling', 'raw')})", fontsize=9)
     for s in ("top", "right"):
         ax.spines[s].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def plot_umaps(

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from evaluation.plots import save_figure
 from evaluation.plots import umap_2d as umap_2d  # the one UMAP helper, re-exported
 
 
@@ -41,10 +42,7 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
         ax2.set_ylabel("active latent dims", color="tab:red")
     ax.set_title("KL warmup / active dims")
     ax.set_xlabel("epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_attribution(

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from evaluation.plots import save_figure
 from regvi.sweep.config import SweepConfig
 from regvi.sweep.tracking import TAG_PARENT, _retry, client
 
@@ -83,10 +84,7 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> Path | None:
     ax.set_ylabel("scib bio conservation")
     ax.set_title("Bio vs batch across trials")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_importance(importance: dict[str, float], path: Path) -> Path | None:
@@ -100,10 +98,7 @@ def plot_importance(importance: dict[str, float], path: Path) -> Path | None:
     )
     ax.set_xlabel("importance (fANOVA)")
     ax.set_title("Parameter importance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def summarise(
