@@ -24,19 +24,12 @@ import torch
 from torch import nn
 
 from regvi.data.modalities import GROUP_PURPOSES
+from regvi.data.registry import MODEL_PURPOSES
 from regvi.module import ModuleConfig, RegVIModule, check_n_obs
 from regvi.nn.joint_embedding import barlow_twins_loss
 
-#: Covariate purposes a modality can switch off.
-SWITCHABLE_PURPOSES = (
-    "ambient",
-    "dispersion",
-    "library_size",
-    "feature_scaling",
-    "nn_conditioning",
-    "encoder",
-    "continuous",
-)
+#: Covariate purposes a modality can switch off: those of the model, and the continuous inputs.
+SWITCHABLE_PURPOSES = (*MODEL_PURPOSES, "continuous")
 #: Purposes whose codes index parameter groups (switched off = everything in group 0).
 _GROUP_PURPOSES = GROUP_PURPOSES
 
