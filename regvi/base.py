@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from regvi.checks import check_bool, check_float, check_int, check_str
+from regvi.checks import check_bool, check_choice, check_float, check_int, check_str
 from regvi.data import make_loader, train_validation_split
 from regvi.data.counts import iter_row_blocks, row_totals
 from regvi.data.device import (
@@ -25,7 +25,7 @@ from regvi.data.device import (
     training_device,
 )
 from regvi.io import save_model
-from regvi.module import RegVIModule
+from regvi.module import ModuleConfig, RegVIModule
 from regvi.training import (
     EarlyStopping,
     EpochCallback,
@@ -246,6 +246,29 @@ def initialise_from_data(
         module.data_init(None, None, theta)  # dispersion only; keep default init
 
 
+def feature_columns(
+    names: Sequence[str], features: Sequence[str] | None, missing_message: str
+) -> np.ndarray | None:
+    """Positions of ``features`` in ``names`` (``None`` for all); a KeyError
+    ``"<missing_message>: [...]"`` names up to ten missing ones."""
+    if features is None:
+        return None
+    pos = {g: i for i, g in enumerate(names)}
+    missing = [g for g in features if g not in pos]
+    if missing:
+        raise KeyError(f"{missing_message}: {missing[:10]}")
+    return np.array([pos[g] for g in features])
+
+
+def expression_frame(
+    expr: np.ndarray, obs_names: Any, features: Sequence[str] | None, names: Sequence[str]
+) -> pd.DataFrame:
+    """``expr`` as a DataFrame: cells × the requested ``features`` (all ``names`` if ``None``)."""
+    return pd.DataFrame(
+        expr, index=obs_names, columns=list(features) if features is not None else names
+    )
+
+
 def check_train_option(name: str, value: Any) -> None:
     """Type- and range-check one :meth:`BaseModel.train` argument (as ``train`` does)."""
     import inspect
@@ -346,9 +369,14 @@ def _quiet_lightning() -> Iterator[None]:
 class BaseModel:
     """Training, presets and saving shared by :class:`regvi.RegVI` and :class:`regvi.RegMultiVI`.
 
-    Subclasses provide ``module``, ``history``, ``_dataset()`` (the setup data as minibatches),
-    ``_setup_obs()`` (cell metadata) and ``_n_features()`` (for the early-stopping delta).
+    Subclasses provide ``module_class`` and ``config_class``, ``assemble``, ``_dataset()`` (the
+    setup data as minibatches), ``_batches()`` (any data as minibatches), ``_setup_obs()`` (cell
+    metadata), ``_n_features()`` (for the early-stopping delta) and ``_initialise_module()``.
     """
+
+    #: The module class of the model and the class of its config (set by each model).
+    module_class: type
+    config_class: type
 
     PRESETS: Mapping[str, dict[str, int]] = {
         "default": {"n_hidden": 128, "n_latent": 10},
@@ -378,33 +406,150 @@ class BaseModel:
         model.registry, model.config, model.module = registry, config, module
         model.setup_kwargs = dict(setup_kwargs)
         model.seed = int(model.setup_kwargs.get("seed", 0))
-        model.is_trained = bool(is_trained)
-        model.history = pd.DataFrame() if history is None else history
-        model.train_indices = model.validation_indices = None
+        model._reset_training_state(is_trained, history)
         model.count_summary = {}
         model._covariates = None
-        model.query = None
         return model
 
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def _refuse_unknown_options(cls, model_kwargs: Mapping[str, Any]) -> None:
+        """TypeError naming the ``**model_kwargs`` that are no :class:`ModuleConfig` option."""
+        known = ModuleConfig.user_options()
+        unknown = sorted(set(model_kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown {cls.__name__} argument(s) {unknown}; model options are {sorted(known)}"
+            )
+
+    def _check_setup_options(self, data_init: Any, dispersion_init: Any, seed: Any) -> dict:
+        """Check the data-initialisation options and the seed; set ``self.seed``.
+
+        Returns them as ``setup_kwargs`` entries (the model adds ``allow_non_integer``).
+        """
+        check_bool("data_init", data_init)
+        check_choice("dispersion_init", dispersion_init, ("prior", "data"))
+        self.seed = int(check_int("seed", seed, 0))
+        return {"data_init": data_init, "dispersion_init": dispersion_init, "seed": self.seed}
+
+    def _reset_training_state(
+        self, is_trained: bool = False, history: pd.DataFrame | None = None
+    ) -> None:
+        """History, split and query state of a new (or a loaded) model."""
+        self.is_trained = bool(is_trained)
+        self.history = pd.DataFrame() if history is None else history
+        self.train_indices: np.ndarray | None = None
+        self.validation_indices: np.ndarray | None = None
+        self.query = None
+
+    # ------------------------------------------------------------------ saving (regvi.io)
+    @classmethod
+    def config_from_dict(cls, d: Mapping[str, Any]) -> Any:
+        """The module config saved in ``config.json``."""
+        return cls.config_class.from_dict(dict(d))
+
+    @classmethod
+    def module_from_config(cls, config: Any) -> Any:
+        """An (untrained) module for ``config``."""
+        return cls.module_class(config)
+
+    @classmethod
+    def from_saved(
+        cls,
+        meta: Mapping[str, Any],
+        registry: Any,
+        config: Any,
+        module: Any,
+        history: pd.DataFrame,
+    ) -> Any:
+        """The model of a saved directory (``meta``: its ``config.json``)."""
+        return cls.assemble(
+            registry,
+            config,
+            module,
+            meta.get("setup_kwargs", {}),
+            is_trained=bool(meta.get("is_trained", False)),
+            history=history,
+            **cls._saved_parts(meta),
+        )
+
+    @classmethod
+    def _saved_parts(cls, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Further ``assemble`` arguments from ``config.json`` (the :meth:`saved_meta` fields)."""
+        return {}
+
+    def saved_meta(self) -> dict[str, Any]:
+        """Extra ``config.json`` fields (none: the registry holds the genes and layer)."""
+        return {}
+
+    # ------------------------------------------------------------------ hooks
     def _dataset(self) -> Any:
         raise NotImplementedError
 
     def _build_module(self) -> Any:
         """A new module from ``self.config`` (weights drawn from torch's global RNG)."""
-        raise NotImplementedError
+        return self.module_from_config(self.config)
 
     def _initialise_module(self, cells: np.ndarray | None) -> None:
         """Library prior and data-dependent init of ``self.module`` from ``cells`` (mask)."""
         raise NotImplementedError
 
+    def _initialise_from_data(
+        self, module: RegVIModule, X: Any, covariates: Mapping[str, np.ndarray], cells: Any
+    ) -> None:
+        """:func:`initialise_from_data` of one single-modal ``module`` with the setup options."""
+        initialise_from_data(
+            module,
+            X,
+            covariates,
+            self.setup_kwargs["data_init"],
+            self.setup_kwargs["dispersion_init"],
+            cells=cells,
+        )
+
     def _batches(
+        self, data: Any, indices: Any, batch_size: int, category_fallback: Any = None
+    ) -> Any:
+        """Minibatches of ``data`` (the setup data when ``None``) for inference."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def _latent(
+        self,
+        data: Any,
+        indices: np.ndarray | None,
+        give_mean: bool,
+        batch_size: int,
+        category_fallback: Mapping[str, str] | None,
+    ) -> np.ndarray:
+        """Posterior mean (or one sample) of the (joint) latent, ``(n_cells, n_latent)``."""
+        self.module.eval()
+        out = []
+        for batch in self._batches(data, indices, batch_size, category_fallback):
+            inf = self.module.inference(batch, sample=not give_mean)
+            out.append((inf["qz_mean"] if give_mean else inf["z"]).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.n_latent), np.float32)
+
+    def _expression(
         self,
         data: Any,
         indices: np.ndarray | None,
         batch_size: int,
-        category_fallback: Mapping[str, str] | None = None,
-    ) -> Any:
-        raise NotImplementedError
+        category_fallback: Mapping[str, str] | None,
+        rates: Callable[[dict[str, Any]], torch.Tensor],
+        cols: np.ndarray | None,
+        library_size: float | None,
+    ) -> np.ndarray:
+        """``rates(batch)`` over the minibatches, rows scaled to ``library_size`` (if given),
+        columns ``cols`` (all if ``None``), ``(n_cells, n_features)``."""
+        out = []
+        for batch in self._batches(data, indices, batch_size, category_fallback):
+            rho = rates(batch)
+            if library_size is not None:
+                rho = rho / rho.sum(-1, keepdim=True) * library_size
+            out.append((rho if cols is None else rho[:, cols]).numpy())
+        return np.concatenate(out)
 
     def _initialise(self, seed: int, cells: np.ndarray | None = None) -> None:
         """Draw the weights from ``seed`` and initialise from the data in ``cells``.

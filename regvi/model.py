@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from regvi.base import BaseModel, initialise_from_data
-from regvi.checks import check_bool, check_choice, check_int
+from regvi.base import BaseModel, expression_frame, feature_columns
+from regvi.checks import check_bool
 from regvi.data import (
     CountBatches,
     CovariateRegistry,
@@ -77,6 +77,9 @@ class RegVI(BaseModel):
         ``decoder_l2``, ...).
     """
 
+    module_class = RegVIModule
+    config_class = ModuleConfig
+
     def __init__(
         self,
         adata: AnnData,
@@ -105,33 +108,12 @@ class RegVI(BaseModel):
     ):
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData; got {type(adata).__name__}")
-        known = ModuleConfig.user_options()
-        unknown = sorted(set(model_kwargs) - known)
-        if unknown:
-            raise TypeError(
-                f"unknown RegVI argument(s) {unknown}; model options are {sorted(known)}"
-            )
+        self._refuse_unknown_options(model_kwargs)
         sizes = {"n_hidden": n_hidden, "n_latent": n_latent, "n_layers": n_layers}
         check_module_options({**sizes, "dropout_rate": dropout_rate, **model_kwargs})
         check_bool("allow_non_integer", allow_non_integer)
-        check_bool("data_init", data_init)
-        check_choice("dispersion_init", dispersion_init, ("prior", "data"))
-        self.seed = int(check_int("seed", seed, 0))
-        keys = CovariateKeys(
-            library_key=library_key,
-            batch_key=batch_key,
-            ambient_covariate_keys=ambient_covariate_keys,
-            dispersion_key=dispersion_key,
-            library_size_key=library_size_key,
-            feature_scaling_covariate_keys=feature_scaling_covariate_keys,
-            nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
-            encoder_covariate_keys=encoder_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-            dataset_key=dataset_key,
-            technical_covariate_keys=technical_covariate_keys,
-            labels_key=labels_key,
-            layer=layer,
-        )
+        setup = self._check_setup_options(data_init, dispersion_init, seed)
+        keys = CovariateKeys.from_arguments(locals())
         self.registry = CovariateRegistry.from_anndata(adata, keys)
         X = get_counts(adata, layer)
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -151,20 +133,11 @@ class RegVI(BaseModel):
             n_scaling_per_key=self.registry.n_categories("feature_scaling"),
             **model_kwargs,
         )
-        self.setup_kwargs = {
-            "allow_non_integer": allow_non_integer,
-            "data_init": data_init,
-            "dispersion_init": dispersion_init,
-            "seed": self.seed,
-        }
+        self.setup_kwargs = {"allow_non_integer": allow_non_integer, **setup}
         self.adata = adata
         self._X = X
         self._covariates = self.registry.encode(adata.obs, MODEL_PURPOSES)
-        self.history = pd.DataFrame()
-        self.train_indices: np.ndarray | None = None
-        self.validation_indices: np.ndarray | None = None
-        self.is_trained = False
-        self.query = None
+        self._reset_training_state()
         self._initialise(self.seed)
 
     @classmethod
@@ -184,39 +157,6 @@ class RegVI(BaseModel):
         return model
 
     # ------------------------------------------------------------------ saving (regvi.io)
-    @staticmethod
-    def config_from_dict(d: Mapping[str, Any]) -> ModuleConfig:
-        """The module config saved in ``config.json``."""
-        return ModuleConfig(**d)
-
-    @staticmethod
-    def module_from_config(config: ModuleConfig) -> RegVIModule:
-        """An (untrained) module for ``config``."""
-        return RegVIModule(config)
-
-    @classmethod
-    def from_saved(
-        cls,
-        meta: Mapping[str, Any],
-        registry: CovariateRegistry,
-        config: ModuleConfig,
-        module: RegVIModule,
-        history: pd.DataFrame,
-    ) -> RegVI:
-        """The model of a saved directory (``meta``: its ``config.json``)."""
-        return cls.assemble(
-            registry,
-            config,
-            module,
-            meta.get("setup_kwargs", {}),
-            is_trained=bool(meta.get("is_trained", False)),
-            history=history,
-        )
-
-    def saved_meta(self) -> dict[str, Any]:
-        """Extra ``config.json`` fields (none: the registry holds the genes and layer)."""
-        return {}
-
     def attach(self, adata: AnnData) -> None:
         """Attach ``adata`` to a loaded model after checking genes and categories."""
         self.registry.check_var_names(adata)
@@ -267,18 +207,8 @@ class RegVI(BaseModel):
         """
         return build_query(cls, reference, adata, allow_missing_genes, fine_tune)
 
-    def _build_module(self) -> RegVIModule:
-        return RegVIModule(self.config)
-
     def _initialise_module(self, cells: np.ndarray | None) -> None:
-        initialise_from_data(
-            self.module,
-            self._X,
-            self._covariates,
-            self.setup_kwargs["data_init"],
-            self.setup_kwargs["dispersion_init"],
-            cells=cells,
-        )
+        self._initialise_from_data(self.module, self._X, self._covariates, cells)
 
     # ------------------------------------------------------------------ inference
     def _batches(
@@ -342,12 +272,7 @@ class RegVI(BaseModel):
         category_fallback
             ``{key: reference_category}`` for unseen categories at inference.
         """
-        self.module.eval()
-        out = []
-        for batch in self._batches(adata, indices, batch_size, category_fallback):
-            inf = self.module.inference(batch, sample=not give_mean)
-            out.append((inf["qz_mean"] if give_mean else inf["z"]).numpy())
-        z = np.concatenate(out) if out else np.zeros((0, self.config.n_latent), np.float32)
+        z = self._latent(adata, indices, give_mean, batch_size, category_fallback)
         if store_key is not None:
             target = self.adata if adata is None else adata
             if indices is not None:
@@ -380,31 +305,23 @@ class RegVI(BaseModel):
         """
         self.module.eval()
         names = self.registry.var_names
-        cols = None
-        if gene_list is not None:
-            pos = {g: i for i, g in enumerate(names)}
-            missing = [g for g in gene_list if g not in pos]
-            if missing:
-                raise KeyError(f"genes not in the model: {missing[:10]}")
-            cols = np.array([pos[g] for g in gene_list])
-        out = []
-        for batch in self._batches(adata, indices, batch_size, category_fallback):
+        cols = feature_columns(names, gene_list, "genes not in the model")
+
+        def rates(batch: dict[str, Any]) -> torch.Tensor:
             inf = self.module.inference(batch, sample=False)
             gen = self.module.generative(inf["z"], inf["library"], batch, sample_theta=False)
-            rho = gen["rho"]
-            if include_feature_scaling:
-                y = self.module.feature_scaling(batch["feature_scaling"])
-                rho = rho * y if y is not None else rho
-            if library_size is not None:
-                rho = rho / rho.sum(-1, keepdim=True) * library_size
-            out.append((rho if cols is None else rho[:, cols]).numpy())
-        expr = np.concatenate(out)
+            if not include_feature_scaling:
+                return gen["rho"]
+            y = self.module.feature_scaling(batch["feature_scaling"])
+            return gen["rho"] * y if y is not None else gen["rho"]
+
+        expr = self._expression(
+            adata, indices, batch_size, category_fallback, rates, cols, library_size
+        )
         if return_pandas:
             target = self.adata if adata is None else adata
             obs_names = target.obs_names if indices is None else target.obs_names[indices]
-            return pd.DataFrame(
-                expr, index=obs_names, columns=list(gene_list) if gene_list is not None else names
-            )
+            return expression_frame(expr, obs_names, gene_list, names)
         return expr
 
     # ------------------------------------------------------------------ learned parameters

@@ -20,6 +20,7 @@ and the plate rule: local terms are meaned over the minibatch, global priors div
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,6 +133,11 @@ class ModuleConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable representation."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModuleConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
 
     @classmethod
     def user_options(cls) -> set[str]:

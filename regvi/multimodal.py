@@ -16,8 +16,8 @@ import torch
 from anndata import AnnData
 
 from regvi.attribution import ModalityAttribution, check_target, modality_attribution
-from regvi.base import BaseModel, initialise_from_data
-from regvi.checks import check_bool, check_choice, check_float, check_int
+from regvi.base import BaseModel, expression_frame, feature_columns
+from regvi.checks import check_bool, check_float
 from regvi.data import CovariateRegistry, MultiCountBatches, get_counts, make_loader
 from regvi.data.counts import validate_counts
 from regvi.data.modalities import (  # re-exported: regvi.multimodal.select_modalities etc.
@@ -31,7 +31,7 @@ from regvi.data.modalities import (
 )
 from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
 from regvi.io import register_model_class
-from regvi.map.query import build_multimodal_query
+from regvi.map.query import build_query
 from regvi.module import ModuleConfig, check_module_options
 from regvi.multimodule import (
     SWITCHABLE_PURPOSES,
@@ -216,6 +216,9 @@ class RegMultiVI(BaseModel):
         ATAC ambient off, feature scaling on, library centring sensitivity 0.2.
     """
 
+    module_class = RegMultiVIModule
+    config_class = MultiModuleConfig
+
     def __init__(
         self,
         mdata: Any,
@@ -245,15 +248,8 @@ class RegMultiVI(BaseModel):
         seed: int = 0,
         **model_kwargs: Any,
     ):
-        known = ModuleConfig.user_options()
-        unknown = sorted(set(model_kwargs) - known)
-        if unknown:
-            raise TypeError(
-                f"unknown RegMultiVI argument(s) {unknown}; model options are {sorted(known)}"
-            )
-        check_bool("data_init", data_init)
-        check_choice("dispersion_init", dispersion_init, ("prior", "data"))
-        self.seed = int(check_int("seed", seed, 0))
+        self._refuse_unknown_options(model_kwargs)
+        setup = self._check_setup_options(data_init, dispersion_init, seed)
         mods = select_modalities(mdata, modalities)
         names = list(mods)
         sizes = {
@@ -268,20 +264,7 @@ class RegMultiVI(BaseModel):
         disabled = _check_disabled_covariates(disabled_covariates, names)
         Xs, summaries = _validated_counts(mods, layers, allow)
         # covariates: one registry over the shared cell metadata (the layer is per modality)
-        keys = CovariateKeys(
-            library_key=library_key,
-            batch_key=batch_key,
-            ambient_covariate_keys=ambient_covariate_keys,
-            dispersion_key=dispersion_key,
-            library_size_key=library_size_key,
-            feature_scaling_covariate_keys=feature_scaling_covariate_keys,
-            nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
-            encoder_covariate_keys=encoder_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-            dataset_key=dataset_key,
-            technical_covariate_keys=technical_covariate_keys,
-            labels_key=labels_key,
-        )
+        keys = CovariateKeys.from_arguments(locals(), layer=None)
         obs = shared_obs(mdata, mods, keys.columns())
         self.registry = CovariateRegistry.from_anndata(AnnData(obs=obs), keys)
         self._covariates = self.registry.encode(obs, MODEL_PURPOSES)
@@ -293,22 +276,14 @@ class RegMultiVI(BaseModel):
         )
         self.var_names = {m: [str(v) for v in a.var_names] for m, a in mods.items()}
         self.layers = {m: layers.get(m) for m in names}
-        self.setup_kwargs = {
-            "allow_non_integer": {m: bool(allow.get(m, False)) for m in names},
-            "data_init": data_init,
-            "dispersion_init": dispersion_init,
-            "seed": self.seed,
-        }
+        allow_by_modality = {m: bool(allow.get(m, False)) for m in names}
+        self.setup_kwargs = {"allow_non_integer": allow_by_modality, **setup}
         self.count_summary = summaries
         self.mdata = mdata
         self._obs = obs
         self._Xs = Xs
-        self.history = pd.DataFrame()
-        self.train_indices: np.ndarray | None = None
-        self.validation_indices: np.ndarray | None = None
-        self.is_trained = False
+        self._reset_training_state()
         self.attribution_: ModalityAttribution | None = None
-        self.query = None
         self._initialise(self.seed)
 
     @classmethod
@@ -335,36 +310,9 @@ class RegMultiVI(BaseModel):
         return model
 
     # ------------------------------------------------------------------ saving (regvi.io)
-    @staticmethod
-    def config_from_dict(d: Mapping[str, Any]) -> MultiModuleConfig:
-        """The module config saved in ``config.json``."""
-        return MultiModuleConfig.from_dict(dict(d))
-
-    @staticmethod
-    def module_from_config(config: MultiModuleConfig) -> RegMultiVIModule:
-        """An (untrained) module for ``config``."""
-        return RegMultiVIModule(config)
-
     @classmethod
-    def from_saved(
-        cls,
-        meta: Mapping[str, Any],
-        registry: CovariateRegistry,
-        config: MultiModuleConfig,
-        module: RegMultiVIModule,
-        history: pd.DataFrame,
-    ) -> RegMultiVI:
-        """The model of a saved directory (``meta``: its ``config.json``)."""
-        return cls.assemble(
-            registry,
-            config,
-            module,
-            meta.get("setup_kwargs", {}),
-            var_names=meta["var_names"],
-            layers=meta.get("layers", {}),
-            is_trained=bool(meta.get("is_trained", False)),
-            history=history,
-        )
+    def _saved_parts(cls, meta: Mapping[str, Any]) -> dict[str, Any]:
+        return {"var_names": meta["var_names"], "layers": meta.get("layers", {})}
 
     def saved_meta(self) -> dict[str, Any]:
         """Extra ``config.json`` fields: features and count layer per modality."""
@@ -396,10 +344,7 @@ class RegMultiVI(BaseModel):
         fine_tune
             ``"conditioning"`` and / or ``"encoder"`` (see :meth:`regvi.RegVI.load_query_data`).
         """
-        return build_multimodal_query(cls, reference, mdata, allow_missing_genes, fine_tune)
-
-    def _build_module(self) -> RegMultiVIModule:
-        return RegMultiVIModule(self.config)
+        return build_query(cls, reference, mdata, allow_missing_genes, fine_tune)
 
     def _initialise_module(self, cells: np.ndarray | None) -> None:
         # cells without counts in a modality are left out of its statistics
@@ -407,14 +352,7 @@ class RegMultiVI(BaseModel):
             cov_m = modality_covariates(
                 self._covariates, self.config.disabled_covariates.get(m, [])
             )
-            initialise_from_data(
-                self.module.mods[m],
-                self._Xs[m],
-                cov_m,
-                self.setup_kwargs["data_init"],
-                self.setup_kwargs["dispersion_init"],
-                cells=cells,
-            )
+            self._initialise_from_data(self.module.mods[m], self._Xs[m], cov_m, cells)
 
     # ------------------------------------------------------------------ BaseModel hooks
     @property
@@ -514,13 +452,7 @@ class RegMultiVI(BaseModel):
         """
         if modality is not None and modality not in self.modalities:
             raise KeyError(f"modality {modality!r} unknown; modalities: {self.modalities}")
-        self.module.eval()
-        out = []
-        for batch in self._batches(mdata, indices, batch_size, category_fallback):
-            inf = self.module.inference(batch, sample=not give_mean)
-            z = inf["qz_mean"] if give_mean else inf["z"]
-            out.append(z.numpy())
-        z = np.concatenate(out) if out else np.zeros((0, self.config.n_latent), np.float32)
+        z = self._latent(mdata, indices, give_mean, batch_size, category_fallback)
         if modality is not None:
             z = z[:, self.module.slices[modality]]
         return z
@@ -555,27 +487,22 @@ class RegMultiVI(BaseModel):
         if modality not in self.modalities:
             raise KeyError(f"modality {modality!r} unknown; modalities: {self.modalities}")
         names = self.var_names[modality]
-        cols = None
-        if gene_list is not None:
-            pos = {g: i for i, g in enumerate(names)}
-            missing = [g for g in gene_list if g not in pos]
-            if missing:
-                raise KeyError(f"features not in modality {modality!r}: {missing[:10]}")
-            cols = np.array([pos[g] for g in gene_list])
+        cols = feature_columns(names, gene_list, f"features not in modality {modality!r}")
         self.module.eval()
         mod = self.module.mods[modality]
-        out = []
-        for batch in self._batches(mdata, indices, batch_size, category_fallback):
+
+        def rates(batch: dict[str, Any]) -> torch.Tensor:
             inf = self.module.inference(batch, sample=False)
             rho = self.module.decoder_rates(inf["z"], batch)[modality]
-            if include_feature_scaling:
-                view = self.module.modality_batch(batch, modality)
-                y = mod.feature_scaling(view.get("feature_scaling"))
-                rho = rho * y if y is not None else rho
-            if library_size is not None:
-                rho = rho / rho.sum(-1, keepdim=True) * library_size
-            out.append((rho if cols is None else rho[:, cols]).numpy())
-        expr = np.concatenate(out)
+            if not include_feature_scaling:
+                return rho
+            view = self.module.modality_batch(batch, modality)
+            y = mod.feature_scaling(view.get("feature_scaling"))
+            return rho * y if y is not None else rho
+
+        expr = self._expression(
+            mdata, indices, batch_size, category_fallback, rates, cols, library_size
+        )
         if return_pandas:
             obs_names = (
                 self._obs.index
@@ -584,9 +511,7 @@ class RegMultiVI(BaseModel):
             )
             if indices is not None:
                 obs_names = obs_names[indices]
-            return pd.DataFrame(
-                expr, index=obs_names, columns=list(gene_list) if gene_list is not None else names
-            )
+            return expression_frame(expr, obs_names, gene_list, names)
         return expr
 
     def get_modality_attribution(

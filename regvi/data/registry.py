@@ -59,37 +59,22 @@ class CovariateKeys:
 
     Attributes
     ----------
-    library_key
-        Finest technical unit (run / lane / GEM well); alone it fans out to the ambient,
-        dispersion and library-size groups and, unless ``nn_conditioning_covariate_keys`` is
-        given, to decoder conditioning.
-    batch_key
-        Alias of ``library_key``.
-    ambient_covariate_keys
-        Keys of the ambient-RNA groups (explicit, with ``dispersion_key`` and
-        ``library_size_key``, instead of ``library_key``).
-    dispersion_key
-        Key of the dispersion groups (explicit, instead of ``library_key``).
-    library_size_key
-        Key of the library-size prior groups (explicit, instead of ``library_key``).
-    feature_scaling_covariate_keys
-        Keys of multiplicative per-feature scaling (default: the decoder-conditioning keys).
-    nn_conditioning_covariate_keys
-        Categorical keys injected (one-hot) into every decoder layer. Default (``None``): the
-        library key (the library-size key when the purposes are given one by one); ``[]`` for
-        a batch-free decoder.
-    encoder_covariate_keys
-        Categorical keys injected into the encoders (default none).
+    library_key, batch_key
+        The finest technical unit (``batch_key`` is its alias); alone it fans out to the
+        ambient, dispersion, library-size and decoder-conditioning groups.
+    ambient_covariate_keys, dispersion_key, library_size_key
+        The three purpose keys given one by one, instead of ``library_key``.
+    feature_scaling_covariate_keys, nn_conditioning_covariate_keys, encoder_covariate_keys
+        The keys of per-feature scaling and of the decoder's and the encoders' one-hot inputs.
     continuous_covariate_keys
-        Continuous covariates (standardised), concatenated to encoder and decoder inputs.
-    dataset_key
-        Metric-only key of the dataset; validated (each library in one dataset).
-    technical_covariate_keys
-        Metric-only technical keys.
-    labels_key
-        Metric-only key of the cell labels (also stratifies the validation split on request).
+        Continuous covariates.
+    dataset_key, technical_covariate_keys, labels_key
+        Metric-only keys.
     layer
         Layer holding counts (``None`` for ``X``).
+
+    Each is the argument of the same name of :class:`regvi.RegVI`, documented there (defaults,
+    fan-out, what the model does with it).
     """
 
     library_key: str | None = None
@@ -120,6 +105,16 @@ class CovariateKeys:
                 f"unknown covariate key argument(s) {unknown}; expected some of {list(cls.names())}"
             )
         return cls(**kwargs)
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> CovariateKeys:
+        """The keys among a constructor's ``arguments`` (its ``locals()``), then ``overrides``.
+
+        The one place where :class:`regvi.RegVI` and :class:`regvi.RegMultiVI` turn their
+        covariate-key arguments into keys.
+        """
+        values = {name: arguments[name] for name in cls.names() if name in arguments}
+        return cls(**{**values, **overrides})
 
     def as_kwargs(self) -> dict[str, Any]:
         """The keys as keyword arguments (inverse of :meth:`from_kwargs`)."""

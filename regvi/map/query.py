@@ -1,6 +1,6 @@
 """Reference mapping: a query model that shares a trained reference's weights (scArches-style).
 
-:func:`build_query` / :func:`build_multimodal_query` back :meth:`regvi.RegVI.load_query_data` and
+:func:`build_query` backs :meth:`regvi.RegVI.load_query_data` and
 :meth:`regvi.RegMultiVI.load_query_data`; the parameter growth and the freeze are in
 :mod:`regvi.map.grow`.
 """
@@ -36,6 +36,7 @@ from regvi.map.grow import (
     init_new_categories,
     trainable_masks,
 )
+from regvi.multimodule import MultiModuleConfig
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +88,28 @@ def resolve_reference(reference: Any, expected: type) -> Any:
 def build_query(
     cls: type,
     reference: Any,
-    adata: AnnData,
+    data: Any,
     allow_missing_genes: bool = False,
     fine_tune: str | Sequence[str] | None = None,
 ) -> Any:
-    """The query model (a ``cls``, :class:`regvi.RegVI`) of :meth:`regvi.RegVI.load_query_data`."""
-
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"adata must be an AnnData; got {type(adata).__name__}")
+    """The query model (a ``cls``) of :meth:`regvi.RegVI.load_query_data` (``data``: an
+    AnnData) or :meth:`regvi.RegMultiVI.load_query_data` (a MuData or dict of AnnData)."""
+    multimodal = cls.config_class is MultiModuleConfig
+    if not multimodal and not isinstance(data, AnnData):
+        raise TypeError(f"adata must be an AnnData; got {type(data).__name__}")
     check_bool("allow_missing_genes", allow_missing_genes)
     tune = check_fine_tune(fine_tune)
     reference = resolve_reference(reference, cls)
+    build = _multimodal_query if multimodal else _single_query
+    model, parts, added = build(cls, reference, data, allow_missing_genes)
+    model.query = QuerySetup(parts, tune, added)
+    return model
+
+
+def _single_query(
+    cls: type, reference: Any, adata: AnnData, allow_missing_genes: bool
+) -> tuple[Any, QueryParts, dict[str, list[str]]]:
+    """The single-modal query model, its grown parts and the categories it added."""
     ref_reg = reference.registry
     aligned = align_genes(adata, ref_reg.var_names, ref_reg.layer, allow_missing_genes)
     registry, added = extend_registry(ref_reg, aligned.obs)
@@ -130,9 +142,8 @@ def build_query(
         registry, config, module, dict(reference.setup_kwargs), is_trained=reference.is_trained
     )
     model.adata, model._X, model._covariates, model.count_summary = aligned, X, cov, summary
-    model.query = QuerySetup(parts, tune, added)
     logger.info("query: new categories %s", {k: len(v) for k, v in added.items()})
-    return model
+    return model, parts, added
 
 
 def _query_modalities(
@@ -177,17 +188,10 @@ def _query_modalities(
     return out, absent
 
 
-def build_multimodal_query(
-    cls: type,
-    reference: Any,
-    data: Any,
-    allow_missing_genes: bool = False,
-    fine_tune: str | Sequence[str] | None = None,
-) -> Any:
-    """The query :class:`regvi.RegMultiVI` of :meth:`regvi.RegMultiVI.load_query_data`."""
-    check_bool("allow_missing_genes", allow_missing_genes)
-    tune = check_fine_tune(fine_tune)
-    reference = resolve_reference(reference, cls)
+def _multimodal_query(
+    cls: type, reference: Any, data: Any, allow_missing_genes: bool
+) -> tuple[Any, QueryParts, dict[str, list[str]]]:
+    """The multimodal query model, its grown parts and the categories it added."""
     given = data if not isinstance(data, Mapping) else dict(data)
     mods, absent = _query_modalities(given, reference, allow_missing_genes)
     ref_reg = reference.registry
@@ -257,5 +261,4 @@ def build_multimodal_query(
     )
     model._Xs, model._covariates, model._obs, model.mdata = Xs, cov, obs, mods
     model.count_summary = summaries
-    model.query = QuerySetup(parts, tune, added)
-    return model
+    return model, parts, added
