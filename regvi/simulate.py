@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +78,7 @@ def simulate(
         ``ambient_profiles`` (libraries × genes, on the simplex), ``ambient_fraction``,
         ``library_depth``, ``theta`` (genes), ``feature_scaling`` (technologies × genes).
     """
-    rng = np.random.default_rng(seed)
-    truth = _draw_truth(
-        rng,
-        n_genes,
-        n_cell_types,
-        n_libraries,
-        depth_range,
-        ambient_fraction,
-        theta,
-        programme_strength,
-    )
+    rng, truth = _seeded_truth(seed, locals())
     counts, codes = _draw_cells(rng, truth, n_cells, depth_sd, n_technologies, feature_scaling_sd)
     if sparse_format == "csr":
         X = sp.csr_matrix(counts)
@@ -100,6 +91,27 @@ def simulate(
     adata = AnnData(X=X, obs=_obs_frame(codes), var=_var_frame(n_genes))
     adata.uns["truth"] = truth
     return adata
+
+
+#: The arguments of :func:`simulate` (and :func:`simulate_to_mmap`) that the truth is drawn from.
+_TRUTH_ARGS = (
+    "n_genes",
+    "n_cell_types",
+    "n_libraries",
+    "depth_range",
+    "ambient_fraction",
+    "theta",
+    "programme_strength",
+)
+
+
+def _seeded_truth(
+    seed: int, arguments: Mapping[str, Any]
+) -> tuple[np.random.Generator, dict[str, Any]]:
+    """The generator of ``seed`` and the truth drawn first from it, for the simulation
+    ``arguments`` (the caller's ``locals()``); cells are drawn next from the same generator."""
+    rng = np.random.default_rng(seed)
+    return rng, _draw_truth(rng, *(arguments[name] for name in _TRUTH_ARGS))
 
 
 def _draw_truth(
@@ -235,17 +247,7 @@ def simulate_to_mmap(
     if chunk_cells < 1:
         raise ValueError(f"chunk_cells={chunk_cells}; expected a positive integer")
     path = Path(path)
-    rng = np.random.default_rng(seed)
-    truth = _draw_truth(
-        rng,
-        n_genes,
-        n_cell_types,
-        n_libraries,
-        depth_range,
-        ambient_fraction,
-        theta,
-        programme_strength,
-    )
+    rng, truth = _seeded_truth(seed, locals())
     codes: list[dict[str, np.ndarray]] = []
 
     def chunks():
@@ -300,14 +302,7 @@ def simulate_multiome(
         ``{"atac": AnnData, "rna": AnnData}`` with identical obs (``cell_type``, ``library``);
         the ATAC truth (``open_peaks``, types × peaks, bool) is in ``uns["truth"]``.
     """
-    rna = simulate(
-        n_cells=n_cells,
-        n_genes=n_genes,
-        n_cell_types=n_cell_types,
-        n_libraries=n_libraries,
-        seed=seed,
-        **rna_kwargs,
-    )
+    rna = simulate(n_cells, n_genes, n_cell_types, n_libraries, seed=seed, **rna_kwargs)
     rng = np.random.default_rng(seed + 1)
     cell_type = rna.obs["cell_type"].cat.codes.to_numpy()
     library = rna.obs["library"].cat.codes.to_numpy()
