@@ -55,6 +55,10 @@ class Arch:
         """Short identifier, e.g. ``h128_l10``."""
         return f"h{self.n_hidden}_l{self.n_latent}"
 
+    def sizes(self) -> dict[str, int]:
+        """``n_hidden``, ``n_latent`` and ``n_layers`` as keyword arguments of a model."""
+        return {"n_hidden": self.n_hidden, "n_latent": self.n_latent, "n_layers": self.n_layers}
+
 
 def parse_archs(spec: str) -> list[Arch]:
     """Parse an architecture list such as ``"128x10,512x128"`` (``n_layers=1``)."""
@@ -218,7 +222,7 @@ def launch(
     log: Path,
     record: Path,
     *,
-    n_threads: int = 2,
+    n_threads: int = N_THREADS,
     competitor_pattern: str | None = None,
     tag: str = "bench",
 ) -> dict[str, Any]:
@@ -282,6 +286,41 @@ def launch(
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
         return {"error": f"exit code {proc.returncode}", "log_tail": tail, **extra}
     return {**json.loads(record.read_text()), **extra}
+
+
+def launch_cpu_timed(
+    script: str | Path,
+    python: str,
+    child_args: list[str],
+    log: Path,
+    record: Path,
+    tag: str = "bench",
+) -> dict[str, Any]:
+    """:func:`launch` of a CPU timing child: :data:`N_THREADS` threads, and the record's
+    ``contention`` names the :data:`CPU_COMPETITORS` running before and after."""
+    return launch(
+        script, python, child_args, log, record, competitor_pattern=CPU_COMPETITORS, tag=tag
+    )
+
+
+def check_scvi_python(python: Path) -> None:
+    """FileNotFoundError naming the setup script when the scvi-tools interpreter is missing."""
+    if not python.is_file():
+        raise FileNotFoundError(
+            f"scvi-tools virtualenv {python} missing: run benchmarks/setup_scvi_env.sh"
+        )
+
+
+def run_script(python: Path, script: str, args: Sequence[Any], log: Path) -> None:
+    """Run ``benchmarks/<script>`` with ``args`` under ``python``, its stdout and stderr to
+    ``log``; CalledProcessError if it fails."""
+    with log.open("w") as fh:
+        subprocess.run(
+            [str(python), str(REPO_ROOT / "benchmarks" / script), *map(str, args)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
 
 
 def add_run_args(p: argparse.ArgumentParser, out: Path) -> None:
@@ -414,6 +453,48 @@ def epoch_timer() -> Any:
     return EpochTimer()
 
 
+def scvi_train_kwargs(epochs: int, batch_size: int, timer: Any) -> dict[str, Any]:
+    """``train`` arguments of the scvi-tools models: fixed epochs, validation after every
+    epoch, CPU, quiet, the epoch ``timer`` (:func:`epoch_timer`)."""
+    return {
+        "max_epochs": epochs,
+        "batch_size": batch_size,
+        "train_size": TRAIN_SIZE,
+        "early_stopping": False,
+        "check_val_every_n_epoch": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "callbacks": [timer],
+    }
+
+
+@dataclass
+class TrainedRun:
+    """What a training child measured: the latent, training wall time, epochs run, per-epoch
+    times and the RSS before training."""
+
+    z: Any
+    train_s: float
+    epochs_run: int
+    epoch_times: list[float]
+    rss_before: float | None
+
+    def timing(self, epochs: int) -> dict[str, Any]:
+        """The :func:`timing_record` of this run (``epochs`` requested)."""
+        return timing_record(
+            self.train_s, epochs, self.epochs_run, self.epoch_times, self.rss_before
+        )
+
+
+def timed(train: Callable[[], Any]) -> tuple[Any, float, float | None]:
+    """``train()``'s result, its wall time in seconds and this process's RSS (MiB) before it."""
+    rss_before = current_rss_mib()
+    t0 = time.perf_counter()
+    result = train()
+    return result, time.perf_counter() - t0, rss_before
+
+
 def last_values(hist: Any) -> dict[str, float]:
     """Last-epoch numeric values of a regvi history ``DataFrame``."""
     final: dict[str, float] = {}
@@ -424,6 +505,17 @@ def last_values(hist: Any) -> dict[str, float]:
             except (TypeError, ValueError):
                 continue
     return final
+
+
+def regvi_history_record(hist: Any) -> dict[str, Any]:
+    """A regvi training child's ``regvi`` version, ``history_columns`` and ``final`` values."""
+    import regvi
+
+    return {
+        "regvi": getattr(regvi, "__version__", "unknown"),
+        "history_columns": [str(c) for c in hist.columns],
+        "final": last_values(hist),
+    }
 
 
 def history_epoch_times(hist: Any) -> list[float]:

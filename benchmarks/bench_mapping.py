@@ -57,7 +57,6 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -247,34 +246,17 @@ def train_regvi_multi_map(split: str, seed: int, threads: int) -> None:
 
 # ------------------------------------------------------------------ scvi-tools
 def train_scvi(split: str, method: str, seed: int, threads: int, python: Path) -> None:
-    if not python.is_file():
-        raise FileNotFoundError(
-            f"scvi-tools virtualenv {python} missing: run benchmarks/setup_scvi_env.sh"
-        )
+    from _common import check_scvi_python, run_script  # next to this file
+
+    check_scvi_python(python)
     _, key, _ = SPLITS[split]
     _, _, query = load_split(split)
     npy, _ = _cached(split, method, seed)
     npy.parent.mkdir(parents=True, exist_ok=True)
     mode = "arches" if method == "scarches" else "denovo"
-    with npy.with_suffix(".log").open("w") as fh:
-        subprocess.run(
-            [
-                str(python),
-                str(REPO / "benchmarks" / "mapping_scvi_child.py"),
-                mode,
-                str(data_path(split)),
-                key,
-                ",".join(query),
-                str(N_HIDDEN),
-                str(N_LATENT),
-                str(seed),
-                str(threads),
-                str(npy.with_suffix("")),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            check=True,
-        )
+    args = [mode, data_path(split), key, ",".join(query), N_HIDDEN, N_LATENT, seed, threads]
+    args.append(npy.with_suffix(""))
+    run_script(python, "mapping_scvi_child.py", args, npy.with_suffix(".log"))
 
 
 def reuse_quality_scvi(split: str, seed: int) -> bool:
@@ -405,6 +387,8 @@ def plot(split: str, summary: dict[str, Any], title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from evaluation.plots import save_figure
+
     order = [m for m in (*METHODS, *MULTI_METHODS, "pca") if m in summary]
     colours = {
         "regvi_map": "#1f77b4",
@@ -452,12 +436,8 @@ def plot(split: str, summary: dict[str, Any], title: str) -> Path:
     ax.set_ylabel("s (1 thread; * = bench_quality's run)", fontsize=8)
     ax.set_title("fit time: query fit (plain) / de novo on all cells (hatched)", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     PNG_DIR.mkdir(parents=True, exist_ok=True)
-    path = PNG_DIR / f"mapping_{split}.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, PNG_DIR / f"mapping_{split}.png", dpi=130)
 
 
 # ------------------------------------------------------------------ main

@@ -64,7 +64,6 @@ from _common import (  # stdlib-only at module level, next to this file
     REPO_ROOT,
     SEED,
     TRAIN_SIZE,
-    current_rss_mib,
     epoch_timer,
     render_table,
     set_threads,
@@ -90,21 +89,6 @@ REFERENCE = "multivi"
 
 
 # --------------------------------------------------------------------------- children
-
-
-def _scvi_train_kwargs(epochs: int, timer: Any) -> dict[str, Any]:
-    """``train`` arguments shared by the scvi-tools models (fixed epochs, CPU, quiet)."""
-    return {
-        "max_epochs": epochs,
-        "batch_size": BATCH_SIZE,
-        "train_size": TRAIN_SIZE,
-        "early_stopping": False,
-        "check_val_every_n_epoch": 1,
-        "accelerator": "cpu",
-        "devices": 1,
-        "enable_progress_bar": False,
-        "callbacks": [timer],
-    }
 
 
 def _scvi_final(model: Any) -> dict[str, float]:
@@ -160,133 +144,174 @@ def child_train(
         "n_regions": None if atac is None else int(atac.n_vars),
         "kl_warmup_epochs": warmup,
     }
-
     if run in SCVI_RUNS:
-        import lightning
-        import scvi
-
-        scvi.settings.seed = SEED
-        set_threads(N_THREADS)  # scvi's seed setter may touch torch settings; re-pin
-        timer = epoch_timer()
-        rec.update({"scvi-tools": scvi.__version__, "lightning": lightning.__version__})
-        if run == "multivi":
-            import mudata as md
-
-            rec["mudata"] = md.__version__
-            # batch_key is read from the RNA modality's obs (modalities["batch_key"] = "rna")
-            mdata = md.MuData({"rna": rna, "atac": atac})
-            scvi.model.MULTIVI.setup_mudata(
-                mdata,
-                batch_key=BATCH_KEY,
-                modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
-            )
-            model = scvi.model.MULTIVI(
-                mdata,
-                n_genes=rna.n_vars,
-                n_regions=atac.n_vars,
-                n_hidden=N_HIDDEN,
-                n_latent=N_LATENT,
-                n_layers_encoder=N_LAYERS,
-                n_layers_decoder=N_LAYERS,
-            )
-            rec["model"] = {
-                "class": "scvi.model.MULTIVI",
-                "setup": "setup_mudata(batch_key='batch', modalities={'rna_layer': 'rna', "
-                "'atac_layer': 'atac', 'batch_key': 'rna'})",
-                "n_hidden": N_HIDDEN,
-                "n_latent": N_LATENT,
-                "n_layers_encoder": N_LAYERS,
-                "n_layers_decoder": N_LAYERS,
-                "train": "MULTIVI.train defaults otherwise: AdamW lr 1e-4, weight_decay 1e-3, "
-                "eps 1e-8, adversarial_mixing=True, modality_weights='equal', "
-                "modality_penalty='Jeffreys', gene_likelihood='zinb'",
-                "latent": "get_latent_representation(modality='joint') posterior mean",
-            }
-            rss_before = current_rss_mib()
-            t0 = time.perf_counter()
-            model.train(
-                **_scvi_train_kwargs(epochs, timer),
-                n_epochs_kl_warmup=warmup,
-            )
-            train_s = time.perf_counter() - t0
-            epochs_run = len(timer.times) or len(model.history["elbo_train"])
-            final = _scvi_final(model)
-            z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
-        else:  # FALLBACK: PeakVI on ATAC + SCVI on RNA, latents concatenated
-            n_half = N_LATENT // 2
-            scvi.model.PEAKVI.setup_anndata(atac, batch_key=BATCH_KEY)
-            peakvi = scvi.model.PEAKVI(
-                atac,
-                n_hidden=N_HIDDEN,
-                n_latent=n_half,
-                n_layers_encoder=N_LAYERS,
-                n_layers_decoder=N_LAYERS,
-            )
-            scvi.model.SCVI.setup_anndata(rna, batch_key=BATCH_KEY)
-            scvi_model = scvi.model.SCVI(
-                rna, n_hidden=N_HIDDEN, n_latent=N_LATENT - n_half, n_layers=N_LAYERS
-            )
-            rec["model"] = {
-                "class": "scvi.model.PEAKVI + scvi.model.SCVI (fallback for MULTIVI)",
-                "n_hidden": N_HIDDEN,
-                "n_latent": {"atac": n_half, "rna": N_LATENT - n_half},
-                "latent": "[z_peakvi ; z_scvi] posterior means",
-            }
-            timer_scvi = epoch_timer()
-            rss_before = current_rss_mib()
-            t0 = time.perf_counter()
-            peakvi.train(**_scvi_train_kwargs(epochs, timer), n_epochs_kl_warmup=warmup)
-            scvi_model.train(
-                **_scvi_train_kwargs(epochs, timer_scvi),
-                plan_kwargs={"n_epochs_kl_warmup": warmup},
-            )
-            train_s = time.perf_counter() - t0
-            epochs_run = len(timer.times) or epochs
-            timer.times = [a + b for a, b in zip(timer.times, timer_scvi.times, strict=False)]
-            final = {f"peakvi_{k}": v for k, v in _scvi_final(peakvi).items()}
-            final.update({f"scvi_{k}": v for k, v in _scvi_final(scvi_model).items()})
-            z = np.concatenate(
-                [
-                    peakvi.get_latent_representation(batch_size=LATENT_BATCH_SIZE),
-                    scvi_model.get_latent_representation(batch_size=LATENT_BATCH_SIZE),
-                ],
-                axis=1,
-            )
-        epoch_times = list(timer.times)
-        rec["final"] = final
+        trained = _train_scvi_tools(run, rna, atac, epochs, warmup, rec)
     elif run in ("regvi-multi", "regvi-rna"):
-        import regvi
+        trained = _train_regvi(run, rna, atac, epochs, warmup, rec)
+    else:
+        raise ValueError(f"unknown run {run!r}")
 
-        if run == "regvi-multi":
-            n_latent: Any = {"atac": N_LATENT // 2, "rna": N_LATENT - N_LATENT // 2}
-            model = regvi.RegMultiVI(
-                {"rna": rna, "atac": atac},
-                library_key=BATCH_KEY,
-                n_latent=n_latent,
-                n_hidden=N_HIDDEN,
-                n_layers=N_LAYERS,
-            )
-            cls = "regvi.RegMultiVI"
-            latent_desc = "joint z = [z_atac ; z_rna] posterior mean"
-        else:
-            n_latent = N_LATENT
-            model = regvi.RegVI(
-                rna, library_key=BATCH_KEY, n_latent=N_LATENT, n_hidden=N_HIDDEN, n_layers=N_LAYERS
-            )
-            cls = "regvi.RegVI"
-            latent_desc = "z posterior mean (RNA only)"
-        rec["model"] = {
-            "class": cls,
-            "library_key": BATCH_KEY,
-            "n_hidden": N_HIDDEN,
-            "n_latent": n_latent,
-            "n_layers": N_LAYERS,
-            "train": "regvi defaults otherwise: Adam lr 1e-3, weight_decay 1e-6, eps 0.01",
-            "latent": latent_desc,
-        }
-        rss_before = current_rss_mib()
-        t0 = time.perf_counter()
-        hist = model.train(
+    _common.save_latent(trained.z, (rna.n_obs, N_LATENT), latent_out)
+    rec.update(trained.timing(epochs))
+    return rec
+
+
+def _train_scvi_tools(
+    run: str, rna: Any, atac: Any, epochs: int, warmup: int, rec: dict[str, Any]
+) -> _common.TrainedRun:
+    """MULTIVI, or the PeakVI + SCVI fallback; adds versions, the model and the final losses
+    to ``rec``."""
+    import lightning
+    import scvi
+
+    scvi.settings.seed = SEED
+    set_threads(N_THREADS)  # scvi's seed setter may touch torch settings; re-pin
+    timer = epoch_timer()
+    rec.update({"scvi-tools": scvi.__version__, "lightning": lightning.__version__})
+    train = _train_multivi if run == "multivi" else _train_peakvi_scvi
+    z, train_s, epochs_run, final, rss_before = train(rna, atac, epochs, warmup, timer, rec)
+    rec["final"] = final
+    return _common.TrainedRun(z, train_s, epochs_run, list(timer.times), rss_before)
+
+
+def _train_multivi(
+    rna: Any, atac: Any, epochs: int, warmup: int, timer: Any, rec: dict[str, Any]
+) -> tuple[Any, float, int, dict[str, float], float | None]:
+    """scvi-tools MULTIVI on the paired cells: latent, train seconds, epochs run, final
+    values and RSS before training; adds the mudata version and the model to ``rec``."""
+    import mudata as md
+    import scvi
+
+    rec["mudata"] = md.__version__
+    # batch_key is read from the RNA modality's obs (modalities["batch_key"] = "rna")
+    mdata = md.MuData({"rna": rna, "atac": atac})
+    scvi.model.MULTIVI.setup_mudata(
+        mdata,
+        batch_key=BATCH_KEY,
+        modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
+    )
+    model = scvi.model.MULTIVI(
+        mdata,
+        n_genes=rna.n_vars,
+        n_regions=atac.n_vars,
+        n_hidden=N_HIDDEN,
+        n_latent=N_LATENT,
+        n_layers_encoder=N_LAYERS,
+        n_layers_decoder=N_LAYERS,
+    )
+    rec["model"] = {
+        "class": "scvi.model.MULTIVI",
+        "setup": "setup_mudata(batch_key='batch', modalities={'rna_layer': 'rna', "
+        "'atac_layer': 'atac', 'batch_key': 'rna'})",
+        "n_hidden": N_HIDDEN,
+        "n_latent": N_LATENT,
+        "n_layers_encoder": N_LAYERS,
+        "n_layers_decoder": N_LAYERS,
+        "train": "MULTIVI.train defaults otherwise: AdamW lr 1e-4, weight_decay 1e-3, "
+        "eps 1e-8, adversarial_mixing=True, modality_weights='equal', "
+        "modality_penalty='Jeffreys', gene_likelihood='zinb'",
+        "latent": "get_latent_representation(modality='joint') posterior mean",
+    }
+    _, train_s, rss_before = _common.timed(
+        lambda: model.train(
+            **_common.scvi_train_kwargs(epochs, BATCH_SIZE, timer), n_epochs_kl_warmup=warmup
+        )
+    )
+    epochs_run = len(timer.times) or len(model.history["elbo_train"])
+    final = _scvi_final(model)
+    z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
+    return z, train_s, epochs_run, final, rss_before
+
+
+def _train_peakvi_scvi(
+    rna: Any, atac: Any, epochs: int, warmup: int, timer: Any, rec: dict[str, Any]
+) -> tuple[Any, float, int, dict[str, float], float | None]:
+    """The fallback for MULTIVI: PeakVI on ATAC + SCVI on RNA, latents concatenated (as
+    :func:`_train_multivi`); ``timer`` gets the summed epoch times."""
+    import numpy as np
+    import scvi
+
+    n_half = N_LATENT // 2
+    scvi.model.PEAKVI.setup_anndata(atac, batch_key=BATCH_KEY)
+    peakvi = scvi.model.PEAKVI(
+        atac,
+        n_hidden=N_HIDDEN,
+        n_latent=n_half,
+        n_layers_encoder=N_LAYERS,
+        n_layers_decoder=N_LAYERS,
+    )
+    scvi.model.SCVI.setup_anndata(rna, batch_key=BATCH_KEY)
+    scvi_model = scvi.model.SCVI(
+        rna, n_hidden=N_HIDDEN, n_latent=N_LATENT - n_half, n_layers=N_LAYERS
+    )
+    rec["model"] = {
+        "class": "scvi.model.PEAKVI + scvi.model.SCVI (fallback for MULTIVI)",
+        "n_hidden": N_HIDDEN,
+        "n_latent": {"atac": n_half, "rna": N_LATENT - n_half},
+        "latent": "[z_peakvi ; z_scvi] posterior means",
+    }
+    timer_scvi = epoch_timer()
+
+    def train_both() -> None:
+        peakvi.train(
+            **_common.scvi_train_kwargs(epochs, BATCH_SIZE, timer), n_epochs_kl_warmup=warmup
+        )
+        scvi_model.train(
+            **_common.scvi_train_kwargs(epochs, BATCH_SIZE, timer_scvi),
+            plan_kwargs={"n_epochs_kl_warmup": warmup},
+        )
+
+    _, train_s, rss_before = _common.timed(train_both)
+    epochs_run = len(timer.times) or epochs
+    timer.times = [a + b for a, b in zip(timer.times, timer_scvi.times, strict=False)]
+    final = {f"peakvi_{k}": v for k, v in _scvi_final(peakvi).items()}
+    final.update({f"scvi_{k}": v for k, v in _scvi_final(scvi_model).items()})
+    z = np.concatenate(
+        [
+            peakvi.get_latent_representation(batch_size=LATENT_BATCH_SIZE),
+            scvi_model.get_latent_representation(batch_size=LATENT_BATCH_SIZE),
+        ],
+        axis=1,
+    )
+    return z, train_s, epochs_run, final, rss_before
+
+
+def _train_regvi(
+    run: str, rna: Any, atac: Any, epochs: int, warmup: int, rec: dict[str, Any]
+) -> _common.TrainedRun:
+    """regvi: RegMultiVI on RNA + ATAC (``regvi-multi``) or RegVI on RNA (``regvi-rna``);
+    adds the model, version, history columns and final values to ``rec``."""
+    import regvi
+
+    if run == "regvi-multi":
+        n_latent: Any = {"atac": N_LATENT // 2, "rna": N_LATENT - N_LATENT // 2}
+        model = regvi.RegMultiVI(
+            {"rna": rna, "atac": atac},
+            library_key=BATCH_KEY,
+            n_latent=n_latent,
+            n_hidden=N_HIDDEN,
+            n_layers=N_LAYERS,
+        )
+        cls = "regvi.RegMultiVI"
+        latent_desc = "joint z = [z_atac ; z_rna] posterior mean"
+    else:
+        n_latent = N_LATENT
+        model = regvi.RegVI(
+            rna, library_key=BATCH_KEY, n_latent=N_LATENT, n_hidden=N_HIDDEN, n_layers=N_LAYERS
+        )
+        cls = "regvi.RegVI"
+        latent_desc = "z posterior mean (RNA only)"
+    rec["model"] = {
+        "class": cls,
+        "library_key": BATCH_KEY,
+        "n_hidden": N_HIDDEN,
+        "n_latent": n_latent,
+        "n_layers": N_LAYERS,
+        "train": "regvi defaults otherwise: Adam lr 1e-3, weight_decay 1e-6, eps 0.01",
+        "latent": latent_desc,
+    }
+    hist, train_s, rss_before = _common.timed(
+        lambda: model.train(
             max_epochs=epochs,
             batch_size=BATCH_SIZE,
             validation_fraction=VALIDATION_FRACTION,
@@ -295,23 +320,11 @@ def child_train(
             seed=SEED,
             progress_bar=False,
         )
-        train_s = time.perf_counter() - t0
-        epochs_run = len(hist)
-        epoch_times = _common.history_epoch_times(hist)
-        z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
-        rec.update(
-            {
-                "regvi": getattr(regvi, "__version__", "unknown"),
-                "history_columns": [str(c) for c in hist.columns],
-                "final": _common.last_values(hist),
-            }
-        )
-    else:
-        raise ValueError(f"unknown run {run!r}")
-
-    _common.save_latent(z, (rna.n_obs, N_LATENT), latent_out)
-    rec.update(_common.timing_record(train_s, epochs, epochs_run, epoch_times, rss_before))
-    return rec
+    )
+    z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
+    rec.update(_common.regvi_history_record(hist))
+    epoch_times = _common.history_epoch_times(hist)
+    return _common.TrainedRun(z, train_s, len(hist), epoch_times, rss_before)
 
 
 def run_child_main(args: argparse.Namespace) -> int:
@@ -332,7 +345,7 @@ def run_child_main(args: argparse.Namespace) -> int:
 
 def launch(python: str, child_args: list[str], log: Path, record: Path) -> dict[str, Any]:
     """Run this script as a child under ``python`` (see :func:`_common.launch`)."""
-    return _common.launch(__file__, python, child_args, log, record, n_threads=N_THREADS)
+    return _common.launch(__file__, python, child_args, log, record)
 
 
 def run_scib(rna_path: Path, latents: dict[str, Path], n_jobs: int) -> dict[str, dict[str, float]]:

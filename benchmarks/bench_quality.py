@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -52,9 +51,11 @@ from _common import (  # next to this file
     DEFAULT_SCVI_PYTHON,
     REPO_ROOT,
     benchmarker_scores,
+    check_scvi_python,
     git_commit,
     prepare_for_scib,
     regvi_model_kwargs,
+    run_script,
 )
 
 REPO = REPO_ROOT
@@ -251,31 +252,12 @@ def train_scvi(
     name: str, method: str, seed: int, threads: int, python: Path, want: dict[str, Any]
 ) -> None:
     """scvi-tools SCVI in its own venv (``quality_scvi_child.py``); adds ``want`` to its record."""
-    if not python.is_file():
-        raise FileNotFoundError(
-            f"scvi-tools virtualenv {python} missing: run benchmarks/setup_scvi_env.sh"
-        )
+    check_scvi_python(python)
     _, key, _ = DATASETS[name]
     n_hidden, n_latent = SCVI_SIZES[method]
     npy, _ = _cached(name, method, seed)
-    log = npy.with_suffix(".log")
-    with log.open("w") as fh:
-        subprocess.run(
-            [
-                str(python),
-                str(REPO / "benchmarks" / "quality_scvi_child.py"),
-                str(prepared(name)),
-                key,
-                str(n_hidden),
-                str(n_latent),
-                str(seed),
-                str(threads),
-                str(npy.with_suffix("")),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            check=True,
-        )
+    args = [prepared(name), key, n_hidden, n_latent, seed, threads, npy.with_suffix("")]
+    run_script(python, "quality_scvi_child.py", args, npy.with_suffix(".log"))
     rec = npy.with_suffix(".json")
     rec.write_text(json.dumps({**json.loads(rec.read_text()), **provenance(want)}))
 
@@ -425,6 +407,8 @@ def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from evaluation.plots import save_figure
+
     metrics = [m for m in next(iter(scores.values())) if m not in ("Total",)] + ["Total"]
     order = sorted(summary, key=lambda m: -summary[m]["total_mean"])
     grid = np.array(
@@ -443,12 +427,8 @@ def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]
     ax.set_xticks(range(len(metrics)), metrics, rotation=40, ha="right", fontsize=7)
     _, key, _ = DATASETS[name]
     ax.set_title(f"{name} (batch: {key}) — scib-metrics, unscaled, mean over seeds", fontsize=9)
-    fig.tight_layout()
     PNG_DIR.mkdir(parents=True, exist_ok=True)
-    path = PNG_DIR / f"scib_{name}.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, PNG_DIR / f"scib_{name}.png", dpi=130)
 
 
 # ------------------------------------------------------------------ main

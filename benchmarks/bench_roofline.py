@@ -600,13 +600,53 @@ def child_profile(
         Lightning windows).
     """
     import anndata as ad
-    import lightning.pytorch as pl
     import numpy as np
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     import regvi
-    from regvi.data import make_loader
+
+    timed_adam = _timed_adam_class()
+    # regvi.training.TrainingPlan looks up torch.optim.Adam when it builds the optimiser
+    torch.optim.Adam = timed_adam  # type: ignore[misc]
+    _common.set_threads(N_THREADS)
+    torch.manual_seed(SEED)
+    adata = ad.read_h5ad(prep)
+    model = regvi.RegVI(adata, library_key=batch_key, **arch.sizes())
+    n_val = round((1 - TRAIN_SIZE) * adata.n_obs)
+    n_train = adata.n_obs - n_val
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    n_win = max(1, math.ceil(steps / steps_per_epoch))
+    lightning = _profile_lightning(model, batch_size, lr, n_win, steps_per_epoch)
+    val_bs = model._validation_batch_size(batch_size)
+    bare = _profile_bare_loop(model, timed_adam, batch_size, lr, n_win * steps_per_epoch, n_train)
+
+    module, data = model.module, model._dataset()
+    batch = data[np.arange(min(batch_size, len(data)))]
+    flops = count_linear_flops(module, lambda: module.loss(batch, n_train))
+    return {
+        "batch_size": batch_size,
+        "val_batch_size": val_bs,
+        "lr": lr,
+        "arch": arch.name,
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "n_train": len(model.train_indices),
+        "n_val": len(model.validation_indices),
+        "lightning": lightning,
+        "bare": bare,
+        "lightning_overhead_ms_per_step": lightning["timed_train_ms_per_step"]
+        - bare["timed_ms_per_step"],
+        "flops": flops,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mib": _common.peak_rss_mib(),
+    }
+
+
+def _timed_adam_class() -> type:
+    """``torch.optim.Adam`` whose update (not the closure) runs under :data:`ADAM_MARKER`."""
+    import torch
+    from torch.profiler import record_function
 
     class TimedAdam(torch.optim.Adam):
         """Adam whose update (not the closure) runs under :data:`ADAM_MARKER`."""
@@ -620,25 +660,14 @@ def child_profile(
                 super().step()
             return loss
 
-    # regvi.training.TrainingPlan looks up torch.optim.Adam when it builds the optimiser
-    torch.optim.Adam = TimedAdam  # type: ignore[misc]
-    _common.set_threads(N_THREADS)
-    torch.manual_seed(SEED)
-    adata = ad.read_h5ad(prep)
-    model = regvi.RegVI(
-        adata,
-        library_key=batch_key,
-        n_hidden=arch.n_hidden,
-        n_latent=arch.n_latent,
-        n_layers=arch.n_layers,
-    )
-    n_val = round((1 - TRAIN_SIZE) * adata.n_obs)
-    n_train = adata.n_obs - n_val
-    steps_per_epoch = math.ceil(n_train / batch_size)
-    n_win = max(1, math.ceil(steps / steps_per_epoch))
-    warm = PROFILE_WARMUP_EPOCHS
-    first_prof = warm + n_win
-    last = warm + 2 * n_win - 1
+    return TimedAdam
+
+
+def _window_callback(warm: int, first_prof: int) -> Any:
+    """A Lightning callback that times epochs ``warm`` to ``first_prof - 1`` (unprofiled),
+    profiles every later epoch one by one and marks validation."""
+    import lightning.pytorch as pl
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     class Window(pl.Callback):
         """Times the unprofiled window, profiles the next one epoch by epoch, marks validation."""
@@ -694,7 +723,18 @@ def child_profile(
             gc.collect()
             self.analyse_s += time.perf_counter() - t0
 
-    win = Window()
+    return Window()
+
+
+def _profile_lightning(
+    model: Any, batch_size: int, lr: float, n_win: int, steps_per_epoch: int
+) -> dict[str, Any]:
+    """``model.train`` over warm-up epochs, ``n_win`` timed and ``n_win`` profiled epochs:
+    per-epoch and per-step times, the profiler overhead and the profile (``lightning``)."""
+    warm = PROFILE_WARMUP_EPOCHS
+    first_prof = warm + n_win
+    last = warm + 2 * n_win - 1
+    win = _window_callback(warm, first_prof)
     t0 = time.perf_counter()
     hist = model.train(
         max_epochs=last + 1,
@@ -708,8 +748,7 @@ def child_profile(
     epoch_s = [float(x) for x in hist["epoch_time_s"]]
     timed_wall = win.t["timed_end"] - win.t["timed_start"]
     prof_wall = win.acc.wall_s
-    val_bs = model._validation_batch_size(batch_size)
-    lightning = {
+    return {
         "epochs_per_window": n_win,
         "steps_per_epoch": steps_per_epoch,
         "train_steps": {k: int(v) for k, v in win.steps.items()},
@@ -725,14 +764,22 @@ def child_profile(
         "analyse_s": win.analyse_s,
         "total_s": lightning_total_s,
     }
-    del win
 
-    # ---- bare loop: module.loss -> backward -> Adam, same loader and optimiser settings
+
+def _profile_bare_loop(
+    model: Any, adam_class: type, batch_size: int, lr: float, n_bare: int, n_train: int
+) -> dict[str, Any]:
+    """``module.loss`` → backward → Adam with the same loader and optimiser settings as
+    ``train``: ``n_bare`` timed steps, then ``n_bare`` profiled steps in chunks (``bare``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from regvi.data import make_loader
+
     module = model.module
     module.train()
     data = model._dataset()
     loader = make_loader(data, model.train_indices, batch_size, True, SEED + 1)
-    opt = TimedAdam(module.parameters(), lr=lr, weight_decay=1e-6, eps=0.01)
+    opt = adam_class(module.parameters(), lr=lr, weight_decay=1e-6, eps=0.01)
 
     def batches() -> Any:
         while True:
@@ -747,7 +794,7 @@ def child_profile(
         out["loss"].backward()
         opt.step()
 
-    n_bare = n_win * steps_per_epoch
+    steps_per_epoch = math.ceil(n_train / batch_size)
     chunk = min(steps_per_epoch, BARE_CHUNK_STEPS)
     for _ in range(BARE_WARMUP_STEPS):
         step()
@@ -770,33 +817,12 @@ def child_profile(
         del prof
         gc.collect()
         done += k
-    bare = {
+    return {
         "steps": n_bare,
         "timed_ms_per_step": bare_timed / n_bare * 1e3,
         "profiled_ms_per_step": acc.wall_s / n_bare * 1e3,
         "profiler_overhead": acc.wall_s / bare_timed - 1.0,
         "profile": acc.result(),
-    }
-
-    batch = data[np.arange(min(batch_size, len(data)))]
-    flops = count_linear_flops(module, lambda: module.loss(batch, n_train))
-    return {
-        "batch_size": batch_size,
-        "val_batch_size": val_bs,
-        "lr": lr,
-        "arch": arch.name,
-        "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "n_train": len(model.train_indices),
-        "n_val": len(model.validation_indices),
-        "lightning": lightning,
-        "bare": bare,
-        "lightning_overhead_ms_per_step": lightning["timed_train_ms_per_step"]
-        - bare["timed_ms_per_step"],
-        "flops": flops,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "peak_rss_mib": _common.peak_rss_mib(),
     }
 
 
@@ -805,15 +831,8 @@ def child_profile(
 
 def launch(child_args: list[str], log: Path, record: Path, python: str | None = None) -> dict:
     """Run a child of this script (see :func:`_common.launch`), with ``contention``."""
-    return _common.launch(
-        __file__,
-        python or sys.executable,
-        child_args,
-        log,
-        record,
-        n_threads=N_THREADS,
-        competitor_pattern=_common.CPU_COMPETITORS,
-        tag="roofline",
+    return _common.launch_cpu_timed(
+        __file__, python or sys.executable, child_args, log, record, tag="roofline"
     )
 
 

@@ -70,6 +70,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,14 +83,12 @@ from _common import (  # stdlib-only at module level, next to this file
     SEED,
     TRAIN_SIZE,
     Arch,
-    current_rss_mib,
     parse_archs,
     parse_ints,
     peak_rss_mib,
     render_table,
     save_latent,
     set_threads,
-    timing_record,
 )
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kang2018_ifnb_pbmc.h5ad"
@@ -224,6 +223,27 @@ def child_prep(dataset: str, data: Path, out: Path) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """What one training child trains: the tool, architecture, epochs, batch, lr, batch key."""
+
+    tool: str
+    arch: Arch
+    epochs: int
+    batch_size: int
+    lr: float
+    batch_key: str
+
+
+@dataclass
+class Trained(_common.TrainedRun):
+    """The measurements of one training run (the tool's own fields go to the record)."""
+
+    n_train: int
+    n_val: int
+    val_batch_size: int
+
+
 def child_train(
     tool: str,
     prep: Path,
@@ -260,7 +280,6 @@ def child_train(
         versions.
     """
     import anndata as ad
-    import bench_roofline  # stdlib-only at module level; next to this file
     import numpy as np
     import torch
 
@@ -269,128 +288,131 @@ def child_train(
     np.random.seed(SEED)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
     adata = ad.read_h5ad(prep)
     rec: dict[str, Any] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    n_flops_rows = min(batch_size, adata.n_obs)
-
+    settings = TrainSettings(tool, arch, epochs, batch_size, lr, batch_key)
     if tool in SCVI_TOOLS:
-        import lightning
-        import scvi
-
-        scvi.settings.seed = SEED
-        set_threads(N_THREADS)  # scvi's seed setter may touch torch settings; re-pin
-        timer = _common.epoch_timer()
-        scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
-        extra = {"gene_likelihood": "nb"} if tool == "scvi_nb" else {}
-        model = scvi.model.SCVI(
-            adata,
-            n_hidden=arch.n_hidden,
-            n_latent=arch.n_latent,
-            n_layers=arch.n_layers,
-            **extra,
-        )
-        rss_before = current_rss_mib()
-        t0 = time.perf_counter()
-        model.train(
-            max_epochs=epochs,
-            batch_size=batch_size,
-            early_stopping=False,
-            train_size=TRAIN_SIZE,
-            check_val_every_n_epoch=1,
-            accelerator="cpu",
-            devices=1,
-            enable_progress_bar=False,
-            callbacks=[timer],
-            plan_kwargs={"lr": lr},
-        )
-        train_s = time.perf_counter() - t0
-        epochs_run = len(model.history["elbo_train"])
-        n_val = len(model.history.get("elbo_validation", []))
-        final = {
-            k: float(model.history[k].iloc[-1, 0])
-            for k in ("elbo_train", "elbo_validation", "reconstruction_loss_validation")
-            if k in model.history
-        }
-        epoch_times = timer.times
-        n_train_cells = len(np.asarray(getattr(model, "train_indices", [])))
-        n_val_cells = len(np.asarray(getattr(model, "validation_indices", [])))
-        val_batch_size = batch_size
-        try:
-            loader = model._make_data_loader(
-                adata=adata, indices=np.arange(n_flops_rows), batch_size=n_flops_rows
-            )
-            tensors = next(iter(loader))
-            model.module.train()
-            rec["flops"] = bench_roofline.count_linear_flops(
-                model.module, lambda: model.module(tensors)
-            )
-        except Exception as err:  # FLOP counting is a side measurement
-            rec["flops_error"] = f"{type(err).__name__}: {err}"
-        z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
-        rec.update(
-            {
-                "scvi-tools": scvi.__version__,
-                "lightning": lightning.__version__,
-                "gene_likelihood": model.module.gene_likelihood,
-                "n_validation_epochs": n_val,
-                "final": final,
-            }
-        )
+        run = _train_scvi(settings, adata, rec)
     elif tool in REGVI_TOOLS:
-        import regvi
-
-        model = regvi.RegVI(
-            adata,
-            library_key=batch_key,
-            n_hidden=arch.n_hidden,
-            n_latent=arch.n_latent,
-            n_layers=arch.n_layers,
-        )
-        rss_before = current_rss_mib()
-        t0 = time.perf_counter()
-        hist = model.train(
-            max_epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            early_stopping=False,
-            compile=tool == "regvi_compile",
-        )
-        train_s = time.perf_counter() - t0
-        epochs_run = len(hist)
-        epoch_times = _common.history_epoch_times(hist)
-        final = _common.last_values(hist)
-        n_train_cells = len(model.train_indices)
-        n_val_cells = len(model.validation_indices)
-        val_batch_size = model._validation_batch_size(batch_size)
-        try:
-            batch = model._dataset()[np.arange(n_flops_rows)]
-            model.module.train()
-            rec["flops"] = bench_roofline.count_linear_flops(
-                model.module, lambda: model.module.loss(batch, n_obs=n_train_cells)
-            )
-        except Exception as err:  # FLOP counting is a side measurement
-            rec["flops_error"] = f"{type(err).__name__}: {err}"
-        z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
-        rec.update(
-            {
-                "regvi": getattr(regvi, "__version__", "unknown"),
-                "history_columns": [str(c) for c in hist.columns],
-                "final": final,
-            }
-        )
+        run = _train_regvi(settings, adata, rec)
     else:
         raise ValueError(f"unknown tool {tool!r}")
 
-    save_latent(z, (adata.n_obs, arch.n_latent), latent_out)
+    save_latent(run.z, (adata.n_obs, arch.n_latent), latent_out)
     rec.update(
         {
             "batch_size": batch_size,
-            "val_batch_size": val_batch_size,
+            "val_batch_size": run.val_batch_size,
             "lr": lr,
-            "n_train": int(n_train_cells),
-            "n_val": int(n_val_cells),
-            **timing_record(train_s, epochs, epochs_run, epoch_times, rss_before),
+            "n_train": int(run.n_train),
+            "n_val": int(run.n_val),
+            **run.timing(epochs),
         }
     )
     return rec
+
+
+def _train_scvi(s: TrainSettings, adata: Any, rec: dict[str, Any]) -> Trained:
+    """scvi-tools SCVI (ZINB, or NB for ``scvi_nb``); adds its versions, likelihood, final
+    losses and FLOPs to ``rec``."""
+    import lightning
+    import numpy as np
+    import scvi
+
+    scvi.settings.seed = SEED
+    set_threads(N_THREADS)  # scvi's seed setter may touch torch settings; re-pin
+    timer = _common.epoch_timer()
+    scvi.model.SCVI.setup_anndata(adata, batch_key=s.batch_key)
+    extra = {"gene_likelihood": "nb"} if s.tool == "scvi_nb" else {}
+    model = scvi.model.SCVI(adata, **s.arch.sizes(), **extra)
+    _, train_s, rss_before = _common.timed(
+        lambda: model.train(
+            **_common.scvi_train_kwargs(s.epochs, s.batch_size, timer), plan_kwargs={"lr": s.lr}
+        )
+    )
+    final = {
+        k: float(model.history[k].iloc[-1, 0])
+        for k in ("elbo_train", "elbo_validation", "reconstruction_loss_validation")
+        if k in model.history
+    }
+    n_rows = min(s.batch_size, adata.n_obs)
+
+    def forward() -> Any:
+        loader = model._make_data_loader(adata=adata, indices=np.arange(n_rows), batch_size=n_rows)
+        tensors = next(iter(loader))
+        return lambda: model.module(tensors)
+
+    _record_flops(rec, model.module, forward)
+    z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
+    rec.update(
+        {
+            "scvi-tools": scvi.__version__,
+            "lightning": lightning.__version__,
+            "gene_likelihood": model.module.gene_likelihood,
+            "n_validation_epochs": len(model.history.get("elbo_validation", [])),
+            "final": final,
+        }
+    )
+    return Trained(
+        z=z,
+        train_s=train_s,
+        epochs_run=len(model.history["elbo_train"]),
+        epoch_times=timer.times,
+        rss_before=rss_before,
+        n_train=len(np.asarray(getattr(model, "train_indices", []))),
+        n_val=len(np.asarray(getattr(model, "validation_indices", []))),
+        val_batch_size=s.batch_size,
+    )
+
+
+def _train_regvi(s: TrainSettings, adata: Any, rec: dict[str, Any]) -> Trained:
+    """regvi ``RegVI`` (``regvi_compile``: ``train(compile=True)``); adds its version, history
+    columns, final values and FLOPs to ``rec``."""
+    import numpy as np
+
+    import regvi
+
+    model = regvi.RegVI(adata, library_key=s.batch_key, **s.arch.sizes())
+    hist, train_s, rss_before = _common.timed(
+        lambda: model.train(
+            max_epochs=s.epochs,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            early_stopping=False,
+            compile=s.tool == "regvi_compile",
+        )
+    )
+    n_train = len(model.train_indices)
+    n_rows = min(s.batch_size, adata.n_obs)
+
+    def forward() -> Any:
+        batch = model._dataset()[np.arange(n_rows)]
+        return lambda: model.module.loss(batch, n_obs=n_train)
+
+    _record_flops(rec, model.module, forward)
+    z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
+    rec.update(_common.regvi_history_record(hist))
+    return Trained(
+        z=z,
+        train_s=train_s,
+        epochs_run=len(hist),
+        epoch_times=_common.history_epoch_times(hist),
+        rss_before=rss_before,
+        n_train=n_train,
+        n_val=len(model.validation_indices),
+        val_batch_size=model._validation_batch_size(s.batch_size),
+    )
+
+
+def _record_flops(rec: dict[str, Any], module: Any, forward: Callable[[], Any]) -> None:
+    """``rec["flops"]``: matmul FLOPs of the training forward pass ``forward()`` returns (on
+    the first rows), counted in train mode; ``rec["flops_error"]`` if that fails."""
+    import bench_roofline  # stdlib-only at module level; next to this file
+
+    try:
+        step = forward()
+        module.train()
+        rec["flops"] = bench_roofline.count_linear_flops(module, step)
+    except Exception as err:  # FLOP counting is a side measurement
+        rec["flops_error"] = f"{type(err).__name__}: {err}"
 
 
 def run_child_main(args: argparse.Namespace) -> int:
@@ -426,15 +448,7 @@ def _has_module(python: str, module: str) -> bool:
 def launch(python: str, child_args: list[str], log: Path, record: Path) -> dict[str, Any]:
     """Run this script as a child under ``python`` (see :func:`_common.launch`); the record
     has ``contention`` (competing processes and the load average before and after)."""
-    return _common.launch(
-        __file__,
-        python,
-        child_args,
-        log,
-        record,
-        n_threads=N_THREADS,
-        competitor_pattern=_common.CPU_COMPETITORS,
-    )
+    return _common.launch_cpu_timed(__file__, python, child_args, log, record)
 
 
 def run_scib(
