@@ -1007,10 +1007,6 @@ def child_share(args: argparse.Namespace) -> dict[str, Any]:
         rec.setdefault("stages_s", {})[name] = time.monotonic() - t_start
         Path(args.record).write_text(json.dumps(rec, default=_json_default))
 
-    import anndata as ad
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
     import torch
 
     import regvi
@@ -1020,31 +1016,14 @@ def child_share(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     rec["fraction_set"] = limit_gpu_memory(args.fraction) if cuda else None
     stage("imported")
-    data = Path(args.data)
-    X = sp.load_npz(data / "X.npz").tocsr()
-    obs = pd.DataFrame(
-        {
-            "library": pd.Categorical([f"lib_{c}" for c in np.load(data / "library.npy")]),
-            "cell_type": pd.Categorical([f"type_{c}" for c in np.load(data / "cell_type.npy")]),
-        },
-        index=[f"cell_{i}" for i in range(X.shape[0])],
-    )
-    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(X.shape[1])]))
+    adata = _load_share_data(Path(args.data))
     h, latent = ARCHS[args.share_arch]
     model = regvi.RegVI(
         adata, library_key="library", labels_key="cell_type", n_hidden=h, n_latent=latent
     )
     model._dataset()  # per-cell constants before the barrier
     stage("model_built")
-    # barrier: every trial starts training together
-    (Path(args.barrier) / f"ready{args.rank}").touch()
-    t_wait = time.monotonic()
-    while len(list(Path(args.barrier).glob("ready*"))) < args.n_procs:
-        if time.monotonic() - t_wait > 90:
-            rec["barrier_timeout"] = True
-            break
-        time.sleep(0.05)
-    rec["barrier_wait_s"] = time.monotonic() - t_wait
+    _wait_at_barrier(Path(args.barrier), args.rank, args.n_procs, rec)
     stage("barrier_passed")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -1083,6 +1062,38 @@ def child_share(args: argparse.Namespace) -> dict[str, Any]:
             rec["auto_vs_cap"] = _auto_vs_cap(model, args.fraction)
     rec["ok"] = True
     return rec
+
+
+def _load_share_data(data: Path) -> Any:
+    """The simulated set written for the sharing trials (``X.npz``, ``library.npy``,
+    ``cell_type.npy``) as an AnnData."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    X = sp.load_npz(data / "X.npz").tocsr()
+    obs = pd.DataFrame(
+        {
+            "library": pd.Categorical([f"lib_{c}" for c in np.load(data / "library.npy")]),
+            "cell_type": pd.Categorical([f"type_{c}" for c in np.load(data / "cell_type.npy")]),
+        },
+        index=[f"cell_{i}" for i in range(X.shape[0])],
+    )
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(X.shape[1])]))
+
+
+def _wait_at_barrier(barrier: Path, rank: int, n_procs: int, rec: dict[str, Any]) -> None:
+    """Mark this trial ready and wait (at most 90 s) until all ``n_procs`` are, so that every
+    trial starts training together; the wait goes to ``rec``."""
+    (barrier / f"ready{rank}").touch()
+    t_wait = time.monotonic()
+    while len(list(barrier.glob("ready*"))) < n_procs:
+        if time.monotonic() - t_wait > 90:
+            rec["barrier_timeout"] = True
+            break
+        time.sleep(0.05)
+    rec["barrier_wait_s"] = time.monotonic() - t_wait
 
 
 def _probe_cap(fraction: float) -> str:
@@ -1151,106 +1162,130 @@ def run_child(args: argparse.Namespace) -> int:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as markdown tables (runs, peaks, sharing, JAX)."""
-    lines = []
     env = results.get("environment", {})
     gpu = env.get("gpu", {})
-    lines.append(
+    lines = [
         f"Device: {gpu.get('name', 'cpu')}; torch {env.get('torch')} (CUDA "
         f"{env.get('torch_cuda')}), lightning {env.get('lightning')}, budget "
         f"{results['args']['budget_s']:.0f} s, elapsed {results.get('elapsed_s', 0):.0f} s."
-    )
-    lines += [
-        "",
+    ]
+    lines += _table(
         "| data | batch | n_hidden / n_latent | counts | precision | s/epoch | cells/s "
         "| peak alloc MiB | counts MiB | achieved TFLOP/s | peak TFLOP/s (shapes) "
         "| achieved / peak | val ELBO |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results.get("runs", []):
-        head = f"| {r['dataset']} | {r['batch']} | {r['arch']} | {r['path']} | {r['variant']} "
-        if "s_per_epoch" not in r:
-            why = r.get("skipped") or r.get("error", "?")
-            lines.append(head + f"| {why[:60]} | | | | | | | |")
-            continue
-        roof = r.get("roofline", {})
-        ach = roof.get("achieved_gflops_nominal")
-        peak = roof.get("peak_gflops_model_shapes")
-        lines.append(
-            head + f"| {_num(r['s_per_epoch'], '.3f')} | {_num(r['cells_per_s'], ',.0f')} "
-            f"| {_num(r.get('max_memory_allocated_mib'), '.0f')} "
-            f"| {_num(r['counts_on_device_mib'], '.0f')} "
-            f"| {_num(ach / 1e3 if ach else None, '.2f')} "
-            f"| {_num(peak / 1e3 if peak else None, '.1f')} "
-            f"| {_num(roof.get('achieved_over_peak_model_shapes'), '.3f')} "
-            f"| {_num(r['validation_elbo'], '.1f')} |"
-        )
+        [_run_row(r) for r in results.get("runs", [])],
+    )
     peaks = results.get("peaks", {})
     if peaks:
-        lines += ["", "| matmul precision | best at model shapes TFLOP/s | best square TFLOP/s |"]
-        lines.append("|---|---|---|")
-        for p in MATMUL_PRECISIONS:
-            ms = peaks.get("peak_model_shapes_gflops", {}).get(p)
-            sq = peaks.get("peak_square_gflops", {}).get(p)
-            lines.append(
-                f"| {p} | {_num(ms / 1e3 if ms else None, '.1f')} "
-                f"| {_num(sq / 1e3 if sq else None, '.1f')} |"
-            )
+        lines += _table(
+            "| matmul precision | best at model shapes TFLOP/s | best square TFLOP/s |",
+            [_peak_row(p, peaks) for p in MATMUL_PRECISIONS],
+        )
     share = results.get("share", {})
     if share.get("alone"):
-        lines += [
-            "",
+        lines += _table(
             "| sharing | trial | ok | s/epoch | cells/s | peak alloc MiB | cap probe |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for label in ("alone", "concurrent"):
-            for c in (share.get(label) or {}).get("children", []):
-                lines.append(
-                    f"| {label} | {c.get('rank')} | {c.get('ok')} "
-                    f"| {_num(c.get('s_per_epoch'), '.3f')} "
-                    f"| {_num(c.get('cells_per_s'), ',.0f')} "
-                    f"| {_num(c.get('max_memory_allocated_mib'), '.0f')} "
-                    f"| {c.get('cap_probe', '-')} |"
-                )
-        s = share.get("summary", {})
-        if s:
-            lines.append(
-                f"\nTotal {_num(s.get('concurrent_cells_per_s'), ',.0f')} cells/s with "
-                f"{share.get('procs')} trials vs {_num(s.get('alone_cells_per_s'), ',.0f')} "
-                f"alone (× {_num(s.get('throughput_ratio'), '.2f')}); per-trial slowdown × "
-                f"{_num(s.get('per_trial_slowdown'), '.2f')}; training overlap "
-                f"{_num(s.get('training_overlap'), '.2f')}; all ok: {s.get('all_ok')}."
-            )
-        avc = s.get("auto_vs_cap") or {}
-        if avc:
-            lines.append(
-                f'\n`data_on_device="auto"` under a {share.get("fraction")} cap '
-                f"({_num(avc.get('cap_mib'), ',.0f')} MiB), counts of "
-                f"{_num(avc.get('counts_mib'), ',.0f')} MiB, "
-                f"{_num(avc.get('free_mib'), ',.0f')} MiB free: on the device = "
-                f"{avc.get('auto_puts_on_device')}; allocation above the cap: "
-                f"{s.get('cap_probe')}."
-            )
+            [
+                _share_row(label, c)
+                for label in ("alone", "concurrent")
+                for c in (share.get(label) or {}).get("children", [])
+            ],
+        )
+        lines += _share_notes(share)
     jx = results.get("jax", {})
     if any(k in jx for k in ("worker_env", "jax_default")):
-        lines += [
-            "",
+        lines += _table(
             "| JAX env | XLA_PYTHON_CLIENT_PREALLOCATE / ALLOCATOR | GPU MiB taken "
             "| share of device | ok |",
-            "|---|---|---|---|---|",
-        ]
-        for name in ("worker_env", "jax_default"):
-            r = jx.get(name, {})
-            e = r.get("env", {})
-            lines.append(
-                f"| {name} | {e.get(XLA_KEYS[0])} / {e.get(XLA_KEYS[1])} "
-                f"| {_num(r.get('taken_mib'), '.0f')} | {_num(r.get('taken_fraction'), '.3f')} "
-                f"| {r.get('ok')} {r.get('error', r.get('skipped', ''))} |"
-            )
-    parts = results.get("parts", {})
-    lines += ["", "| part | status | seconds |", "|---|---|---|"]
-    for name, p in parts.items():
-        lines.append(f"| {name} | {p.get('status')} | {_num(p.get('elapsed_s'), '.1f')} |")
+            [_jax_row(name, jx.get(name, {})) for name in ("worker_env", "jax_default")],
+        )
+    parts = results.get("parts", {}).items()
+    lines += _table(
+        "| part | status | seconds |",
+        [f"| {n} | {p.get('status')} | {_num(p.get('elapsed_s'), '.1f')} |" for n, p in parts],
+    )
     return "\n".join(lines)
+
+
+def _table(header: str, rows: list[str]) -> list[str]:
+    """A markdown table after a blank line: ``header`` (``| a | b |``), its rule and ``rows``."""
+    return ["", header, "|" + "---|" * (header.count("|") - 1), *rows]
+
+
+def _run_row(r: dict[str, Any]) -> str:
+    """One training run: speed, memory, achieved and peak TFLOP/s, validation ELBO."""
+    head = f"| {r['dataset']} | {r['batch']} | {r['arch']} | {r['path']} | {r['variant']} "
+    if "s_per_epoch" not in r:
+        why = r.get("skipped") or r.get("error", "?")
+        return head + f"| {why[:60]} | | | | | | | |"
+    roof = r.get("roofline", {})
+    ach = roof.get("achieved_gflops_nominal")
+    peak = roof.get("peak_gflops_model_shapes")
+    return (
+        head + f"| {_num(r['s_per_epoch'], '.3f')} | {_num(r['cells_per_s'], ',.0f')} "
+        f"| {_num(r.get('max_memory_allocated_mib'), '.0f')} "
+        f"| {_num(r['counts_on_device_mib'], '.0f')} "
+        f"| {_num(ach / 1e3 if ach else None, '.2f')} "
+        f"| {_num(peak / 1e3 if peak else None, '.1f')} "
+        f"| {_num(roof.get('achieved_over_peak_model_shapes'), '.3f')} "
+        f"| {_num(r['validation_elbo'], '.1f')} |"
+    )
+
+
+def _peak_row(precision: str, peaks: dict[str, Any]) -> str:
+    """The best matmul TFLOP/s of one precision, at the model's shapes and square."""
+    ms = peaks.get("peak_model_shapes_gflops", {}).get(precision)
+    sq = peaks.get("peak_square_gflops", {}).get(precision)
+    return (
+        f"| {precision} | {_num(ms / 1e3 if ms else None, '.1f')} "
+        f"| {_num(sq / 1e3 if sq else None, '.1f')} |"
+    )
+
+
+def _share_row(label: str, c: dict[str, Any]) -> str:
+    """One GPU-sharing trial (``label``: alone or concurrent)."""
+    return (
+        f"| {label} | {c.get('rank')} | {c.get('ok')} "
+        f"| {_num(c.get('s_per_epoch'), '.3f')} "
+        f"| {_num(c.get('cells_per_s'), ',.0f')} "
+        f"| {_num(c.get('max_memory_allocated_mib'), '.0f')} "
+        f"| {c.get('cap_probe', '-')} |"
+    )
+
+
+def _share_notes(share: dict[str, Any]) -> list[str]:
+    """The sharing summary and what ``data_on_device="auto"`` did under the memory cap."""
+    notes = []
+    s = share.get("summary", {})
+    if s:
+        notes.append(
+            f"\nTotal {_num(s.get('concurrent_cells_per_s'), ',.0f')} cells/s with "
+            f"{share.get('procs')} trials vs {_num(s.get('alone_cells_per_s'), ',.0f')} "
+            f"alone (× {_num(s.get('throughput_ratio'), '.2f')}); per-trial slowdown × "
+            f"{_num(s.get('per_trial_slowdown'), '.2f')}; training overlap "
+            f"{_num(s.get('training_overlap'), '.2f')}; all ok: {s.get('all_ok')}."
+        )
+    avc = s.get("auto_vs_cap") or {}
+    if avc:
+        notes.append(
+            f'\n`data_on_device="auto"` under a {share.get("fraction")} cap '
+            f"({_num(avc.get('cap_mib'), ',.0f')} MiB), counts of "
+            f"{_num(avc.get('counts_mib'), ',.0f')} MiB, "
+            f"{_num(avc.get('free_mib'), ',.0f')} MiB free: on the device = "
+            f"{avc.get('auto_puts_on_device')}; allocation above the cap: "
+            f"{s.get('cap_probe')}."
+        )
+    return notes
+
+
+def _jax_row(name: str, r: dict[str, Any]) -> str:
+    """The GPU memory JAX took under one environment (``worker_env`` or ``jax_default``)."""
+    e = r.get("env", {})
+    return (
+        f"| {name} | {e.get(XLA_KEYS[0])} / {e.get(XLA_KEYS[1])} "
+        f"| {_num(r.get('taken_mib'), '.0f')} | {_num(r.get('taken_fraction'), '.3f')} "
+        f"| {r.get('ok')} {r.get('error', r.get('skipped', ''))} |"
+    )
 
 
 # --------------------------------------------------------------------------- main

@@ -233,6 +233,33 @@ def run(
     own_tmp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="regvi_load_")) if own_tmp else Path(workdir)
     cfg = write_inputs(workdir, n_trials, concurrency, name)
+    returncode, samples, wall = _run_sampled(workdir, cfg, name, every_s)
+    result: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "concurrency": concurrency,
+        "cpus_per_worker": 2 / concurrency,
+        "returncode": returncode,
+        "wall_s": round(wall, 1),
+        "workdir": str(workdir),
+    }
+    if returncode != 0:
+        result["log_tail"] = (workdir / "sweep.log").read_text()[-4000:]
+        return result
+    result.update(audit(workdir, name, n_trials))
+    result["trials_per_min"] = round(result["mlflow_child_runs"] / wall * 60, 2)
+    result.update(_memory_summary(samples, n_trials))
+    result["n_samples"] = len(samples)
+    result["samples"] = samples
+    return result
+
+
+def _run_sampled(
+    workdir: Path, cfg: Path, name: str, every_s: float
+) -> tuple[int | None, list[dict[str, float]], float]:
+    """Run ``python -m regvi.sweep cfg`` in ``workdir`` (log in ``sweep.log``), sampling the
+    finished trials and the memory of its processes every ``every_s`` seconds: its return
+    code, the samples and the wall time."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONWARNINGS"] = "ignore"
     log = open(workdir / "sweep.log", "w")
@@ -261,22 +288,12 @@ def run(
         if proc.poll() is None:
             proc.kill()
         log.close()
-    wall = time.time() - t0
-    result: dict[str, Any] = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "concurrency": concurrency,
-        "cpus_per_worker": 2 / concurrency,
-        "returncode": proc.returncode,
-        "wall_s": round(wall, 1),
-        "workdir": str(workdir),
-    }
-    if proc.returncode != 0:
-        result["log_tail"] = (workdir / "sweep.log").read_text()[-4000:]
-        return result
-    result.update(audit(workdir, name, n_trials))
-    result["trials_per_min"] = round(result["mlflow_child_runs"] / wall * 60, 2)
-    # memory: one row per 5 finished trials (first sample reaching it), and slopes after warm-up
+    return proc.returncode, samples, time.time() - t0
+
+
+def _memory_summary(samples: list[dict[str, float]], n_trials: int) -> dict[str, Any]:
+    """Memory of the sweep: one row per 5 finished trials (first sample reaching it), slopes
+    after warm-up and over the second half, and peaks by process group."""
     per5 = []
     for k in range(5, n_trials + 1, 5):
         s = next((s for s in samples if s["trials_done"] >= k), None)
@@ -300,17 +317,16 @@ def run(
         [s["workers"] / s["n_worker_procs"] for s in steady if s["n_worker_procs"]],
     )
     late = [s for s in steady if s["trials_done"] >= n_trials // 2]
-    result["rss_mib_every_5_trials"] = per5
-    result["rss_slopes_after_warmup"] = slopes
-    # bounded caches (the GCS's) fill early: their growth shows here as a slope near 0
-    result["rss_slopes_second_half"] = {
-        g: fit_slope([s["trials_done"] for s in late], [s[g] for s in late])
-        for g in ("driver", "gcs_server", "raylet", "ray_other")
+    return {
+        "rss_mib_every_5_trials": per5,
+        "rss_slopes_after_warmup": slopes,
+        # bounded caches (the GCS's) fill early: their growth shows here as a slope near 0
+        "rss_slopes_second_half": {
+            g: fit_slope([s["trials_done"] for s in late], [s[g] for s in late])
+            for g in ("driver", "gcs_server", "raylet", "ray_other")
+        },
+        "rss_peak_mib": {g: round(max(s[g] for s in samples), 1) for g in GROUPS},
     }
-    result["rss_peak_mib"] = {g: round(max(s[g] for s in samples), 1) for g in GROUPS}
-    result["n_samples"] = len(samples)
-    result["samples"] = samples
-    return result
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -445,7 +445,8 @@ def _fmt(r: dict[str, Any] | None) -> str:
     return f"{r['mean']:.3f} ± {r['sd']:.3f} ({r['worst']:.3f})" if r else "-"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--splits", default="mop,kang_sample")
     p.add_argument("--methods", default=None, help="default: every method of the split")
@@ -458,6 +459,11 @@ def main() -> None:
     p.add_argument("--score-only", action="store_true")
     p.add_argument("--force", action="store_true", help="retrain cached latents")
     p.add_argument("--out", type=Path, default=OUT)
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     splits = args.splits.split(",")
     bad = sorted(set(splits) - set(SPLITS))
@@ -466,40 +472,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.score_only:
         for split in splits:
-            default = MULTI_METHODS if split == "mop_multiome" else METHODS
-            methods = args.methods.split(",") if args.methods else list(default)
-            if split == "mop_multiome":
-                import regvi
-
-                if not hasattr(regvi.RegMultiVI, "load_query_data"):
-                    print("mop_multiome: regvi.RegMultiVI.load_query_data missing; skipped")
-                    continue
-            for seed in seeds:
-                for method in methods:
-                    npy, _ = _cached(split, method, seed)
-                    if npy.is_file() and not args.force:
-                        continue
-                    t0 = time.perf_counter()
-                    if method in ("regvi_map", "regvi_map_ft"):
-                        train_regvi_map(split, method, seed, args.threads)
-                    elif method == "regvi_denovo":
-                        train_regvi_denovo(split, seed, args.threads)
-                    elif method == "regvi_multi_map":
-                        train_regvi_multi_map(split, seed, args.threads)
-                    elif (
-                        method == "scvi_denovo"
-                        and args.reuse_quality
-                        and reuse_quality_scvi(split, seed)
-                    ):
-                        pass
-                    elif method in ("scarches", "scvi_denovo"):
-                        train_scvi(split, method, seed, args.threads, args.scvi_python)
-                    else:
-                        p.error(f"--methods: unknown {method!r}")
-                    print(
-                        f"trained {split} {method} seed {seed}: {time.perf_counter() - t0:.0f} s",
-                        flush=True,
-                    )
+            train_split(split, seeds, args, p)
     if args.train_only:
         return
     doc: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -521,51 +494,101 @@ def main() -> None:
         if not (CACHE / split).is_dir() or not list((CACHE / split).glob("*_s[0-9]*.npy")):
             print(f"{split}: nothing cached; skipped")
             continue
-        adata, is_query, query = load_split(split)
-        key = SPLITS[split][1]
-        scores = score(split, args.n_jobs)
-        summary = summarise(split, scores)
-        ref_libs = sorted(set(adata.obs[key].astype(str)) - set(query))
-        title = (
-            f"{split}: reference {len(ref_libs)} libraries ({(~is_query).sum()} cells), "
-            f"query {', '.join(query)} ({is_query.sum()} cells)"
-        )
-        png = plot(split, summary, title)
-        checked = goals(summary)
-        doc["splits"][split] = {
-            "library_key": key,
-            "query_libraries": query,
-            "reference_libraries": ref_libs,
-            "n_reference_cells": int((~is_query).sum()),
-            "n_query_cells": int(is_query.sum()),
-            "summary": summary,
-            "scores": scores,
-            "goals": [{"goal": g, "met": bool(ok), "values": v} for g, ok, v in checked],
-            "png": str(png.relative_to(REPO)),
-        }
+        title, summary, checked = score_split(split, args.n_jobs, doc)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1))
         print(title)
-        print(
-            f"{'method':<16} {'n':>2} {'macro-F1 mean ± sd (worst)':>27} {'F1 thr 0':>22} "
-            f"{'scib Total':>22} {'ref s':>6} {'query s':>7} {'q ep':>5} {'de novo s':>9} {'ep':>4}"
-        )
-        order = [m for m in (*METHODS, *MULTI_METHODS, "pca") if m in summary]
-        for m in order:
-            r = summary[m]
-
-            def num(v: Any, fmt: str = ".0f") -> str:
-                return format(v, fmt) if v is not None else "-"
-
-            print(
-                f"{m:<16} {r['n_seeds']:>2} {_fmt(r.get('macro_f1')):>27} "
-                f"{_fmt(r.get('macro_f1_t0')):>22} {_fmt(r['scib_total']):>22} "
-                f"{num(r['ref_train_s']):>6} {num(r['query_train_s']):>7} "
-                f"{num(r['query_epochs']):>5} {num(r['train_s']):>9} {num(r['epochs']):>4}"
-            )
-        for g, ok, v in checked:
-            print(f"  {'ok  ' if ok else 'MISS'} {g}: {v}")
+        print_summary(summary, checked)
     print(f"wrote {args.out} and {PNG_DIR.relative_to(REPO)}/mapping_<split>.png")
+
+
+def train_split(
+    split: str, seeds: list[int], args: argparse.Namespace, p: argparse.ArgumentParser
+) -> None:
+    """Train the latents of ``split`` that are not cached (all with ``--force``)."""
+    default = MULTI_METHODS if split == "mop_multiome" else METHODS
+    methods = args.methods.split(",") if args.methods else list(default)
+    if split == "mop_multiome":
+        import regvi
+
+        if not hasattr(regvi.RegMultiVI, "load_query_data"):
+            print("mop_multiome: regvi.RegMultiVI.load_query_data missing; skipped")
+            return
+    for seed in seeds:
+        for method in methods:
+            npy, _ = _cached(split, method, seed)
+            if npy.is_file() and not args.force:
+                continue
+            t0 = time.perf_counter()
+            if method in ("regvi_map", "regvi_map_ft"):
+                train_regvi_map(split, method, seed, args.threads)
+            elif method == "regvi_denovo":
+                train_regvi_denovo(split, seed, args.threads)
+            elif method == "regvi_multi_map":
+                train_regvi_multi_map(split, seed, args.threads)
+            elif method == "scvi_denovo" and args.reuse_quality and reuse_quality_scvi(split, seed):
+                pass
+            elif method in ("scarches", "scvi_denovo"):
+                train_scvi(split, method, seed, args.threads, args.scvi_python)
+            else:
+                p.error(f"--methods: unknown {method!r}")
+            print(
+                f"trained {split} {method} seed {seed}: {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+
+
+def score_split(
+    split: str, n_jobs: int, doc: dict[str, Any]
+) -> tuple[str, dict[str, Any], list[tuple[str, bool, str]]]:
+    """Score the cached latents of ``split``, plot them and record them in ``doc["splits"]``:
+    the split's title line, its summary and its checked goals."""
+    adata, is_query, query = load_split(split)
+    key = SPLITS[split][1]
+    scores = score(split, n_jobs)
+    summary = summarise(split, scores)
+    ref_libs = sorted(set(adata.obs[key].astype(str)) - set(query))
+    title = (
+        f"{split}: reference {len(ref_libs)} libraries ({(~is_query).sum()} cells), "
+        f"query {', '.join(query)} ({is_query.sum()} cells)"
+    )
+    png = plot(split, summary, title)
+    checked = goals(summary)
+    doc["splits"][split] = {
+        "library_key": key,
+        "query_libraries": query,
+        "reference_libraries": ref_libs,
+        "n_reference_cells": int((~is_query).sum()),
+        "n_query_cells": int(is_query.sum()),
+        "summary": summary,
+        "scores": scores,
+        "goals": [{"goal": g, "met": bool(ok), "values": v} for g, ok, v in checked],
+        "png": str(png.relative_to(REPO)),
+    }
+    return title, summary, checked
+
+
+def print_summary(summary: dict[str, Any], checked: list[tuple[str, bool, str]]) -> None:
+    """The summary table of one split and its goals, on stdout."""
+    print(
+        f"{'method':<16} {'n':>2} {'macro-F1 mean ± sd (worst)':>27} {'F1 thr 0':>22} "
+        f"{'scib Total':>22} {'ref s':>6} {'query s':>7} {'q ep':>5} {'de novo s':>9} {'ep':>4}"
+    )
+    order = [m for m in (*METHODS, *MULTI_METHODS, "pca") if m in summary]
+    for m in order:
+        r = summary[m]
+
+        def num(v: Any, fmt: str = ".0f") -> str:
+            return format(v, fmt) if v is not None else "-"
+
+        print(
+            f"{m:<16} {r['n_seeds']:>2} {_fmt(r.get('macro_f1')):>27} "
+            f"{_fmt(r.get('macro_f1_t0')):>22} {_fmt(r['scib_total']):>22} "
+            f"{num(r['ref_train_s']):>6} {num(r['query_train_s']):>7} "
+            f"{num(r['query_epochs']):>5} {num(r['train_s']):>9} {num(r['epochs']):>4}"
+        )
+    for g, ok, v in checked:
+        print(f"  {'ok  ' if ok else 'MISS'} {g}: {v}")
 
 
 if __name__ == "__main__":

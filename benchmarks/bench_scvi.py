@@ -643,21 +643,7 @@ def run_roofline_section(
 
     rdir = workdir / "roofline"
     rdir.mkdir(exist_ok=True)
-    profiles: list[dict[str, Any]] = []
-    if not args.skip_profile:
-        ds = args.profile_dataset
-        if ds not in preps:
-            print(f"[bench] profile dataset {ds!r} was not prepared; profile skipped", flush=True)
-        else:
-            profiles = br.run_profiles(
-                preps[ds],
-                dataset_spec(ds).batch_key,
-                args.profile_archs,
-                args.profile_batch_sizes,
-                lambda b: lr_for(b, args.lr, args.lr_scaling),
-                args.profile_steps,
-                rdir,
-            )
+    profiles = _profiles(args, preps, rdir)
     ok = [r for r in runs if "flops" in r and "error" not in r]
     shapes = br.profile_shapes(profiles)
     for r in ok:
@@ -723,6 +709,28 @@ def run_roofline_section(
     return roofline, profile
 
 
+def _profiles(args: argparse.Namespace, preps: dict[str, Path], rdir: Path) -> list[dict[str, Any]]:
+    """The regvi profiles on ``--profile-dataset`` (none with ``--skip-profile`` or when that
+    dataset was not prepared)."""
+    import bench_roofline as br
+
+    if args.skip_profile:
+        return []
+    ds = args.profile_dataset
+    if ds not in preps:
+        print(f"[bench] profile dataset {ds!r} was not prepared; profile skipped", flush=True)
+        return []
+    return br.run_profiles(
+        preps[ds],
+        dataset_spec(ds).batch_key,
+        args.profile_archs,
+        args.profile_batch_sizes,
+        lambda b: lr_for(b, args.lr, args.lr_scaling),
+        args.profile_steps,
+        rdir,
+    )
+
+
 def rerun_roofline(args: argparse.Namespace) -> int:
     """Redo only the roofline / profile sections of an earlier result (``--roofline-from``)."""
     src = Path(args.roofline_from).resolve()
@@ -752,114 +760,26 @@ def run_parent(args: argparse.Namespace) -> int:
     """Run the full benchmark: data, all training children, scib, roofline, report."""
     if args.roofline_from:
         return rerun_roofline(args)
-    data = Path(args.data).resolve()
-    if "kang" in args.datasets and not data.exists():
-        sys.exit(f"data file not found: {data} (use --data)")
-    scvi_python = str(args.scvi_python)
-    if any(t in SCVI_TOOLS for t in args.tools) and not Path(scvi_python).exists():
-        sys.exit(
-            f"scvi-tools interpreter not found: {scvi_python}\n"
-            f"create it with:  bash benchmarks/setup_scvi_env.sh  (or pass --scvi-python)"
-        )
+    data, scvi_python = _parent_inputs(args)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
 
     workdir = _common.workdir_for(args.workdir, "bench_scvi_")
     t_start = time.perf_counter()
 
-    pythons = {
-        "regvi": sys.executable,
-        "regvi_compile": sys.executable,
-        "scvi": scvi_python,
-        "scvi_nb": scvi_python,
-    }
     preps: dict[str, Path] = {}
     prep_recs: dict[str, dict[str, Any]] = {}
     runs: list[dict[str, Any]] = []
     scib: dict[str, dict[str, float]] = {}
     scib_errors: dict[str, str] = {}
     for ds in args.datasets:
-        spec = dataset_spec(ds)
         ddir = workdir / ds
         ddir.mkdir(exist_ok=True)
-        prep = ddir / "prep.h5ad"
-        t0 = time.perf_counter()
-        prep_rec = launch(
-            _prep_python(spec, scvi_python),
-            ["--child", "prep", "--dataset", ds, "--data", str(data), "--prep", str(prep)],
-            ddir / "prep.log",
-            ddir / "prep.json",
-        )
-        if "error" in prep_rec:
-            print(prep_rec["log_tail"], file=sys.stderr)
-            sys.exit(f"preparing {ds} failed ({prep_rec['error']})")
-        preps[ds], prep_recs[ds] = prep, prep_rec
-        extra = ""
-        if spec.kind == "sim":
-            extra = (
-                f", generation {prep_rec['generation_s']:.0f}s at peak RSS "
-                f"{prep_rec['generation_peak_rss_mib']:.0f} MiB, density "
-                f"{prep_rec['density']:.3f}"
-            )
-        print(
-            f"[bench] {ds}: {prep_rec['n_cells']} cells x {prep_rec['n_genes_hvg']} genes "
-            f"in {time.perf_counter() - t0:.0f}s{extra}",
-            flush=True,
-        )
-        archs = args.archs if spec.kind == "kang" else args.archs_sim
-        epochs = args.epochs if spec.kind == "kang" else args.epochs_sim
-        latents: dict[str, Path] = {}
-        for b in args.batch_sizes:
-            lr = lr_for(b, args.lr, args.lr_scaling)
-            for arch in archs:
-                for tool in args.tools:
-                    emb = f"b{b}_{tool}_{arch.name}"
-                    name = f"{ds}_{emb}"
-                    print(
-                        f"[bench] training {name} ({epochs} epochs, lr {lr:g}) "
-                        f"[{time.perf_counter() - t_start:.0f}s elapsed] ...",
-                        flush=True,
-                    )
-                    latent = ddir / f"{emb}.npy"
-                    rec = launch(
-                        pythons[tool],
-                        [
-                            "--child", tool, "--prep", str(prep), "--epochs", str(epochs),
-                            "--n-hidden", str(arch.n_hidden), "--n-latent", str(arch.n_latent),
-                            "--n-layers", str(arch.n_layers), "--latent-out", str(latent),
-                            "--batch-size", str(b), "--lr", repr(lr),
-                            "--batch-key", spec.batch_key,
-                        ],
-                        ddir / f"{emb}.log",
-                        ddir / f"{emb}.json",
-                    )  # fmt: skip
-                    rec.update({"dataset": ds, "batch_size": b, "lr": lr, "tool": tool,
-                                "arch": arch.name, "n_hidden": arch.n_hidden,
-                                "n_latent": arch.n_latent, "n_layers": arch.n_layers,
-                                "name": name, "emb": emb})  # fmt: skip
-                    if "error" in rec:
-                        print(f"[bench] {name} FAILED ({rec['error']}); log tail:\n{rec['log_tail']}",
-                              file=sys.stderr, flush=True)  # fmt: skip
-                    else:
-                        if args.scib_batch_sizes is None or b in args.scib_batch_sizes:
-                            latents[emb] = latent
-                        print(
-                            f"[bench] {name}: {rec['s_per_epoch']:.2f} s/epoch over "
-                            f"{rec['epochs_run']} epochs, peak RSS {rec['peak_rss_mib']:.0f} MiB",
-                            flush=True,
-                        )
-                    runs.append(rec)
+        preps[ds], prep_recs[ds] = _prepare_dataset(ds, data, scvi_python, ddir)
+        ds_runs, latents = _train_dataset(args, ds, preps[ds], scvi_python, ddir, t_start)
+        runs += ds_runs
         if not args.skip_scib and ds in args.scib_datasets and latents:
-            print(f"[bench] scib-metrics on {ds}: {len(latents)} latents + Unintegrated ...",
-                  flush=True)  # fmt: skip
-            t0 = time.perf_counter()
-            try:
-                res = run_scib(prep, latents, args.n_jobs, spec.batch_key, spec.label_key)
-                scib.update({f"{ds}/{k}": v for k, v in res.items()})
-                print(f"[bench] scib done in {time.perf_counter() - t0:.0f}s", flush=True)
-            except Exception as err:  # report and keep the timing results
-                scib_errors[ds] = f"{type(err).__name__}: {err}"
-                print(f"[bench] scib FAILED: {scib_errors[ds]}", file=sys.stderr, flush=True)
+            _score_dataset(args, ds, preps[ds], latents, scib, scib_errors)
 
     rows = _summary_rows(runs, scib)
     print()
@@ -873,13 +793,6 @@ def run_parent(args: argparse.Namespace) -> int:
         print(f"\n[bench] roofline [{time.perf_counter() - t_start:.0f}s elapsed] ...", flush=True)
         roofline, profile = run_roofline_section(args, runs, preps, workdir)
 
-    scib_settings = {
-        "min_max_scale": False,
-        "n_jobs": args.n_jobs,
-        "datasets": args.scib_datasets,
-        "batch_sizes": args.scib_batch_sizes or "all",
-        "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) HVG X",
-    }
     kang_prep = prep_recs.get("kang", {})
     result = {
         "benchmark": "regvi vs scvi-tools SCVI",
@@ -898,31 +811,7 @@ def run_parent(args: argparse.Namespace) -> int:
             }
             for ds, rec in prep_recs.items()
         },
-        "settings": {
-            "epochs": args.epochs,
-            "epochs_sim": args.epochs_sim,
-            "batch_size": args.batch_sizes[0],
-            "batch_sizes": args.batch_sizes,
-            "lr": {
-                "base": args.lr,
-                "scaling": args.lr_scaling,
-                "by_batch_size": {
-                    str(b): lr_for(b, args.lr, args.lr_scaling) for b in args.batch_sizes
-                },
-                "note": "the same explicit lr is passed to every tool (scvi via plan_kwargs)",
-            },
-            "train_size": TRAIN_SIZE,
-            "validation": "every epoch",
-            "early_stopping": False,
-            "torch_threads": N_THREADS,
-            "batch_key": BATCH_KEY,
-            "label_key": LABEL_KEY,
-            "datasets": args.datasets,
-            "tools": args.tools,
-            "archs": [a.name for a in args.archs],
-            "archs_sim": [a.name for a in args.archs_sim],
-            "scib": None if args.skip_scib else scib_settings,
-        },
+        "settings": _settings_record(args),
         "host": _common.host(),
         "versions": _common.versions(scvi_python),
         "summary": rows,
@@ -942,6 +831,169 @@ def run_parent(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     failed = [r["name"] for r in runs if "error" in r]
     return 1 if failed or scib_errors else 0
+
+
+def _parent_inputs(args: argparse.Namespace) -> tuple[Path, str]:
+    """The Kang data file and the scvi-tools interpreter; exits when a needed one is missing."""
+    data = Path(args.data).resolve()
+    if "kang" in args.datasets and not data.exists():
+        sys.exit(f"data file not found: {data} (use --data)")
+    scvi_python = str(args.scvi_python)
+    if any(t in SCVI_TOOLS for t in args.tools) and not Path(scvi_python).exists():
+        sys.exit(
+            f"scvi-tools interpreter not found: {scvi_python}\n"
+            f"create it with:  bash benchmarks/setup_scvi_env.sh  (or pass --scvi-python)"
+        )
+    return data, scvi_python
+
+
+def _prepare_dataset(
+    ds: str, data: Path, scvi_python: str, ddir: Path
+) -> tuple[Path, dict[str, Any]]:
+    """The prepared ``.h5ad`` of dataset ``ds`` (a prep child) and its record; exits on failure."""
+    spec = dataset_spec(ds)
+    prep = ddir / "prep.h5ad"
+    t0 = time.perf_counter()
+    prep_rec = launch(
+        _prep_python(spec, scvi_python),
+        ["--child", "prep", "--dataset", ds, "--data", str(data), "--prep", str(prep)],
+        ddir / "prep.log",
+        ddir / "prep.json",
+    )
+    if "error" in prep_rec:
+        print(prep_rec["log_tail"], file=sys.stderr)
+        sys.exit(f"preparing {ds} failed ({prep_rec['error']})")
+    extra = ""
+    if spec.kind == "sim":
+        extra = (
+            f", generation {prep_rec['generation_s']:.0f}s at peak RSS "
+            f"{prep_rec['generation_peak_rss_mib']:.0f} MiB, density "
+            f"{prep_rec['density']:.3f}"
+        )
+    print(
+        f"[bench] {ds}: {prep_rec['n_cells']} cells x {prep_rec['n_genes_hvg']} genes "
+        f"in {time.perf_counter() - t0:.0f}s{extra}",
+        flush=True,
+    )
+    return prep, prep_rec
+
+
+def _train_dataset(
+    args: argparse.Namespace, ds: str, prep: Path, scvi_python: str, ddir: Path, t_start: float
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """One training child per batch size × architecture × tool on dataset ``ds``: their
+    records, and the latents to score with scib-metrics (embedding name → ``.npy``)."""
+    spec = dataset_spec(ds)
+    pythons = {
+        "regvi": sys.executable,
+        "regvi_compile": sys.executable,
+        "scvi": scvi_python,
+        "scvi_nb": scvi_python,
+    }
+    archs = args.archs if spec.kind == "kang" else args.archs_sim
+    epochs = args.epochs if spec.kind == "kang" else args.epochs_sim
+    runs: list[dict[str, Any]] = []
+    latents: dict[str, Path] = {}
+    for b in args.batch_sizes:
+        lr = lr_for(b, args.lr, args.lr_scaling)
+        for arch in archs:
+            for tool in args.tools:
+                emb = f"b{b}_{tool}_{arch.name}"
+                name = f"{ds}_{emb}"
+                print(
+                    f"[bench] training {name} ({epochs} epochs, lr {lr:g}) "
+                    f"[{time.perf_counter() - t_start:.0f}s elapsed] ...",
+                    flush=True,
+                )
+                latent = ddir / f"{emb}.npy"
+                rec = launch(
+                    pythons[tool],
+                    [
+                        "--child", tool, "--prep", str(prep), "--epochs", str(epochs),
+                        "--n-hidden", str(arch.n_hidden), "--n-latent", str(arch.n_latent),
+                        "--n-layers", str(arch.n_layers), "--latent-out", str(latent),
+                        "--batch-size", str(b), "--lr", repr(lr),
+                        "--batch-key", spec.batch_key,
+                    ],
+                    ddir / f"{emb}.log",
+                    ddir / f"{emb}.json",
+                )  # fmt: skip
+                rec.update({"dataset": ds, "batch_size": b, "lr": lr, "tool": tool,
+                            "arch": arch.name, "n_hidden": arch.n_hidden,
+                            "n_latent": arch.n_latent, "n_layers": arch.n_layers,
+                            "name": name, "emb": emb})  # fmt: skip
+                if "error" in rec:
+                    print(f"[bench] {name} FAILED ({rec['error']}); log tail:\n{rec['log_tail']}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                else:
+                    if args.scib_batch_sizes is None or b in args.scib_batch_sizes:
+                        latents[emb] = latent
+                    print(
+                        f"[bench] {name}: {rec['s_per_epoch']:.2f} s/epoch over "
+                        f"{rec['epochs_run']} epochs, peak RSS {rec['peak_rss_mib']:.0f} MiB",
+                        flush=True,
+                    )
+                runs.append(rec)
+    return runs, latents
+
+
+def _score_dataset(
+    args: argparse.Namespace,
+    ds: str,
+    prep: Path,
+    latents: dict[str, Path],
+    scib: dict[str, dict[str, float]],
+    scib_errors: dict[str, str],
+) -> None:
+    """scib-metrics of ``latents`` on dataset ``ds`` into ``scib`` (``"ds/embedding"`` keys);
+    a failure is reported in ``scib_errors`` and the timing results are kept."""
+    spec = dataset_spec(ds)
+    print(f"[bench] scib-metrics on {ds}: {len(latents)} latents + Unintegrated ...",
+          flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        res = run_scib(prep, latents, args.n_jobs, spec.batch_key, spec.label_key)
+        scib.update({f"{ds}/{k}": v for k, v in res.items()})
+        print(f"[bench] scib done in {time.perf_counter() - t0:.0f}s", flush=True)
+    except Exception as err:  # report and keep the timing results
+        scib_errors[ds] = f"{type(err).__name__}: {err}"
+        print(f"[bench] scib FAILED: {scib_errors[ds]}", file=sys.stderr, flush=True)
+
+
+def _settings_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``settings`` section of ``bench_scvi.json``."""
+    scib_settings = {
+        "min_max_scale": False,
+        "n_jobs": args.n_jobs,
+        "datasets": args.scib_datasets,
+        "batch_sizes": args.scib_batch_sizes or "all",
+        "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) HVG X",
+    }
+    return {
+        "epochs": args.epochs,
+        "epochs_sim": args.epochs_sim,
+        "batch_size": args.batch_sizes[0],
+        "batch_sizes": args.batch_sizes,
+        "lr": {
+            "base": args.lr,
+            "scaling": args.lr_scaling,
+            "by_batch_size": {
+                str(b): lr_for(b, args.lr, args.lr_scaling) for b in args.batch_sizes
+            },
+            "note": "the same explicit lr is passed to every tool (scvi via plan_kwargs)",
+        },
+        "train_size": TRAIN_SIZE,
+        "validation": "every epoch",
+        "early_stopping": False,
+        "torch_threads": N_THREADS,
+        "batch_key": BATCH_KEY,
+        "label_key": LABEL_KEY,
+        "datasets": args.datasets,
+        "tools": args.tools,
+        "archs": [a.name for a in args.archs],
+        "archs_sim": [a.name for a in args.archs_sim],
+        "scib": None if args.skip_scib else scib_settings,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
