@@ -420,57 +420,16 @@ def run_parent(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     workdir = _common.workdir_for(args.workdir, "bench_multivi_")
-
-    runs: list[dict[str, Any]] = []
-    latents: dict[str, Path] = {}
-    fallback_used = None
-    for run in args.runs:
-        python = scvi_python if run in SCVI_RUNS else sys.executable
-        rec, latent = _train_run(run, python, args, paths, workdir)
-        runs.append(rec)
-        if "error" not in rec:
-            latents[run] = latent
-        elif run == "multivi" and not args.no_fallback:
-            fallback_used = f"MULTIVI failed ({rec['error']}); fell back to PEAKVI + SCVI"
-            print(f"[bench] {fallback_used}", flush=True)
-            fb, fb_latent = _train_run(FALLBACK, python, args, paths, workdir)
-            fb["fallback_for"] = "multivi"
-            runs.append(fb)
-            if "error" not in fb:
-                latents[FALLBACK] = fb_latent
-
+    runs, latents, fallback_used = _train_runs(args, scvi_python, paths, workdir)
     scib: dict[str, dict[str, float]] = {}
     scib_error = None
     scib_s = None
     if not args.skip_scib and latents:
-        print(f"[bench] scib-metrics on {len(latents)} latents + Unintegrated ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            scib = run_scib(paths["rna"], latents, args.n_jobs)
-            scib_s = time.perf_counter() - t0
-            print(f"[bench] scib done in {scib_s:.0f}s", flush=True)
-        except Exception as err:  # report and keep the timing results
-            scib_error = f"{type(err).__name__}: {err}"
-            print(f"[bench] scib FAILED: {scib_error}", file=sys.stderr, flush=True)
+        scib, scib_s, scib_error = _score(args, paths, latents)
 
     by_run = {r["run"]: r for r in runs}
     reference = FALLBACK if fallback_used else REFERENCE
-    ref_s = by_run.get(reference, {}).get("s_per_epoch")
-    rows: list[dict[str, Any]] = []
-    for r in runs:
-        row: dict[str, Any] = {"run": r["run"], "error": r.get("error")}
-        for k in ("s_per_epoch", "median_epoch_s", "min_epoch_s", "peak_rss_mib", "epochs_run"):
-            row[k] = r.get(k)
-        if row["s_per_epoch"] and ref_s:
-            row["ratio_to_reference"] = row["s_per_epoch"] / ref_s
-        sc_row = scib.get(r["run"], {})
-        row.update({"bio": sc_row.get("Bio conservation"), "batch": sc_row.get("Batch correction"),
-                    "total": sc_row.get("Total")})  # fmt: skip
-        rows.append(row)
-    if "Unintegrated" in scib:
-        u = scib["Unintegrated"]
-        rows.append({"run": "Unintegrated", "bio": u.get("Bio conservation"),
-                     "batch": u.get("Batch correction"), "total": u.get("Total")})  # fmt: skip
+    rows = _summary_rows(runs, scib, by_run.get(reference, {}).get("s_per_epoch"))
     print()
     table = print_table(rows, reference)
 
@@ -481,31 +440,7 @@ def run_parent(args: argparse.Namespace) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": {k: str(v) for k, v in paths.items()},
         "args": args_rec,
-        "settings": {
-            "epochs": args.epochs,
-            "batch_size": BATCH_SIZE,
-            "train_size": TRAIN_SIZE,
-            "validation": "every epoch",
-            "early_stopping": False,
-            "kl_warmup_epochs": args.kl_warmup,
-            "torch_threads": N_THREADS,
-            "n_hidden": N_HIDDEN,
-            "n_latent_total": N_LATENT,
-            "n_layers": N_LAYERS,
-            "batch_key": BATCH_KEY,
-            "label_key": LABEL_KEY,
-            "ratio_reference": reference,
-            "fallback": fallback_used,
-            "scib": None
-            if args.skip_scib
-            else {
-                "min_max_scale": False,
-                "metrics": "BioConservation() and BatchCorrection() defaults",
-                "n_jobs": args.n_jobs,
-                "adata": "RNA cells",
-                "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) RNA X",
-            },
-        },
+        "settings": _settings_record(args, reference, fallback_used),
         "host": _common.host(),
         "versions": _common.versions(scvi_python),
         "summary": rows,
@@ -524,6 +459,103 @@ def run_parent(args: argparse.Namespace) -> int:
     if fallback_used and "error" in by_run.get(FALLBACK, {}):
         failed.append(FALLBACK)
     return 1 if failed or scib_error else 0
+
+
+def _train_runs(
+    args: argparse.Namespace, scvi_python: str, paths: dict[str, Path], workdir: Path
+) -> tuple[list[dict[str, Any]], dict[str, Path], str | None]:
+    """One training child per ``--runs`` entry (PeakVI + SCVI when MULTIVI fails, unless
+    ``--no-fallback``): the records, the latents of the runs that succeeded, and the fallback
+    note (``None`` without fallback)."""
+    runs: list[dict[str, Any]] = []
+    latents: dict[str, Path] = {}
+    fallback_used = None
+    for run in args.runs:
+        python = scvi_python if run in SCVI_RUNS else sys.executable
+        rec, latent = _train_run(run, python, args, paths, workdir)
+        runs.append(rec)
+        if "error" not in rec:
+            latents[run] = latent
+        elif run == "multivi" and not args.no_fallback:
+            fallback_used = f"MULTIVI failed ({rec['error']}); fell back to PEAKVI + SCVI"
+            print(f"[bench] {fallback_used}", flush=True)
+            fb, fb_latent = _train_run(FALLBACK, python, args, paths, workdir)
+            fb["fallback_for"] = "multivi"
+            runs.append(fb)
+            if "error" not in fb:
+                latents[FALLBACK] = fb_latent
+    return runs, latents, fallback_used
+
+
+def _score(
+    args: argparse.Namespace, paths: dict[str, Path], latents: dict[str, Path]
+) -> tuple[dict[str, dict[str, float]], float | None, str | None]:
+    """scib-metrics of the latents on the RNA cells: scores, seconds, error (one is ``None``)."""
+    print(f"[bench] scib-metrics on {len(latents)} latents + Unintegrated ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        scib = run_scib(paths["rna"], latents, args.n_jobs)
+    except Exception as err:  # report and keep the timing results
+        scib_error = f"{type(err).__name__}: {err}"
+        print(f"[bench] scib FAILED: {scib_error}", file=sys.stderr, flush=True)
+        return {}, None, scib_error
+    scib_s = time.perf_counter() - t0
+    print(f"[bench] scib done in {scib_s:.0f}s", flush=True)
+    return scib, scib_s, None
+
+
+def _summary_rows(
+    runs: list[dict[str, Any]], scib: dict[str, dict[str, float]], ref_s: float | None
+) -> list[dict[str, Any]]:
+    """One row per run (speed, memory, ratio to the reference's s/epoch, scib aggregates),
+    plus the Unintegrated scib row."""
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        row: dict[str, Any] = {"run": r["run"], "error": r.get("error")}
+        for k in ("s_per_epoch", "median_epoch_s", "min_epoch_s", "peak_rss_mib", "epochs_run"):
+            row[k] = r.get(k)
+        if row["s_per_epoch"] and ref_s:
+            row["ratio_to_reference"] = row["s_per_epoch"] / ref_s
+        sc_row = scib.get(r["run"], {})
+        row.update({"bio": sc_row.get("Bio conservation"), "batch": sc_row.get("Batch correction"),
+                    "total": sc_row.get("Total")})  # fmt: skip
+        rows.append(row)
+    if "Unintegrated" in scib:
+        u = scib["Unintegrated"]
+        rows.append({"run": "Unintegrated", "bio": u.get("Bio conservation"),
+                     "batch": u.get("Batch correction"), "total": u.get("Total")})  # fmt: skip
+    return rows
+
+
+def _settings_record(
+    args: argparse.Namespace, reference: str, fallback_used: str | None
+) -> dict[str, Any]:
+    """The ``settings`` section of ``bench_multivi.json``."""
+    return {
+        "epochs": args.epochs,
+        "batch_size": BATCH_SIZE,
+        "train_size": TRAIN_SIZE,
+        "validation": "every epoch",
+        "early_stopping": False,
+        "kl_warmup_epochs": args.kl_warmup,
+        "torch_threads": N_THREADS,
+        "n_hidden": N_HIDDEN,
+        "n_latent_total": N_LATENT,
+        "n_layers": N_LAYERS,
+        "batch_key": BATCH_KEY,
+        "label_key": LABEL_KEY,
+        "ratio_reference": reference,
+        "fallback": fallback_used,
+        "scib": None
+        if args.skip_scib
+        else {
+            "min_max_scale": False,
+            "metrics": "BioConservation() and BatchCorrection() defaults",
+            "n_jobs": args.n_jobs,
+            "adata": "RNA cells",
+            "unintegrated": "scanpy PCA (arpack, 50 PCs) of log1p(normalize_total 1e4) RNA X",
+        },
+    }
 
 
 def _parse_runs(spec: str) -> list[str]:
