@@ -45,6 +45,18 @@ DATASETS = {
     "kang_ctrl": ("kang2018_muscat_ctrl.h5ad", "donor", "cell_type"),
     "kang_sample": ("kang2018_ifnb_pbmc.h5ad", "sample", "cell_type"),
 }
+#: ``regvi.simulate`` arguments of ``sim_strong`` (see :func:`load`)
+SIM_STRONG = {
+    "n_cells": 12_000,
+    "n_genes": 1_500,
+    "n_cell_types": 15,
+    "n_libraries": 12,
+    "depth_range": (300.0, 6000.0),
+    "n_technologies": 3,
+    "feature_scaling_sd": 1.0,
+    "programme_strength": 1.5,
+    "seed": 7,
+}
 
 
 def load(name: str, n_top_genes: int = 2000):
@@ -60,17 +72,7 @@ def load(name: str, n_top_genes: int = 2000):
     if name == "sim_strong":
         import regvi
 
-        adata = regvi.simulate(
-            n_cells=12_000,
-            n_genes=1_500,
-            n_cell_types=15,
-            n_libraries=12,
-            depth_range=(300.0, 6000.0),
-            n_technologies=3,
-            feature_scaling_sd=1.0,
-            programme_strength=1.5,
-            seed=7,
-        )
+        adata = regvi.simulate(**SIM_STRONG)
         adata.obs["library"] = adata.obs["library"].astype(str).astype("category")
         return adata, "library", "cell_type"
     file, key, label = DATASETS[name]
