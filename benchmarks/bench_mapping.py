@@ -26,7 +26,8 @@ Methods (128 hidden / 10 latent everywhere, seeds ``--seeds``):
   model latent of the query cells.
 * ``regvi_map_ft``: the same reference, ``load_query_data(..., fine_tune=["conditioning",
   "encoder"])``; joint latent = the query model's latent of reference AND query cells.
-* ``regvi_denovo``: ``RegVI`` on all cells with ``library_key``.
+* ``regvi_denovo``: ``RegVI`` on all cells with ``library_key`` (with ``--reuse-quality``
+  bench_quality's ``regvi`` latent of the same prepared file and seed, if cached).
 * ``scarches``: scvi-tools SCVI (defaults, early stopping) on the reference, then
   ``prepare_query_anndata`` + ``load_query_data`` + ``train(max_epochs=200,
   plan_kwargs=dict(weight_decay=0.0))`` (``mapping_scvi_child.py``, own virtualenv).
@@ -259,12 +260,17 @@ def train_scvi(split: str, method: str, seed: int, threads: int, python: Path) -
     run_script(python, "mapping_scvi_child.py", args, npy.with_suffix(".log"))
 
 
-def reuse_quality_scvi(split: str, seed: int) -> bool:
-    """Copy bench_quality's de novo SCVI latent of the same prepared file and seed, if cached."""
-    src = QUALITY_CACHE / SPLITS[split][0] / f"scvi_s{seed}"
+#: bench_mapping method → the bench_quality method that trains the same model on the same cells
+QUALITY_METHOD = {"scvi_denovo": "scvi", "regvi_denovo": "regvi"}
+
+
+def reuse_quality(split: str, method: str, seed: int) -> bool:
+    """Copy bench_quality's de novo latent (SCVI or regvi defaults) of the same prepared file
+    and seed, if cached; the record names where it came from."""
+    src = QUALITY_CACHE / SPLITS[split][0] / f"{QUALITY_METHOD[method]}_s{seed}"
     if not (src.with_suffix(".npy").is_file() and src.with_suffix(".json").is_file()):
         return False
-    npy, rec = _cached(split, "scvi_denovo", seed)
+    npy, rec = _cached(split, method, seed)
     npy.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src.with_suffix(".npy"), npy)
     record = json.loads(src.with_suffix(".json").read_text())
@@ -454,7 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-jobs", type=int, default=1, help="Benchmarker neighbour-search jobs")
     p.add_argument("--scvi-python", type=Path, default=SCVI_PYTHON)
-    p.add_argument("--reuse-quality", action="store_true", help="reuse bench_quality's SCVI")
+    p.add_argument(
+        "--reuse-quality",
+        action="store_true",
+        help="reuse bench_quality's de novo SCVI and regvi latents",
+    )
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--score-only", action="store_true")
     p.add_argument("--force", action="store_true", help="retrain cached latents")
@@ -520,14 +530,18 @@ def train_split(
             if npy.is_file() and not args.force:
                 continue
             t0 = time.perf_counter()
-            if method in ("regvi_map", "regvi_map_ft"):
+            if (
+                method in QUALITY_METHOD
+                and args.reuse_quality
+                and reuse_quality(split, method, seed)
+            ):
+                pass
+            elif method in ("regvi_map", "regvi_map_ft"):
                 train_regvi_map(split, method, seed, args.threads)
             elif method == "regvi_denovo":
                 train_regvi_denovo(split, seed, args.threads)
             elif method == "regvi_multi_map":
                 train_regvi_multi_map(split, seed, args.threads)
-            elif method == "scvi_denovo" and args.reuse_quality and reuse_quality_scvi(split, seed):
-                pass
             elif method in ("scarches", "scvi_denovo"):
                 train_scvi(split, method, seed, args.threads, args.scvi_python)
             else:
