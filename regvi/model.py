@@ -70,8 +70,10 @@ class RegVI(BaseModel):
         RNG alone); also :meth:`train`'s default seed. The first :meth:`train` redraws the
         weights from its own seed and recomputes the data-dependent initialisation from the
         training cells only.
-    **model_kwargs
-        Further :class:`regvi.module.ModuleConfig` fields (``use_ambient``,
+    **options
+        The covariate keys above other than ``library_key`` and ``layer`` (keyword arguments:
+        the fields of :class:`regvi.data.registry.CovariateKeys`), and further
+        :class:`regvi.module.ModuleConfig` fields (``use_ambient``,
         ``regularise_background``, ``dispersion``, ``dispersion_prior_mean``,
         ``library_variance_weight``, ``library_centring_sensitivity``, ``library_residual``,
         ``decoder_l2``, ...).
@@ -84,17 +86,7 @@ class RegVI(BaseModel):
         self,
         adata: AnnData,
         library_key: str | None = None,
-        batch_key: str | None = None,
-        ambient_covariate_keys: str | Sequence[str] | None = None,
-        dispersion_key: str | None = None,
-        library_size_key: str | None = None,
-        feature_scaling_covariate_keys: str | Sequence[str] | None = None,
-        nn_conditioning_covariate_keys: str | Sequence[str] | None = None,
-        encoder_covariate_keys: str | Sequence[str] | None = None,
-        continuous_covariate_keys: str | Sequence[str] | None = None,
-        dataset_key: str | None = None,
-        technical_covariate_keys: str | Sequence[str] | None = None,
-        labels_key: str | None = None,
+        *,
         layer: str | None = None,
         allow_non_integer: bool = False,
         n_hidden: int = 128,
@@ -104,16 +96,16 @@ class RegVI(BaseModel):
         data_init: bool = True,
         dispersion_init: Literal["prior", "data"] = "prior",
         seed: int = 0,
-        **model_kwargs: Any,
+        **options: Any,
     ):
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData; got {type(adata).__name__}")
+        keys, model_kwargs = CovariateKeys.split(options, library_key=library_key, layer=layer)
         self._refuse_unknown_options(model_kwargs)
         sizes = {"n_hidden": n_hidden, "n_latent": n_latent, "n_layers": n_layers}
         check_module_options({**sizes, "dropout_rate": dropout_rate, **model_kwargs})
         check_bool("allow_non_integer", allow_non_integer)
         setup = self._check_setup_options(data_init, dispersion_init, seed)
-        keys = CovariateKeys.from_arguments(locals())
         self.registry = CovariateRegistry.from_anndata(adata, keys)
         X = get_counts(adata, layer)
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"

@@ -210,8 +210,10 @@ class RegMultiVI(BaseModel):
         ``continuous`` (no input).
     lr_multipliers
         Modality → factor on the learning rate of that modality's parameters.
-    **model_kwargs
-        Any :class:`regvi.module.ModuleConfig` option, a scalar or a dict by modality.
+    **options
+        The covariate keys other than ``library_key`` (keyword arguments, as in
+        :class:`regvi.RegVI`), and any :class:`regvi.module.ModuleConfig` option, a scalar or a
+        dict by modality.
         Defaults by modality kind (from the name): RNA ambient on, feature scaling off;
         ATAC ambient off, feature scaling on, library centring sensitivity 0.2.
     """
@@ -224,17 +226,7 @@ class RegMultiVI(BaseModel):
         mdata: Any,
         modalities: Sequence[str] | None = None,
         library_key: str | None = None,
-        batch_key: str | None = None,
-        ambient_covariate_keys: str | Sequence[str] | None = None,
-        dispersion_key: str | None = None,
-        library_size_key: str | None = None,
-        feature_scaling_covariate_keys: str | Sequence[str] | None = None,
-        nn_conditioning_covariate_keys: str | Sequence[str] | None = None,
-        encoder_covariate_keys: str | Sequence[str] | None = None,
-        continuous_covariate_keys: str | Sequence[str] | None = None,
-        dataset_key: str | None = None,
-        technical_covariate_keys: str | Sequence[str] | None = None,
-        labels_key: str | None = None,
+        *,
         layer: str | Mapping[str, str | None] | None = None,
         allow_non_integer: bool | Mapping[str, bool] = False,
         n_hidden: int | Mapping[str, int] = 128,
@@ -246,8 +238,10 @@ class RegMultiVI(BaseModel):
         disabled_covariates: Mapping[str, Sequence[str]] | None = None,
         lr_multipliers: Mapping[str, float] | None = None,
         seed: int = 0,
-        **model_kwargs: Any,
+        **options: Any,
     ):
+        # covariates: one registry over the shared cell metadata (the layer is per modality)
+        keys, model_kwargs = CovariateKeys.split(options, library_key=library_key, layer=None)
         self._refuse_unknown_options(model_kwargs)
         setup = self._check_setup_options(data_init, dispersion_init, seed)
         mods = select_modalities(mdata, modalities)
@@ -263,8 +257,6 @@ class RegMultiVI(BaseModel):
         allow = _per_modality("allow_non_integer", allow_non_integer, names)
         disabled = _check_disabled_covariates(disabled_covariates, names)
         Xs, summaries = _validated_counts(mods, layers, allow)
-        # covariates: one registry over the shared cell metadata (the layer is per modality)
-        keys = CovariateKeys.from_arguments(locals(), layer=None)
         obs = shared_obs(mdata, mods, keys.columns())
         self.registry = CovariateRegistry.from_anndata(AnnData(obs=obs), keys)
         self._covariates = self.registry.encode(obs, MODEL_PURPOSES)

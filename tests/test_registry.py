@@ -177,9 +177,8 @@ def test_single_level_categorical_ignored_in_networks(sim):
 
 
 def test_covariate_keys_one_definition():
-    """RegVI / RegMultiVI take exactly the CovariateKeys fields (same defaults) and REGISTRY_ARGS
-    is derived from them."""
-    import dataclasses
+    """RegVI / RegMultiVI take the CovariateKeys fields (``library_key`` explicitly, the others
+    as keyword options split off by CovariateKeys.split) and REGISTRY_ARGS is derived from them."""
     import inspect
 
     from regvi import RegMultiVI, RegVI
@@ -189,10 +188,14 @@ def test_covariate_keys_one_definition():
 
     assert REGISTRY_ARGS == MODEL_REGISTRY_ARGS == CovariateKeys.names()
     assert len(REGISTRY_ARGS) == 13 and set(REGISTRY_ARGS) <= DATA_KEYS
-    defaults = {f.name: f.default for f in dataclasses.fields(CovariateKeys)}
     for cls in (RegVI, RegMultiVI):
         params = inspect.signature(cls.__init__).parameters
-        assert {k: params[k].default for k in REGISTRY_ARGS} == defaults, cls
+        assert params["library_key"].default is None, cls
+        assert list(params.values())[-1].kind is inspect.Parameter.VAR_KEYWORD, cls
+    options = {"labels_key": "cell_type", "n_hidden": 8}
+    keys, rest = CovariateKeys.split(options, library_key="library")
+    assert keys == CovariateKeys(library_key="library", labels_key="cell_type")
+    assert rest == {"n_hidden": 8}
     keys = CovariateKeys.from_kwargs({"library_key": "library", "labels_key": "cell_type"})
     assert CovariateKeys.from_kwargs(keys.as_kwargs()) == keys
     assert keys.columns() == ["cell_type", "library"]

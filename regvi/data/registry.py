@@ -107,14 +107,19 @@ class CovariateKeys:
         return cls(**kwargs)
 
     @classmethod
-    def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> CovariateKeys:
-        """The keys among a constructor's ``arguments`` (its ``locals()``), then ``overrides``.
+    def split(
+        cls, options: Mapping[str, Any], **explicit: Any
+    ) -> tuple[CovariateKeys, dict[str, Any]]:
+        """The covariate keys among a constructor's keyword ``options`` plus its ``explicit``
+        key parameters (``library_key``, ``layer``), and the options that are no key.
 
         The one place where :class:`regvi.RegVI` and :class:`regvi.RegMultiVI` turn their
-        covariate-key arguments into keys.
+        covariate-key arguments into keys; the rest are model options, checked by the model.
         """
-        values = {name: arguments[name] for name in cls.names() if name in arguments}
-        return cls(**{**values, **overrides})
+        names = set(cls.names())
+        keys = {k: v for k, v in options.items() if k in names}
+        rest = {k: v for k, v in options.items() if k not in names}
+        return cls(**keys, **explicit), rest
 
     def as_kwargs(self) -> dict[str, Any]:
         """The keys as keyword arguments (inverse of :meth:`from_kwargs`)."""
