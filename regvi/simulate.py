@@ -13,12 +13,19 @@ Generative story (matching the regvi model family)::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover
+    from typing_extensions import Unpack
 
 import numpy as np
 import pandas as pd
@@ -205,6 +212,31 @@ def _var_frame(n_genes: int) -> pd.DataFrame:
     return pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)])
 
 
+class SimulationParams(TypedDict, total=False):
+    """The simulation parameters of :func:`simulate` that :func:`simulate_to_mmap` takes as
+    keyword arguments; documented, with their defaults, at :func:`simulate`."""
+
+    n_cell_types: int
+    n_libraries: int
+    depth_range: tuple[float, float]
+    depth_sd: float
+    ambient_fraction: float | tuple[float, float]
+    theta: float | tuple[float, float]
+    programme_strength: float
+    n_technologies: int
+    feature_scaling_sd: float
+
+
+def _simulation_params(caller: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` over :func:`simulate`'s defaults; a TypeError names an unknown one."""
+    names = SimulationParams.__annotations__
+    for name in params:
+        if name not in names:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+    defaults = inspect.signature(simulate).parameters
+    return {name: params.get(name, defaults[name].default) for name in names}
+
+
 def simulate_to_mmap(
     path: str | os.PathLike,
     n_cells: int = 100_000,
@@ -212,15 +244,7 @@ def simulate_to_mmap(
     chunk_cells: int = 50_000,
     seed: int = 0,
     overwrite: bool = False,
-    n_cell_types: int = 5,
-    n_libraries: int = 4,
-    depth_range: tuple[float, float] = (1000.0, 4000.0),
-    depth_sd: float = 0.3,
-    ambient_fraction: float | tuple[float, float] = (0.05, 0.2),
-    theta: float | tuple[float, float] = (3.0, 20.0),
-    programme_strength: float = 2.0,
-    n_technologies: int = 0,
-    feature_scaling_sd: float = 0.3,
+    **params: Unpack[SimulationParams],
 ) -> AnnData:
     """:func:`simulate` straight to a memory-mapped CSR directory, ``chunk_cells`` cells at a time.
 
@@ -230,6 +254,9 @@ def simulate_to_mmap(
     the same model, with different cell draws). Memory: a few dense ``chunk_cells × n_genes``
     float64 arrays at a time. (With ``n_technologies > 0`` the technology biases are drawn
     after the first chunk's cells, as in :func:`simulate`, so they depend on ``chunk_cells``.)
+
+    ``params`` are :func:`simulate`'s simulation parameters (:class:`SimulationParams`), with
+    its defaults.
 
     Writes to ``path``: the matrix (``data.npy``, ``indices.npy``, ``indptr.npy``,
     ``meta.json``, see :mod:`regvi.data.mmap`), ``obs.csv`` (``cell_type``, ``library``
@@ -247,16 +274,16 @@ def simulate_to_mmap(
     if chunk_cells < 1:
         raise ValueError(f"chunk_cells={chunk_cells}; expected a positive integer")
     path = Path(path)
-    rng, truth = _seeded_truth(seed, locals())
+    p = _simulation_params("simulate_to_mmap", params)
+    rng, truth = _seeded_truth(seed, {**p, "n_genes": n_genes})
+    cell_params = (p["depth_sd"], p["n_technologies"], p["feature_scaling_sd"])
     codes: list[dict[str, np.ndarray]] = []
 
     def chunks():
         t0 = time.perf_counter()
         for start in range(0, n_cells, chunk_cells):
             n = min(chunk_cells, n_cells - start)
-            counts, chunk_codes = _draw_cells(
-                rng, truth, n, depth_sd, n_technologies, feature_scaling_sd
-            )
+            counts, chunk_codes = _draw_cells(rng, truth, n, *cell_params)
             codes.append(chunk_codes)
             yield sp.csr_matrix(counts)
             logger.info(
