@@ -243,11 +243,11 @@ class RegVIModule(nn.Module):
             c.n_latent,
             c.n_hidden,
             c.n_layers,
-            self.encoder_cats.n_out,
-            c.dropout_rate,
-            c.use_layer_norm,
-            c.activation,
-            c.var_activation,
+            n_cat_features=self.encoder_cats.n_out,
+            dropout_rate=c.dropout_rate,
+            use_layer_norm=c.use_layer_norm,
+            activation=c.activation,
+            var_activation=c.var_activation,
         )
         if c.encoder_var_init is not None:
             self.init_posterior_scale(c.encoder_var_init)
@@ -264,9 +264,9 @@ class RegVIModule(nn.Module):
             G,
             c.n_hidden,
             c.n_layers,
-            self.decoder_cats.n_out,
-            c.use_layer_norm,
-            c.activation,
+            n_cat_features=self.decoder_cats.n_out,
+            use_layer_norm=c.use_layer_norm,
+            activation=c.activation,
         )
         # Ambient RNA: beta_{e,g}, one table per ambient key; init at the prior mean log 0.01.
         self.ambient_log = nn.ParameterList(

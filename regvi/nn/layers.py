@@ -6,11 +6,18 @@ Equations: docs/model.md#encoders and docs/model.md#decoder.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover
+    from typing_extensions import Unpack
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
 #: names accepted by ``activation=``
@@ -59,6 +66,20 @@ class CategoricalInjector(nn.Module):
 def _full_precision(t: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 (autocast matmul outputs) → float32; other dtypes unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class BodyOptions(TypedDict, total=False):
+    """Keyword options of the :class:`FCBlock` body of a :class:`Decoder` (defaults there)."""
+
+    n_cat_features: int
+    use_layer_norm: bool
+    activation: str
+
+
+class EncoderBodyOptions(BodyOptions, total=False):
+    """Keyword options of the :class:`FCBlock` body of an :class:`Encoder` (defaults there)."""
+
+    dropout_rate: float
 
 
 class FCBlock(nn.Module):
@@ -113,17 +134,13 @@ class Encoder(nn.Module):
         n_out: int,
         n_hidden: int,
         n_layers: int,
-        n_cat_features: int = 0,
-        dropout_rate: float = 0.1,
-        use_layer_norm: bool = True,
-        activation: str = "relu",
+        *,
         var_activation: str = "exp",
         var_eps: float = 1e-4,
+        **body: Unpack[EncoderBodyOptions],
     ):
         super().__init__()
-        self.body = FCBlock(
-            n_in, n_hidden, n_layers, n_cat_features, dropout_rate, use_layer_norm, activation
-        )
+        self.body = FCBlock(n_in, n_hidden, n_layers, **body)
         self.mean = nn.Linear(n_hidden, n_out)
         self.var = nn.Linear(n_hidden, n_out)
         if var_activation not in ("exp", "softplus"):
@@ -147,7 +164,7 @@ class LibraryEncoder(Encoder):
     (docs/model.md#encoders)."""
 
     def __init__(self, n_in: int, n_cat_features: int = 0, n_hidden: int = 16, **kwargs):
-        super().__init__(n_in, 1, n_hidden, 1, n_cat_features, **kwargs)
+        super().__init__(n_in, 1, n_hidden, 1, n_cat_features=n_cat_features, **kwargs)
 
 
 class Decoder(nn.Module):
@@ -163,14 +180,10 @@ class Decoder(nn.Module):
         n_out: int,
         n_hidden: int,
         n_layers: int,
-        n_cat_features: int = 0,
-        use_layer_norm: bool = True,
-        activation: str = "relu",
+        **body: Unpack[BodyOptions],
     ):
         super().__init__()
-        self.body = FCBlock(
-            n_in, n_hidden, n_layers, n_cat_features, 0.0, use_layer_norm, activation
-        )
+        self.body = FCBlock(n_in, n_hidden, n_layers, dropout_rate=0.0, **body)
         self.out = nn.Linear(n_hidden, n_out)
 
     def forward(self, z: torch.Tensor, cat_features: torch.Tensor | None = None) -> torch.Tensor:
