@@ -359,7 +359,8 @@ def summarise(split: str, scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
         vals = [r["query_epochs"] for r in recs if r.get("query_epochs") is not None]
         row["query_epochs"] = float(np.mean(vals)) if vals else None
         if any(r.get("reused_from") for r in recs):
-            row["reused_from"] = "bench_quality cache (same prepared data, method scvi)"
+            source = QUALITY_METHOD.get(method, method)
+            row["reused_from"] = f"bench_quality cache (same prepared data, method {source})"
         out[method] = row
     return out
 
