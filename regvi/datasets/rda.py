@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-INSTALL_HINT = "pip install 'regvi[datasets]'"  # the same as recipes.INSTALL_HINT
+#: how to install the optional dependencies of the dataset recipes (one definition)
+INSTALL_HINT = "pip install 'regvi[datasets]'"
 
 
 class MissingDependency(ImportError):

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from regvi.datasets.rda import INSTALL_HINT  # noqa: F401  (re-exported for catalog)
+
 
 def _int_csr(m) -> sp.csr_matrix:
     m = sp.csr_matrix(m)
@@ -239,7 +241,6 @@ RECIPES: dict[str, Callable[[Path], dict[str, ad.AnnData]]] = {
 
 #: Optional modules a recipe needs (the ``datasets`` extra: ``pip install 'regvi[datasets]'``).
 REQUIRES: dict[str, tuple[str, ...]] = {"kang_ifnb": ("rdata",), "kang_muscat": ("rdata",)}
-INSTALL_HINT = "pip install 'regvi[datasets]'"
 
 
 def missing_requirements(recipe: str) -> list[str]:
