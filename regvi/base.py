@@ -27,8 +27,11 @@ from regvi.data.device import (
 from regvi.io import save_model
 from regvi.module import ModuleConfig, RegVIModule
 from regvi.training import (
+    MODEL_EPOCHS,
+    QUERY_EPOCHS,
     EarlyStopping,
     EpochCallback,
+    EpochDefaults,
     EpochProgressBar,
     TrainingPlan,
     TrainSettings,
@@ -319,15 +322,19 @@ def _check_train_options(args: Mapping[str, Any]) -> int:
     A string where a bool or a number belongs (a YAML / CLI ``"False"``) is refused with the
     argument named, never taken as truthy.
     """
-    check_int("max_epochs", args["max_epochs"], 1)
+    check_int("max_epochs", args["max_epochs"], 1, allow_none=True)
     check_int("batch_size", args["batch_size"], 1)
     check_float("lr", args["lr"], positive=True)
     check_float("weight_decay", args["weight_decay"], minimum=0.0)
     check_float("eps", args["eps"], positive=True)
     check_float("validation_fraction", args["validation_fraction"], 0.0, 1.0, below_maximum=True)
-    check_int("patience", args["patience"], 1)
+    check_int("patience", args["patience"], 1, allow_none=True)
     check_float("min_delta_per_feature", args["min_delta_per_feature"], minimum=0.0)
-    check_int("n_epochs_kl_warmup", args["n_epochs_kl_warmup"], 0, allow_none=True)
+    warmup = args["n_epochs_kl_warmup"]
+    if isinstance(warmup, str) and warmup != "auto":
+        raise TypeError(f"n_epochs_kl_warmup={warmup!r}; expected an integer, None or 'auto'")
+    if warmup != "auto":
+        check_int("n_epochs_kl_warmup", warmup, 0, allow_none=True)
     for name in (
         "scale_lr_with_batch_size",
         "stratify_validation",
@@ -585,7 +592,7 @@ class BaseModel:
     # ------------------------------------------------------------------ training
     def train(
         self,
-        max_epochs: int = 400,
+        max_epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
@@ -594,11 +601,11 @@ class BaseModel:
         validation_fraction: float = 0.1,
         stratify_validation: bool = False,
         early_stopping: bool = True,
-        patience: int = 45,
+        patience: int | None = None,
         min_delta_per_feature: float = 2e-4,
         stop_during_warmup: bool = False,
         restore_best: bool = False,
-        n_epochs_kl_warmup: int | None = 50,
+        n_epochs_kl_warmup: int | str | None = "auto",
         seed: int | None = None,
         accelerator: str = "cpu",
         devices: int | str = 1,
@@ -619,7 +626,8 @@ class BaseModel:
         Parameters
         ----------
         max_epochs
-            Maximum number of epochs.
+            Maximum number of epochs (default 400; 100 for a query model from
+            ``load_query_data``, which trains only its new technical terms).
         batch_size
             Cells per minibatch (128 default; 1024 on GPU with ``scale_lr_with_batch_size``).
         lr, weight_decay, eps
@@ -631,13 +639,15 @@ class BaseModel:
         stratify_validation
             Stratify the split by label × library (needs ``labels_key`` for the label part).
         early_stopping, patience, min_delta_per_feature
-            Early stopping on validation ELBO with ``min_delta = n_features × min_delta_per_feature``.
+            Early stopping on validation ELBO with ``min_delta = n_features × min_delta_per_feature``
+            (``patience`` default 45 epochs; 10 for a query model).
         stop_during_warmup
             Allow early stopping before the KL warmup has finished.
         restore_best
             Restore the weights of the best validation epoch at the end.
         n_epochs_kl_warmup
-            Linear KL warmup length in epochs (``None``/0: no warmup).
+            Linear KL warmup length in epochs (``None``/0: no warmup). ``"auto"``: 50 epochs,
+            none for a query model (its reference finished at full KL weight).
         seed
             One seed for everything random (default: the model's construction ``seed``): the
             split, minibatch order, sampling noise and, on the first training of an untrained
@@ -690,6 +700,9 @@ class BaseModel:
             latent dims, theta mean, epoch time.
         """
         seed = _check_train_options(locals())
+        max_epochs, patience, n_epochs_kl_warmup = self._epoch_budget(
+            max_epochs, patience, n_epochs_kl_warmup
+        )
         device = training_device(accelerator)
         precision = check_precision(precision, device)
         train_idx, val_idx = self._split_and_initialise(
@@ -735,6 +748,18 @@ class BaseModel:
         )
         self._fit(trainer, plan, train_loader, val_loader, freeze)
         return self.history
+
+    def _epoch_budget(
+        self, max_epochs: int | None, patience: int | None, warmup: int | str | None
+    ) -> tuple[int, int, int | None]:
+        """``train()``'s epoch settings with their defaults filled in: :data:`MODEL_EPOCHS`,
+        or :data:`QUERY_EPOCHS` for a query model."""
+        defaults: EpochDefaults = MODEL_EPOCHS if self.query is None else QUERY_EPOCHS
+        return (
+            defaults.max_epochs if max_epochs is None else max_epochs,
+            defaults.patience if patience is None else patience,
+            defaults.n_epochs_kl_warmup if warmup == "auto" else warmup,
+        )
 
     def _split_and_initialise(
         self,

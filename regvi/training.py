@@ -37,6 +37,24 @@ LOGGED_TERMS = (
 )
 
 
+@dataclass(frozen=True)
+class EpochDefaults:
+    """The epoch budget :meth:`regvi.base.BaseModel.train` uses when it is not given
+    (docs/model.md#optimiser)."""
+
+    max_epochs: int
+    patience: int
+    #: linear KL warm-up length in epochs (``None``: no warm-up)
+    n_epochs_kl_warmup: int | None
+
+
+#: a model trained on its own data
+MODEL_EPOCHS = EpochDefaults(max_epochs=400, patience=45, n_epochs_kl_warmup=50)
+#: a query model from ``load_query_data``: only its new technical terms train, from a
+#: reference that finished at full KL weight, so no warm-up and a shorter budget
+QUERY_EPOCHS = EpochDefaults(max_epochs=100, patience=10, n_epochs_kl_warmup=None)
+
+
 @dataclass
 class TrainSettings:
     """Optimisation settings (defaults: docs/model.md#optimiser)."""
@@ -44,7 +62,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     eps: float = 0.01
-    n_epochs_kl_warmup: int | None = 50
+    n_epochs_kl_warmup: int | None = MODEL_EPOCHS.n_epochs_kl_warmup
     scale_lr_with_batch_size: bool = False
     batch_size: int = 128
     compile: bool = False
@@ -229,7 +247,7 @@ class EarlyStopping(pl.Callback):
     def __init__(
         self,
         min_delta: float,
-        patience: int = 45,
+        patience: int = MODEL_EPOCHS.patience,
         monitor: str = "validation_elbo",
         stop_during_warmup: bool = False,
         restore_best: bool = False,

@@ -108,6 +108,26 @@ def test_query_training_fits_only_new_entries_and_the_reference_latent_stays(spl
     assert len(q.history) >= 1 and np.isfinite(q.get_elbo())
 
 
+def test_query_training_defaults_to_the_short_budget_without_warmup(split, reference):
+    """A query's ``train()`` defaults are QUERY_EPOCHS (100 epochs, patience 10, no KL
+    warm-up: the reference finished at full KL weight); a reference's are MODEL_EPOCHS."""
+    from regvi.training import MODEL_EPOCHS, QUERY_EPOCHS
+
+    _, query = split
+    q = regvi.RegVI.load_query_data(query, reference)
+    assert q._epoch_budget(None, None, "auto") == (100, 10, None)
+    assert reference._epoch_budget(None, None, "auto") == (400, 45, 50)
+    assert q._epoch_budget(7, 3, 2) == (7, 3, 2)  # given values win
+    assert (QUERY_EPOCHS.max_epochs, MODEL_EPOCHS.max_epochs) == (100, 400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = q.train(progress_bar=False)
+    assert 1 <= len(history) <= 100
+    assert (history["kl_weight"] == 1.0).all()  # no warm-up
+    with pytest.raises(TypeError, match=r"n_epochs_kl_warmup='autoo'.*'auto'"):
+        q.train(n_epochs_kl_warmup="autoo", progress_bar=False)
+
+
 def test_fine_tuning_conditioning_and_encoder(split, reference):
     _, query = split
     q = regvi.RegVI.load_query_data(query, reference, fine_tune=["conditioning", "encoder"])

@@ -831,12 +831,10 @@ def test_evaluation_metric_prefixes_cover_final_metrics(tmp_path):
 # ------------------------------------------------------------- the settings a trial runs with
 def test_trial_settings_carry_the_config_to_the_worker(tmp_path):
     """One frozen TrialSettings from the config; a trial's sampled values merged in; it pickles
-    (Ray sends it to the Train workers) and defaults come from RegVI.train's signature."""
+    (Ray sends it to the Train workers) and the epoch default is MODEL_EPOCHS's."""
     import dataclasses
-    import inspect
     import pickle
 
-    from regvi.base import BaseModel
     from regvi.sweep.settings import EvaluationSettings, TrialSettings
 
     raw = _base(
@@ -871,8 +869,9 @@ def test_trial_settings_carry_the_config_to_the_worker(tmp_path):
     assert settings.model == {} and settings.trial_start is None  # the sweep's are unchanged
     assert pickle.loads(pickle.dumps(trial)) == trial
     no_epochs = dataclasses.replace(settings, training={})
-    default = inspect.signature(BaseModel.train).parameters["max_epochs"].default
-    assert no_epochs.max_epochs == default
+    from regvi.training import MODEL_EPOCHS
+
+    assert no_epochs.max_epochs == MODEL_EPOCHS.max_epochs == 400
 
 
 def test_scheduler_max_t_is_refused_naming_max_epochs():

@@ -31,11 +31,12 @@ from regvi.map.inputs import (
 from regvi.map.plan import Plan, prepare
 from regvi.map.plots import MAX_PLOT_CELLS, mapping_plots
 from regvi.map.tracking import DEFAULT_EXPERIMENT, end_run, log_run, redact, start_run
+from regvi.training import QUERY_EPOCHS
 
 #: default maximum number of query training epochs (early stopping usually ends sooner)
-DEFAULT_EPOCHS = 100
+DEFAULT_EPOCHS = QUERY_EPOCHS.max_epochs
 #: default early-stopping patience of query training, in epochs
-DEFAULT_PATIENCE = 10
+DEFAULT_PATIENCE = QUERY_EPOCHS.patience
 #: the latent in the output AnnData
 LATENT_KEY = "X_regvi"
 
@@ -212,7 +213,6 @@ def _train(plan: Plan, s: MappingSettings, added: dict[str, list[str]]) -> dict[
                 validation_fraction=n_val,
                 early_stopping=True,
                 patience=s.patience,
-                n_epochs_kl_warmup=None,  # the reference finished at full KL weight
                 seed=s.seed,
                 accelerator=s.accelerator,
                 progress_bar=s.progress_bar,

@@ -78,10 +78,14 @@ def _train_args() -> set[str]:
 
 
 def train_default(name: str) -> Any:
-    """The default of ``RegVI.train``'s argument ``name`` (``max_epochs``: 400), written once
-    in :meth:`regvi.base.BaseModel.train` and read from its signature."""
+    """The default of ``RegVI.train``'s argument ``name`` (``max_epochs``: 400), written once:
+    the epoch budget in :data:`regvi.training.MODEL_EPOCHS`, the rest in the signature of
+    :meth:`regvi.base.BaseModel.train`."""
     from regvi.base import BaseModel
+    from regvi.training import MODEL_EPOCHS
 
+    if name in ("max_epochs", "patience", "n_epochs_kl_warmup"):
+        return getattr(MODEL_EPOCHS, name)
     return inspect.signature(BaseModel.train).parameters[name].default
 
 
