@@ -21,8 +21,9 @@ sorted order (deterministic, recorded in the JSON):
 Methods (128 hidden / 10 latent everywhere, seeds ``--seeds``):
 
 * ``regvi_map``: ``RegVI(ref, library_key=KEY).train(seed=s)``, then
-  ``RegVI.load_query_data(query, ref).train(seed=s)`` (defaults: only the query libraries'
-  technical terms are fitted). Joint latent = reference latent of the reference cells + query
+  ``RegVI.load_query_data(query, ref).train(seed=s)`` (a query model's defaults: only the
+  query libraries' technical terms are fitted, at most 100 epochs, patience 10, no KL
+  warm-up). Joint latent = reference latent of the reference cells + query
   model latent of the query cells.
 * ``regvi_map_ft``: the same reference, ``load_query_data(..., fine_tune=["conditioning",
   "encoder"])``; joint latent = the query model's latent of reference AND query cells.
