@@ -5,18 +5,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack as Unpack  # re-exported to the models
+else:  # pragma: no cover
+    from typing_extensions import Unpack as Unpack
 
 from regvi.checks import check_bool, check_choice, check_float, check_int, check_str
 from regvi.data import make_loader, train_validation_split
-from regvi.data.counts import iter_row_blocks, row_totals
 from regvi.data.device import (
     check_precision,
     dataset_is_memory_mapped,
@@ -24,7 +28,9 @@ from regvi.data.device import (
     to_device,
     training_device,
 )
+from regvi.initialisation import initialise_from_data
 from regvi.io import save_model
+from regvi.map.query import build_query
 from regvi.module import ModuleConfig, RegVIModule
 from regvi.training import (
     MODEL_EPOCHS,
@@ -40,236 +46,72 @@ from regvi.training import (
 logger = logging.getLogger(__name__)
 
 
-def _depth_normalised_stats(
-    X: np.ndarray | sp.csr_matrix, log_offset: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell relative size factor exp(log total − offset) and the depth-normalised matrix.
+class InferenceOptions(TypedDict, total=False):
+    """Keyword options of every inference method (``get_latent_representation``,
+    ``get_normalized_expression``) of both models.
 
-    Row-wise, so it applies to a row block of the counts just as to the whole matrix.
-    """
-    totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
-    size = np.exp(np.log(np.maximum(totals, 1.0)) - log_offset)
-    inv = 1.0 / size
-    Xn = sp.diags(inv) @ X if sp.issparse(X) else X * inv[:, None]
-    return size, Xn
-
-
-def _group_sums(Xn: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Sum of rows of ``Xn`` per group, dense ``(n_groups, G)``."""
-    n = Xn.shape[0]
-    onehot = sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_groups, n))
-    sums = onehot @ Xn
-    return sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-
-
-def _group_means(Xn: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Mean of rows of ``Xn`` per group, ``(n_groups, G)``."""
-    counts = np.bincount(codes, minlength=n_groups)
-    return _group_sums(Xn, codes, n_groups) / np.maximum(counts, 1)[:, None]
-
-
-class _GroupMeans:
-    """Per-group column means accumulated over row blocks (chunk by chunk)."""
-
-    def __init__(self, codes: np.ndarray, n_groups: int, n_cols: int):
-        self.codes, self.n_groups = np.asarray(codes), n_groups
-        self.sums = np.zeros((n_groups, n_cols))
-        self.counts = np.bincount(self.codes, minlength=n_groups)
-
-    def add_rows(self, codes: np.ndarray, block: Any) -> None:
-        """Add the rows of ``block`` whose groups are ``codes``."""
-        self.sums += _group_sums(block, codes, self.n_groups)
-
-    def result(self) -> np.ndarray:
-        return self.sums / np.maximum(self.counts, 1)[:, None]
-
-
-def _library_stats(
-    log_lib: np.ndarray, codes: np.ndarray, use: np.ndarray, fallback: np.ndarray, n_groups: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-group mean, variance and cell count of the log library over the cells in ``use``.
-
-    A group without cells in ``use`` (e.g. all its cells went to validation) takes its stats
-    from the cells in ``fallback`` (every cell with counts); a group without any cells takes the
-    mean of the other groups' means and variance 1.
-    """
-    means, variances = np.full(n_groups, np.nan), np.ones(n_groups)
-    codes = np.asarray(codes, dtype=np.int64)
-    n = np.bincount(codes[use], minlength=n_groups)[:n_groups]
-    found = np.zeros(n_groups, dtype=bool)
-    for mask in (use, fallback):  # one pass per mask over all groups (bincount, no group loop)
-        c, v = codes[mask], log_lib[mask]
-        cnt = np.bincount(c, minlength=n_groups)[:n_groups]
-        mean = np.bincount(c, weights=v, minlength=n_groups)[:n_groups] / np.maximum(cnt, 1)
-        dev2 = np.bincount(c, weights=(v - mean[c]) ** 2, minlength=n_groups)[:n_groups]
-        take = ~found & (cnt > 0)
-        means[take] = mean[take]
-        variances[take] = np.where(cnt[take] > 1, dev2[take] / np.maximum(cnt[take], 1), 1.0)
-        found |= take
-    if np.isnan(means).all():
-        means[:] = 0.0
-    means[np.isnan(means)] = np.nanmean(means)
-    return means, variances, n
-
-
-def _set_library_prior(
-    module: RegVIModule,
-    X: np.ndarray | sp.csr_matrix,
-    cov: Mapping[str, np.ndarray],
-    use: np.ndarray,
-    chunk_nnz: int | None,
-) -> np.ndarray:
-    """Set the library-size prior from the log library sizes of the ``use`` cells with
-    counts; return the mask of cells with counts."""
-    totals = row_totals(X, chunk_nnz)
-    nonzero = totals > 0
-    log_lib = np.log(np.maximum(totals, 1.0))
-    lib_codes = cov["library_size"][:, 0]
-    n_lib = module.config.n_library_groups
-    means, variances, n_per_group = _library_stats(
-        log_lib, lib_codes, use & nonzero, nonzero, n_lib
-    )
-    module.set_library_prior(
-        torch.tensor(means, dtype=torch.float32),
-        torch.tensor(variances, dtype=torch.float32),
-        torch.tensor(n_per_group),
-    )
-    return nonzero
-
-
-def _feature_stats(
-    module: RegVIModule,
-    X: np.ndarray | sp.csr_matrix,
-    cov: Mapping[str, np.ndarray],
-    use: np.ndarray,
-    dispersion_from_data: bool,
-    chunk_nnz: int | None,
-) -> tuple[np.ndarray, list[torch.Tensor] | None, torch.Tensor | None] | None:
-    """Mean depth-normalised expression, ambient group means (with ambient) and
-    method-of-moments theta (``dispersion_from_data``) over the ``use`` cells, accumulated
-    over row chunks; ``None`` when no cell is used."""
-    n_all = X.shape[0]
-    offset = float(module.library_log_offset)
-    n_cells, n_genes = int(use.sum()), X.shape[1]
-    if n_cells == 0:
-        return None
-    col_sum = np.zeros(n_genes)
-    ambient: list[tuple[np.ndarray, _GroupMeans]] = []
-    if module.config.use_ambient:
-        for k, n in enumerate(module.config.n_ambient_per_key):
-            codes = cov["ambient"][use, k]
-            ambient.append((cov["ambient"][:, k], _GroupMeans(codes, n, n_genes)))
-    disp: tuple[np.ndarray, _GroupMeans, _GroupMeans] | None = None
-    if dispersion_from_data:
-        n_disp = module.log_theta_mean.shape[0]
-        codes = cov["dispersion"][:, 0] if n_disp > 1 else np.zeros(n_all, dtype=np.int64)
-        disp = (
-            codes,
-            _GroupMeans(codes[use], n_disp, n_genes),
-            _GroupMeans(codes[use], n_disp, n_genes),
-        )
-    for start, stop, block in iter_row_blocks(X, chunk_nnz):
-        keep = use[start:stop]
-        if not keep.any():
-            continue
-        block = block if keep.all() else block[keep]
-        _, Xn = _depth_normalised_stats(block, offset)
-        col_sum += np.asarray(Xn.sum(axis=0)).ravel()
-        for all_codes, acc in ambient:
-            acc.add_rows(all_codes[start:stop][keep], Xn)
-        if disp is not None:
-            all_codes, disp_mean, disp_sq = disp
-            sub = all_codes[start:stop][keep]
-            disp_mean.add_rows(sub, Xn)
-            disp_sq.add_rows(sub, Xn.multiply(Xn) if sp.issparse(Xn) else Xn**2)
-        del Xn
-    mean_expr = col_sum / n_cells
-    ambient_means = None
-    if module.config.use_ambient:
-        ambient_means = [torch.tensor(acc.result(), dtype=torch.float32) for _, acc in ambient]
-    theta = None
-    if disp is not None:
-        m = disp[1].result()
-        v = disp[2].result() - m**2
-        excess = np.maximum(v - m, 1e-8)
-        # 90% of the excess variance is biological (explained by z), 10% technical
-        theta = torch.tensor(m**2 / (0.1 * excess), dtype=torch.float32)
-    return mean_expr, ambient_means, theta
-
-
-def initialise_from_data(
-    module: RegVIModule,
-    X: np.ndarray | sp.csr_matrix,
-    cov: Mapping[str, np.ndarray],
-    data_init: bool,
-    dispersion_init: str,
-    chunk_nnz: int | None = None,
-    cells: np.ndarray | None = None,
-) -> None:
-    """Library prior (always) and data-dependent init of one modality's module
-    (docs/model.md#data-dependent-initialisation).
-
-    Every statistic is accumulated over row chunks of ``X`` (``chunk_nnz`` stored values per
-    chunk, default :data:`regvi.data.counts.CHUNK_NNZ`), so a large or memory-mapped matrix
-    needs no full-size temporaries; a matrix below one chunk is processed in one piece.
-
-    Parameters
+    Attributes
     ----------
-    module
-        The module to initialise in place.
-    X
-        Counts of the modality, cells × features.
-    cov
-        Encoded covariates (codes as seen by this modality).
-    data_init
-        Decoder bias and ambient from the data.
-    dispersion_init
-        ``"data"``: method-of-moments theta.
-    chunk_nnz
-        Stored values per row chunk.
-    cells
-        Boolean mask of the cells the statistics are taken from (``train()`` passes the
-        training cells, so nothing is learnt from validation cells); default all. Cells without
-        counts (a modality missing in a cell) never count.
+    indices
+        Subset of cells (default: all).
+    batch_size
+        Cells per inference batch (default 1024); memory is bounded by this.
+    category_fallback
+        ``{key: reference_category}``: encode a category the model has not seen as this one.
     """
-    n_all = X.shape[0]
-    use = np.ones(n_all, dtype=bool) if cells is None else np.asarray(cells, dtype=bool)
-    if use.shape != (n_all,):
-        raise ValueError(f"cells mask has shape {use.shape}; expected ({n_all},)")
-    nonzero = _set_library_prior(module, X, cov, use, chunk_nnz)
-    if not (data_init or dispersion_init == "data"):
-        return
-    stats = _feature_stats(module, X, cov, use & nonzero, dispersion_init == "data", chunk_nnz)
-    if stats is None:  # no cell with counts to learn from
-        return
-    mean_expr, ambient_means, theta = stats
-    if data_init:
-        module.data_init(torch.tensor(mean_expr, dtype=torch.float32), ambient_means, theta)
-    elif theta is not None:
-        module.data_init(None, None, theta)  # dispersion only; keep default init
+
+    indices: np.ndarray | None
+    batch_size: int
+    category_fallback: Mapping[str, str] | None
 
 
-def feature_columns(
-    names: Sequence[str], features: Sequence[str] | None, missing_message: str
-) -> np.ndarray | None:
-    """Positions of ``features`` in ``names`` (``None`` for all); a KeyError
-    ``"<missing_message>: [...]"`` names up to ten missing ones."""
-    if features is None:
-        return None
-    pos = {g: i for i, g in enumerate(names)}
-    missing = [g for g in features if g not in pos]
-    if missing:
-        raise KeyError(f"{missing_message}: {missing[:10]}")
-    return np.array([pos[g] for g in features])
+class ExpressionOptions(InferenceOptions, total=False):
+    """Keyword options of ``get_normalized_expression`` (both models), besides
+    :class:`InferenceOptions`.
+
+    Attributes
+    ----------
+    gene_list
+        Subset of features to return, by name (default: all).
+    include_feature_scaling
+        Multiply by the cell's feature-scaling factors y (default ``False``).
+    library_size
+        Scale rows to sum to this value (e.g. 1e4); default: the raw decoder output.
+    return_pandas
+        A DataFrame (cells × features) instead of an array (default ``False``).
+    """
+
+    gene_list: Sequence[str] | None
+    include_feature_scaling: bool
+    library_size: float | None
+    return_pandas: bool
 
 
-def expression_frame(
-    expr: np.ndarray, obs_names: Any, features: Sequence[str] | None, names: Sequence[str]
-) -> pd.DataFrame:
-    """``expr`` as a DataFrame: cells × the requested ``features`` (all ``names`` if ``None``)."""
-    return pd.DataFrame(
-        expr, index=obs_names, columns=list(features) if features is not None else names
-    )
+def inference_options(options: Mapping[str, Any], kind: type = InferenceOptions) -> Any:
+    """``options`` of a ``kind`` (:class:`InferenceOptions` or :class:`ExpressionOptions`)
+    checked by name and type, with their defaults filled in."""
+    known = kind.__optional_keys__
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; expected {sorted(known)}")
+    out = {
+        "indices": options.get("indices"),
+        "batch_size": int(check_int("batch_size", options.get("batch_size", 1024), 1)),
+        "category_fallback": options.get("category_fallback"),
+    }
+    if kind is ExpressionOptions:
+        library_size = options.get("library_size")
+        out |= {
+            "gene_list": options.get("gene_list"),
+            "include_feature_scaling": check_bool(
+                "include_feature_scaling", options.get("include_feature_scaling", False)
+            ),
+            "library_size": None
+            if library_size is None
+            else check_float("library_size", library_size, positive=True),
+            "return_pandas": check_bool("return_pandas", options.get("return_pandas", False)),
+        }
+    return kind(**out)
 
 
 def check_train_option(name: str, value: Any) -> None:
@@ -371,6 +213,9 @@ def _quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+_Model = TypeVar("_Model", bound="BaseModel")
 
 
 class BaseModel:
@@ -521,42 +366,56 @@ class BaseModel:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ inference
+    def _inference_batches(self, data: Any, options: InferenceOptions) -> Any:
+        return self._batches(
+            data, options["indices"], options["batch_size"], options["category_fallback"]
+        )
+
     @torch.inference_mode()
-    def _latent(
-        self,
-        data: Any,
-        indices: np.ndarray | None,
-        give_mean: bool,
-        batch_size: int,
-        category_fallback: Mapping[str, str] | None,
-    ) -> np.ndarray:
+    def _latent(self, data: Any, give_mean: bool, options: InferenceOptions) -> np.ndarray:
         """Posterior mean (or one sample) of the (joint) latent, ``(n_cells, n_latent)``."""
         self.module.eval()
         out = []
-        for batch in self._batches(data, indices, batch_size, category_fallback):
+        for batch in self._inference_batches(data, options):
             inf = self.module.inference(batch, sample=not give_mean)
             out.append((inf["qz_mean"] if give_mean else inf["z"]).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.config.n_latent), np.float32)
 
+    @torch.inference_mode()
     def _expression(
         self,
         data: Any,
-        indices: np.ndarray | None,
-        batch_size: int,
-        category_fallback: Mapping[str, str] | None,
-        rates: Callable[[dict[str, Any]], torch.Tensor],
-        cols: np.ndarray | None,
-        library_size: float | None,
-    ) -> np.ndarray:
-        """``rates(batch)`` over the minibatches, rows scaled to ``library_size`` (if given),
-        columns ``cols`` (all if ``None``), ``(n_cells, n_features)``."""
+        options: Mapping[str, Any],
+        rates: Callable[[dict[str, Any], bool], torch.Tensor],
+        names: Sequence[str],
+        obs_names: Callable[[], pd.Index],
+        missing: str = "genes not in the model",
+    ) -> np.ndarray | pd.DataFrame:
+        """``get_normalized_expression``: ``rates(batch, include_feature_scaling)`` over the
+        minibatches, rows scaled to ``library_size`` (if given), the ``gene_list`` columns of
+        ``names`` (a KeyError ``"<missing>: [...]"`` names up to ten unknown ones); a
+        DataFrame indexed by ``obs_names()`` with ``return_pandas``."""
+        opts = inference_options(options, ExpressionOptions)
+        genes, size = opts["gene_list"], opts["library_size"]
+        cols = None
+        if genes is not None:
+            pos = {g: i for i, g in enumerate(names)}
+            unknown = [g for g in genes if g not in pos]
+            if unknown:
+                raise KeyError(f"{missing}: {unknown[:10]}")
+            cols = np.array([pos[g] for g in genes])
+        self.module.eval()
         out = []
-        for batch in self._batches(data, indices, batch_size, category_fallback):
-            rho = rates(batch)
-            if library_size is not None:
-                rho = rho / rho.sum(-1, keepdim=True) * library_size
+        for batch in self._inference_batches(data, opts):
+            rho = rates(batch, opts["include_feature_scaling"])
+            if size is not None:
+                rho = rho / rho.sum(-1, keepdim=True) * size
             out.append((rho if cols is None else rho[:, cols]).numpy())
-        return np.concatenate(out)
+        expr = np.concatenate(out)
+        if not opts["return_pandas"]:
+            return expr
+        index = obs_names() if opts["indices"] is None else obs_names()[opts["indices"]]
+        return pd.DataFrame(expr, index=index, columns=list(names if genes is None else genes))
 
     def _initialise(self, seed: int, cells: np.ndarray | None = None) -> None:
         """Draw the weights from ``seed`` and initialise from the data in ``cells``.
@@ -588,6 +447,52 @@ class BaseModel:
 
     def _n_features(self) -> int:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ reference mapping
+    @classmethod
+    def load_query_data(
+        cls: type[_Model],
+        data: Any,
+        reference: Any,
+        *,
+        allow_missing_genes: bool = False,
+        fine_tune: str | Sequence[str] | None = None,
+    ) -> _Model:
+        """A model of new (query) cells that shares a trained reference's weights.
+
+        Every category of a covariate key the reference has not seen (a new library, say) gets
+        its own technical terms (ambient, dispersion, library prior, feature scaling, decoder
+        conditioning column), initialised from the query's counts as training would. ``train()``
+        then fits only those, by default with a query's short budget (100 epochs, patience 10,
+        no KL warm-up; :data:`regvi.training.QUERY_EPOCHS`), as ``python -m regvi.map`` does.
+        The reference's weights stay byte-identical, and the encoder is the reference's, so
+        the latent of the reference cells does not move (docs/mapping.md).
+
+        Parameters
+        ----------
+        data
+            The query cells, with raw counts (in the reference's ``layer``) and the reference's
+            covariate columns in ``obs``; features are matched by name and reordered.
+            :class:`RegVI`: an AnnData. :class:`RegMultiVI`: a MuData or a dict modality →
+            AnnData, possibly of a subset of the reference's modalities (e.g. RNA only, as
+            ``{"rna": adata}``): its cells then miss the others, as unpaired cells do in
+            training (their block of the joint latent is the prior mean 0).
+        reference
+            A trained model of this class, its directory or an MLflow model URI
+            (``models:/NAME@champion``, ``runs:/ID/model``).
+        allow_missing_genes
+            Fill reference features absent from the query with zero counts (with a warning)
+            instead of raising.
+        fine_tune
+            Also train ``"conditioning"`` (the new categories' one-hot weights of the decoder
+            and encoder layers) and/or ``"encoder"`` (all encoder weights: the reference cells'
+            latent then moves too, as in scArches' full fine-tuning).
+
+        Returns
+        -------
+        The query model; its ``adata`` (``mdata``) is the query with the reference's features.
+        """
+        return build_query(cls, reference, data, allow_missing_genes, fine_tune)
 
     # ------------------------------------------------------------------ training
     def train(

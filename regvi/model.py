@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -11,7 +11,13 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from regvi.base import BaseModel, expression_frame, feature_columns
+from regvi.base import (
+    BaseModel,
+    ExpressionOptions,
+    InferenceOptions,
+    Unpack,
+    inference_options,
+)
 from regvi.checks import check_bool
 from regvi.data import (
     CountBatches,
@@ -23,7 +29,6 @@ from regvi.data import (
 from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
 from regvi.data.registry import REGISTRY_ARGS as REGISTRY_ARGS  # re-exported
 from regvi.io import register_model_class
-from regvi.map.query import build_query
 from regvi.module import ModuleConfig, RegVIModule, check_module_options
 
 logger = logging.getLogger(__name__)
@@ -158,47 +163,6 @@ class RegVI(BaseModel):
         self._X = X
         self.adata = adata
 
-    @classmethod
-    def load_query_data(
-        cls,
-        adata: AnnData,
-        reference: RegVI | str,
-        allow_missing_genes: bool = False,
-        fine_tune: str | Sequence[str] | None = None,
-    ) -> RegVI:
-        """A model of new (query) cells that shares a trained reference's weights.
-
-        Every category of a covariate key the reference has not seen (a new library, say) gets
-        its own technical terms (ambient, dispersion, library prior, feature scaling, decoder
-        conditioning column), initialised from the query's counts as training would. ``train()``
-        then fits only those by default (few parameters: ``train(max_epochs=100, patience=10)``
-        is enough, as ``python -m regvi.map`` uses); the reference's weights stay byte-identical, and the
-        encoder is the reference's, so the latent of the reference cells does not move
-        (docs/mapping.md).
-
-        Parameters
-        ----------
-        adata
-            Query cells with raw counts (in the reference's ``layer``) and the reference's
-            covariate columns in ``obs``. Genes are matched by name and reordered.
-        reference
-            A trained :class:`RegVI`, its directory or an MLflow model URI
-            (``models:/NAME@champion``, ``runs:/ID/model``).
-        allow_missing_genes
-            Fill reference genes absent from the query with zero counts (with a warning)
-            instead of raising.
-        fine_tune
-            Also train ``"conditioning"`` (the new categories' one-hot weights of the decoder
-            and encoder layers) and/or ``"encoder"`` (all encoder weights: the reference cells'
-            latent then moves too, as in scArches' full fine-tuning).
-
-        Returns
-        -------
-        RegVI
-            The query model; ``model.adata`` is the query with the reference's genes.
-        """
-        return build_query(cls, reference, adata, allow_missing_genes, fine_tune)
-
     def _initialise_module(self, cells: np.ndarray | None) -> None:
         self._initialise_from_data(self.module, self._X, self._covariates, cells)
 
@@ -241,11 +205,10 @@ class RegVI(BaseModel):
     def get_latent_representation(
         self,
         adata: AnnData | None = None,
-        indices: np.ndarray | None = None,
+        *,
         give_mean: bool = True,
-        batch_size: int = 1024,
         store_key: str | None = None,
-        category_fallback: Mapping[str, str] | None = None,
+        **options: Unpack[InferenceOptions],
     ) -> np.ndarray:
         """Posterior mean (or one sample) of z, ``(n_cells, n_latent)``.
 
@@ -253,68 +216,47 @@ class RegVI(BaseModel):
         ----------
         adata
             Data to encode (default: the setup AnnData); genes and categories are checked.
-        indices
-            Subset of cells.
         give_mean
             Posterior mean (default) or a sample.
-        batch_size
-            Cells per inference batch (memory is bounded by this).
         store_key
             Also write the result to ``adata.obsm[store_key]`` (e.g. ``"X_regvi"``).
-        category_fallback
-            ``{key: reference_category}`` for unseen categories at inference.
+        **options
+            ``indices``, ``batch_size``, ``category_fallback``
+            (:class:`regvi.base.InferenceOptions`).
         """
-        z = self._latent(adata, indices, give_mean, batch_size, category_fallback)
+        opts = inference_options(options)
+        if store_key is not None and opts["indices"] is not None:
+            raise ValueError("store_key needs all cells (indices=None)")
+        z = self._latent(adata, give_mean, opts)
         if store_key is not None:
-            target = self.adata if adata is None else adata
-            if indices is not None:
-                raise ValueError("store_key needs all cells (indices=None)")
-            target.obsm[store_key] = z
+            (self.adata if adata is None else adata).obsm[store_key] = z
         return z
 
-    @torch.inference_mode()
     def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,
-        indices: np.ndarray | None = None,
-        batch_size: int = 1024,
-        gene_list: Sequence[str] | None = None,
-        include_feature_scaling: bool = False,
-        library_size: float | None = None,
-        category_fallback: Mapping[str, str] | None = None,
-        return_pandas: bool = False,
+        self, adata: AnnData | None = None, **options: Unpack[ExpressionOptions]
     ) -> np.ndarray | pd.DataFrame:
         """Decoder output rho (library-normalised, ambient-free expression), ``(n_cells, n_genes)``.
 
         Parameters
         ----------
-        gene_list
-            Subset of genes to return.
-        include_feature_scaling
-            Multiply by the cell's feature-scaling factors y.
-        library_size
-            Scale rows to sum to this value (e.g. 1e4); default: raw decoder output.
+        adata
+            Data to decode (default: the setup AnnData).
+        **options
+            ``gene_list``, ``include_feature_scaling``, ``library_size``, ``return_pandas``
+            (:class:`regvi.base.ExpressionOptions`) and ``indices``, ``batch_size``,
+            ``category_fallback`` (:class:`regvi.base.InferenceOptions`).
         """
-        self.module.eval()
-        names = self.registry.var_names
-        cols = feature_columns(names, gene_list, "genes not in the model")
 
-        def rates(batch: dict[str, Any]) -> torch.Tensor:
+        def rates(batch: dict[str, Any], scaled: bool) -> torch.Tensor:
             inf = self.module.inference(batch, sample=False)
             gen = self.module.generative(inf["z"], inf["library"], batch, sample_theta=False)
-            if not include_feature_scaling:
-                return gen["rho"]
-            y = self.module.feature_scaling(batch["feature_scaling"])
+            y = self.module.feature_scaling(batch["feature_scaling"]) if scaled else None
             return gen["rho"] * y if y is not None else gen["rho"]
 
-        expr = self._expression(
-            adata, indices, batch_size, category_fallback, rates, cols, library_size
+        target = self.adata if adata is None else adata
+        return self._expression(
+            adata, options, rates, self.registry.var_names, lambda: target.obs_names
         )
-        if return_pandas:
-            target = self.adata if adata is None else adata
-            obs_names = target.obs_names if indices is None else target.obs_names[indices]
-            return expression_frame(expr, obs_names, gene_list, names)
-        return expr
 
     # ------------------------------------------------------------------ learned parameters
     def get_ambient_profiles(self) -> dict[str, pd.DataFrame]:

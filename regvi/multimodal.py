@@ -16,7 +16,13 @@ import torch
 from anndata import AnnData
 
 from regvi.attribution import ModalityAttribution, check_target, modality_attribution
-from regvi.base import BaseModel, expression_frame, feature_columns
+from regvi.base import (
+    BaseModel,
+    ExpressionOptions,
+    InferenceOptions,
+    Unpack,
+    inference_options,
+)
 from regvi.checks import check_bool, check_float
 from regvi.data import CovariateRegistry, MultiCountBatches, get_counts, make_loader
 from regvi.data.counts import validate_counts
@@ -31,7 +37,6 @@ from regvi.data.modalities import (
 )
 from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
 from regvi.io import register_model_class
-from regvi.map.query import build_query
 from regvi.module import ModuleConfig, check_module_options
 from regvi.multimodule import (
     SWITCHABLE_PURPOSES,
@@ -310,34 +315,6 @@ class RegMultiVI(BaseModel):
         """Extra ``config.json`` fields: features and count layer per modality."""
         return {"var_names": self.var_names, "layers": self.layers}
 
-    @classmethod
-    def load_query_data(
-        cls,
-        mdata: Any,
-        reference: RegMultiVI | str,
-        allow_missing_genes: bool = False,
-        fine_tune: str | Sequence[str] | None = None,
-    ) -> RegMultiVI:
-        """A model of new (query) cells that shares a trained multimodal reference's weights.
-
-        As :meth:`regvi.RegVI.load_query_data`, per modality. The query may hold a subset of
-        the reference's modalities (e.g. RNA only, as ``{"rna": adata}``): its cells then miss
-        the others, as unpaired cells do in training (their block of the joint latent is the
-        prior mean 0).
-
-        Parameters
-        ----------
-        mdata
-            MuData or dict modality → AnnData of the query cells (genes / peaks matched by name).
-        reference
-            A trained :class:`RegMultiVI`, its directory or an MLflow model URI.
-        allow_missing_genes
-            Fill reference features absent from a query modality with zero counts.
-        fine_tune
-            ``"conditioning"`` and / or ``"encoder"`` (see :meth:`regvi.RegVI.load_query_data`).
-        """
-        return build_query(cls, reference, mdata, allow_missing_genes, fine_tune)
-
     def _initialise_module(self, cells: np.ndarray | None) -> None:
         # cells without counts in a modality are left out of its statistics
         for m in self.modalities:
@@ -419,11 +396,10 @@ class RegMultiVI(BaseModel):
     def get_latent_representation(
         self,
         mdata: Any = None,
-        indices: np.ndarray | None = None,
-        give_mean: bool = True,
-        batch_size: int = 1024,
+        *,
         modality: str | None = None,
-        category_fallback: Mapping[str, str] | None = None,
+        give_mean: bool = True,
+        **options: Unpack[InferenceOptions],
     ) -> np.ndarray:
         """Joint latent z = [z_m1 ; z_m2 ; ...] (or one modality's block), ``(n_cells, D)``.
 
@@ -431,20 +407,17 @@ class RegMultiVI(BaseModel):
         ----------
         mdata
             Data to encode (default: the setup data).
-        indices
-            Subset of cells.
-        give_mean
-            Posterior mean (default) or one sample.
-        batch_size
-            Cells per inference batch.
         modality
             Return only this modality's latent block.
-        category_fallback
-            ``{key: reference_category}`` for unseen categories at inference.
+        give_mean
+            Posterior mean (default) or one sample.
+        **options
+            ``indices``, ``batch_size``, ``category_fallback``
+            (:class:`regvi.base.InferenceOptions`).
         """
         if modality is not None and modality not in self.modalities:
             raise KeyError(f"modality {modality!r} unknown; modalities: {self.modalities}")
-        z = self._latent(mdata, indices, give_mean, batch_size, category_fallback)
+        z = self._latent(mdata, give_mean, inference_options(options))
         if modality is not None:
             z = z[:, self.module.slices[modality]]
         return z
@@ -454,22 +427,24 @@ class RegMultiVI(BaseModel):
         z = self.get_latent_representation(**kwargs)
         return {m: z[:, s] for m, s in self.module.slices.items()}
 
-    @torch.inference_mode()
     def get_normalized_expression(
         self,
         mdata: Any = None,
         modality: str | None = None,
-        indices: np.ndarray | None = None,
-        batch_size: int = 1024,
-        gene_list: Sequence[str] | None = None,
-        include_feature_scaling: bool = False,
-        library_size: float | None = None,
-        category_fallback: Mapping[str, str] | None = None,
-        return_pandas: bool = False,
+        **options: Unpack[ExpressionOptions],
     ) -> np.ndarray | pd.DataFrame:
         """Decoder output rho of ``modality`` (library-normalised, ambient-free).
 
-        ``modality`` defaults to the RNA-like modality when there is exactly one.
+        Parameters
+        ----------
+        mdata
+            Data to decode (default: the setup data).
+        modality
+            Whose features; defaults to the RNA-like modality when there is exactly one.
+        **options
+            ``gene_list``, ``include_feature_scaling``, ``library_size``, ``return_pandas``
+            (:class:`regvi.base.ExpressionOptions`) and ``indices``, ``batch_size``,
+            ``category_fallback`` (:class:`regvi.base.InferenceOptions`).
         """
         if modality is None:
             rna = [m for m in self.modalities if modality_kind(m) == "rna"]
@@ -478,33 +453,25 @@ class RegMultiVI(BaseModel):
             modality = rna[0]
         if modality not in self.modalities:
             raise KeyError(f"modality {modality!r} unknown; modalities: {self.modalities}")
-        names = self.var_names[modality]
-        cols = feature_columns(names, gene_list, f"features not in modality {modality!r}")
-        self.module.eval()
         mod = self.module.mods[modality]
 
-        def rates(batch: dict[str, Any]) -> torch.Tensor:
+        def rates(batch: dict[str, Any], scaled: bool) -> torch.Tensor:
             inf = self.module.inference(batch, sample=False)
             rho = self.module.decoder_rates(inf["z"], batch)[modality]
-            if not include_feature_scaling:
+            if not scaled:
                 return rho
             view = self.module.modality_batch(batch, modality)
             y = mod.feature_scaling(view.get("feature_scaling"))
             return rho * y if y is not None else rho
 
-        expr = self._expression(
-            mdata, indices, batch_size, category_fallback, rates, cols, library_size
-        )
-        if return_pandas:
-            obs_names = (
-                self._obs.index
-                if mdata is None
-                else select_modalities(mdata, self.modalities)[self.modalities[0]].obs_names
-            )
-            if indices is not None:
-                obs_names = obs_names[indices]
-            return expression_frame(expr, obs_names, gene_list, names)
-        return expr
+        def obs_names() -> pd.Index:
+            if mdata is None:
+                return self._obs.index
+            return select_modalities(mdata, self.modalities)[self.modalities[0]].obs_names
+
+        names = self.var_names[modality]
+        missing = f"features not in modality {modality!r}"
+        return self._expression(mdata, options, rates, names, obs_names, missing)
 
     def get_modality_attribution(
         self,

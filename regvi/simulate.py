@@ -307,15 +307,10 @@ def simulate_to_mmap(
 
 
 def simulate_multiome(
-    n_cells: int = 2000,
-    n_genes: int = 500,
     n_peaks: int = 2000,
-    n_cell_types: int = 5,
-    n_libraries: int = 4,
     atac_depth_range: tuple[float, float] = (300.0, 1000.0),
     specific_fraction: float = 0.1,
-    seed: int = 0,
-    **rna_kwargs: Any,
+    **rna_params: Any,
 ) -> dict[str, AnnData]:
     """Simulate paired RNA + ATAC counts of the same cells (for tests and examples).
 
@@ -323,13 +318,37 @@ def simulate_multiome(
     (``specific_fraction`` of all peaks, plus a shared background), Poisson counts at a
     per-library depth, clipped at 4 (ATAC counts are small: 1–2 alleles per peak per nucleus).
 
+    Parameters
+    ----------
+    n_peaks
+        Number of ATAC peaks.
+    atac_depth_range
+        Mean ATAC depth of the first and the last library (log-spaced between).
+    specific_fraction
+        Share of the peaks open in each cell type.
+    **rna_params
+        Arguments of :func:`simulate` (``n_cells``, ``n_genes``, ``n_cell_types``,
+        ``n_libraries``, ``seed``, ...), with its defaults; they shape both modalities.
+
     Returns
     -------
     dict
         ``{"atac": AnnData, "rna": AnnData}`` with identical obs (``cell_type``, ``library``);
         the ATAC truth (``open_peaks``, types × peaks, bool) is in ``uns["truth"]``.
     """
-    rna = simulate(n_cells, n_genes, n_cell_types, n_libraries, seed=seed, **rna_kwargs)
+    try:
+        bound = inspect.signature(simulate).bind(**rna_params)
+    except TypeError as err:
+        raise TypeError(f"simulate_multiome(): {err}") from None
+    bound.apply_defaults()
+    p = bound.arguments
+    n_cells, n_cell_types, n_libraries, seed = (
+        p["n_cells"],
+        p["n_cell_types"],
+        p["n_libraries"],
+        p["seed"],
+    )
+    rna = simulate(**p)
     rng = np.random.default_rng(seed + 1)
     cell_type = rna.obs["cell_type"].cat.codes.to_numpy()
     library = rna.obs["library"].cat.codes.to_numpy()

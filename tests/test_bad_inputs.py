@@ -114,6 +114,11 @@ def unseen_category_at_inference(tmp: Path) -> Callable[[], object]:
     return lambda: model.get_latent_representation(new)
 
 
+def unknown_inference_option(tmp: Path) -> Callable[[], object]:
+    model = _setup(_sim())
+    return lambda: model.get_normalized_expression(batchsize=64)
+
+
 def gene_mismatch_at_load(tmp: Path) -> Callable[[], object]:
     model = _setup(_sim())
     model.save(tmp / "model")
@@ -347,6 +352,12 @@ CASES = [
         unseen_category_at_inference,
         ValueError,
         r"categories not seen at setup: \['lib_9'\]",
+    ),
+    Case(
+        "unknown inference option",
+        unknown_inference_option,
+        TypeError,
+        r"unknown option\(s\) \['batchsize'\]; expected \['batch_size'",
     ),
     Case("gene mismatch at load", gene_mismatch_at_load, ValueError, r"20 features but the model"),
     Case(

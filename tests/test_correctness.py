@@ -11,8 +11,8 @@ import scipy.sparse as sp
 import torch
 
 import regvi
-from regvi.base import initialise_from_data
 from regvi.data import train_validation_split
+from regvi.initialisation import initialise_from_data
 from regvi.module import ModuleConfig, RegVIModule
 from regvi.training import TrainingPlan, TrainSettings
 
@@ -322,7 +322,7 @@ def test_encoder_var_init_sets_the_initial_posterior_std(sim, activation):
 
 
 def test_library_stats_match_a_per_group_loop():
-    from regvi.base import _library_stats
+    from regvi.initialisation import _library_stats
 
     rng = np.random.default_rng(0)
     n_groups, n = 7, 2000

@@ -12,7 +12,6 @@ import scipy.sparse as sp
 import torch
 
 import regvi
-from regvi.base import initialise_from_data
 from regvi.data import counts as counts_mod
 from regvi.data.counts import get_counts, row_chunks, validate_counts
 from regvi.data.loader import CountBatches, log_factorial_rows
@@ -25,6 +24,7 @@ from regvi.data.mmap import (
     read_mmap_meta,
     write_mmap_csr,
 )
+from regvi.initialisation import initialise_from_data
 from regvi.module import RegVIModule
 from regvi.simulate import simulate, simulate_to_mmap
 

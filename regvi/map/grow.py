@@ -30,10 +30,10 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from regvi.base import _depth_normalised_stats, _GroupMeans, _library_stats
 from regvi.data import CovariateRegistry, get_counts
 from regvi.data.counts import iter_row_blocks, row_totals
 from regvi.data.registry import MODEL_PURPOSES
+from regvi.initialisation import _depth_normalised_stats, _GroupMeans, _library_stats
 from regvi.module import inverse_softplus
 
 logger = logging.getLogger(__name__)

@@ -122,7 +122,23 @@ class FCBlock(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
+class _HeadedBlock(nn.Module):
+    """An :class:`FCBlock` body ``n_in → n_hidden`` (``n_layers``) under output heads of width
+    ``n_out``, which a subclass builds in :meth:`_heads` (after the body: the weights are drawn
+    in that order)."""
+
+    def __init__(
+        self, n_in: int, n_out: int, n_hidden: int, n_layers: int, **body: Unpack[BodyOptions]
+    ):
+        super().__init__()
+        self.body = FCBlock(n_in, n_hidden, n_layers, **body)
+        self._heads(n_hidden, n_out)
+
+    def _heads(self, n_hidden: int, n_out: int) -> None:
+        raise NotImplementedError
+
+
+class Encoder(_HeadedBlock):
     """Gaussian encoder q(z | x): FC block then mean and variance heads.
 
     ``var = exp(raw) + var_eps`` (default) or ``softplus(raw) + var_eps``.
@@ -130,23 +146,21 @@ class Encoder(nn.Module):
 
     def __init__(
         self,
-        n_in: int,
-        n_out: int,
-        n_hidden: int,
-        n_layers: int,
-        *,
+        *dims: int,
         var_activation: str = "exp",
         var_eps: float = 1e-4,
         **body: Unpack[EncoderBodyOptions],
     ):
-        super().__init__()
-        self.body = FCBlock(n_in, n_hidden, n_layers, **body)
-        self.mean = nn.Linear(n_hidden, n_out)
-        self.var = nn.Linear(n_hidden, n_out)
+        """``dims``: ``n_in, n_out, n_hidden, n_layers``."""
         if var_activation not in ("exp", "softplus"):
             raise ValueError(f"var_activation={var_activation!r}; expected 'exp' or 'softplus'")
+        super().__init__(*dims, **body)
         self.var_activation = var_activation
         self.var_eps = var_eps
+
+    def _heads(self, n_hidden: int, n_out: int) -> None:
+        self.mean = nn.Linear(n_hidden, n_out)
+        self.var = nn.Linear(n_hidden, n_out)
 
     def forward(
         self, x: torch.Tensor, cat_features: torch.Tensor | None = None
@@ -167,7 +181,7 @@ class LibraryEncoder(Encoder):
         super().__init__(n_in, 1, n_hidden, 1, n_cat_features=n_cat_features, **kwargs)
 
 
-class Decoder(nn.Module):
+class Decoder(_HeadedBlock):
     """Decoder rho = softplus(Linear(FC(z ⊕ continuous, onehot(c)))) (docs/model.md#decoder);
     ``c`` are the decoder-conditioning keys (none: batch-free).
 
@@ -175,15 +189,11 @@ class Decoder(nn.Module):
     """
 
     def __init__(
-        self,
-        n_in: int,
-        n_out: int,
-        n_hidden: int,
-        n_layers: int,
-        **body: Unpack[BodyOptions],
+        self, n_in: int, n_out: int, n_hidden: int, n_layers: int, **body: Unpack[BodyOptions]
     ):
-        super().__init__()
-        self.body = FCBlock(n_in, n_hidden, n_layers, dropout_rate=0.0, **body)
+        super().__init__(n_in, n_out, n_hidden, n_layers, dropout_rate=0.0, **body)
+
+    def _heads(self, n_hidden: int, n_out: int) -> None:
         self.out = nn.Linear(n_hidden, n_out)
 
     def forward(self, z: torch.Tensor, cat_features: torch.Tensor | None = None) -> torch.Tensor:
