@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -670,6 +671,18 @@ SCIB_COLUMNS: list[Column] = [
     ("Batch", "6.3f", "batch"),
     ("Total", "6.3f", "total"),
 ]
+
+
+def parse_columns(spec: str) -> list[Column]:
+    """Columns written as a text table, one per line: title, format and row key, separated
+    by two or more spaces (``"regvi s/ep   10.2f  regvi_s_per_epoch"``)."""
+    out = []
+    for line in spec.strip().splitlines():
+        parts = re.split(r"\s{2,}", line.strip())
+        if len(parts) != 3:
+            raise ValueError(f"column {line.strip()!r}: expected 'title  format  key'")
+        out.append((parts[0], parts[1], parts[2]))
+    return out
 
 
 def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:

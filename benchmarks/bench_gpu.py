@@ -97,39 +97,40 @@ XLA_KEYS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
 MIB = 2**20
 
 
+#: dataset → (batch sizes of the fp32 grid over ARCHS with counts on the device, epochs per
+#: batch size)
+PLAN_BATCHES = {"kang": ((128, 1024), {128: 4, 1024: 4}), "sim": ((1024, 128), {128: 3, 1024: 4})}
+#: dataset → (data path, variant) → the (batch, arch) runs that vary them beyond the grid
+PLAN_EXTRAS = {
+    "kang": {
+        ("host", "fp32"): [(128, "128/10"), (1024, "512/128")],
+        ("device", "bf16"): [(128, "128/10"), (1024, "512/128"), (128, "512/128")],
+        ("device", "tf32"): [(1024, "512/128")],
+    },
+    "sim": {
+        ("device", "bf16"): [(1024, "512/128"), (128, "512/128")],
+        ("host", "fp32"): [(1024, "128/10"), (128, "128/10")],
+        ("device", "tf32"): [(1024, "512/128")],
+    },
+}
+
+
 def run_plan(dataset: str, smoke: bool) -> list[dict[str, Any]]:
     """The training runs of one dataset, most informative first.
 
     Each run: ``batch``, ``arch`` (key of :data:`ARCHS`), ``path`` (``"device"``: counts on
     the GPU, ``"host"``: pinned host batches), ``variant`` (key of :data:`VARIANTS`) and
-    ``epochs``. Kang: the full grid (batch × arch, counts on the device, fp32) first, then the
-    data path and precision varied at the sizes where they matter most. Simulated 100k: the
-    batch-1024 runs first (a few seconds each), then the batch-128 ones (about 8× the steps).
+    ``epochs``: the fp32 grid (:data:`PLAN_BATCHES` × arch, counts on the device), then the
+    data path and precision varied at the sizes where they matter most (:data:`PLAN_EXTRAS`).
+    Kang: the whole grid first. Simulated 100k: the batch-1024 runs first (a few seconds
+    each), then the batch-128 ones (about 8× the steps).
     """
-    if dataset == "kang":
-        epochs = {128: 4, 1024: 4}
-        runs = [(b, a, "device", "fp32") for b in (128, 1024) for a in ARCHS]
-        runs += [
-            (128, "128/10", "host", "fp32"),
-            (1024, "512/128", "host", "fp32"),
-            (128, "128/10", "device", "bf16"),
-            (1024, "512/128", "device", "bf16"),
-            (1024, "512/128", "device", "tf32"),
-            (128, "512/128", "device", "bf16"),
-        ]
-    else:
-        epochs = {128: 3, 1024: 4}
-        runs = [
-            (1024, "128/10", "device", "fp32"),
-            (1024, "512/128", "device", "fp32"),
-            (1024, "512/128", "device", "bf16"),
-            (1024, "128/10", "host", "fp32"),
-            (1024, "512/128", "device", "tf32"),
-            (128, "128/10", "device", "fp32"),
-            (128, "128/10", "host", "fp32"),
-            (128, "512/128", "device", "fp32"),
-            (128, "512/128", "device", "bf16"),
-        ]
+    kind = "kang" if dataset == "kang" else "sim"
+    batches, epochs = PLAN_BATCHES[kind]
+    runs = [(b, a, "device", "fp32") for b in batches for a in ARCHS]
+    runs += [(b, a, p, v) for (p, v), at in PLAN_EXTRAS[kind].items() for b, a in at]
+    if kind == "sim":
+        runs.sort(key=lambda run: -run[0])  # the short batch-1024 runs first (stable)
     return [
         {
             "dataset": dataset,

@@ -585,6 +585,9 @@ def child_profile(
 ) -> dict[str, Any]:
     """Profile ``RegVI.train`` (Lightning) and a bare loop at one batch size / architecture.
 
+    Runs in a child process of its own (fresh torch threads and allocator); the optimiser
+    steps are timed through a patched ``torch.optim.Adam`` (:func:`_timed_adam_class`).
+
     Parameters
     ----------
     prep
@@ -956,18 +959,20 @@ def format_roofline(rows: list[dict[str, Any]]) -> str:
     """Roofline rows (one per run) as a table."""
     return _common.render_table(
         rows,
-        [
-            ("run", "<34", "name"),
-            ("GFLOP/ep", "8.1f", "gflop_per_epoch_nominal"),
-            ("s/epoch", "7.2f", "s_per_epoch"),
-            ("ach GF/s", "8.1f", "achieved_gflops_nominal"),
-            ("peak GF/s", "9.1f", "peak_gflops_model_shapes"),
-            ("ach/peak", "8.3f", "achieved_over_peak_model_shapes"),
-            ("sq peak", "7.1f", "peak_gflops_square"),
-            ("ach/sq", "6.3f", "achieved_over_peak_square"),
-            ("mm floor s", "10.3f", "matmul_floor_s_per_epoch"),
-            ("floor/ep", "8.3f", "matmul_floor_over_epoch"),
-        ],
+        _common.parse_columns(
+            """
+                run         <34    name
+                GFLOP/ep    8.1f   gflop_per_epoch_nominal
+                s/epoch     7.2f   s_per_epoch
+                ach GF/s    8.1f   achieved_gflops_nominal
+                peak GF/s   9.1f   peak_gflops_model_shapes
+                ach/peak    8.3f   achieved_over_peak_model_shapes
+                sq peak     7.1f   peak_gflops_square
+                ach/sq      6.3f   achieved_over_peak_square
+                mm floor s  10.3f  matmul_floor_s_per_epoch
+                floor/ep    8.3f   matmul_floor_over_epoch
+                """
+        ),
     )
 
 

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import render_table  # next to this file
+from _common import parse_columns, render_table  # next to this file
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Simulation settings: ~10% non-zeros over 2k genes (~900 counts per cell), like a 2k-HVG
@@ -227,16 +227,18 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict | None:
 def table(runs: list[dict]) -> str:
     return render_table(
         runs,
-        [
-            ("cells", ">9", "n_cells"),
-            ("batch", ">5", "batch_size"),
-            ("setup s", "8.1f", "setup_s"),
-            ("s/epoch", "8.1f", "epoch_s"),
-            ("infer s", "8.1f", "inference_s"),
-            ("peak RSS MiB", "12.0f", "peak_rss_mib"),
-            ("CSR MiB", "8.0f", "csr_mib"),
-            ("ratio", "6.2f", "ratio"),
-        ],
+        parse_columns(
+            """
+                cells         >9     n_cells
+                batch         >5     batch_size
+                setup s       8.1f   setup_s
+                s/epoch       8.1f   epoch_s
+                infer s       8.1f   inference_s
+                peak RSS MiB  12.0f  peak_rss_mib
+                CSR MiB       8.0f   csr_mib
+                ratio         6.2f   ratio
+                """
+        ),
     )
 
 

@@ -84,6 +84,7 @@ from _common import (  # stdlib-only at module level, next to this file
     TRAIN_SIZE,
     Arch,
     parse_archs,
+    parse_columns,
     parse_ints,
     peak_rss_mib,
     render_table,
@@ -475,16 +476,20 @@ def print_table(rows: list[dict[str, Any]]) -> str:
         rows,
         [
             ("dataset", "<8", lambda r: r.get("dataset", "")),
-            ("batch", "5d", "batch_size"),
-            ("tool", "<13", "tool"),
-            ("arch", "<10", "arch"),
-            ("s/epoch", "8.2f", "s_per_epoch"),
-            ("median", "7.2f", "median_epoch_s"),
-            ("min", "6.2f", "min_epoch_s"),
-            ("regvi/scvi", "10.2f", "ratio_regvi_over_scvi"),
-            ("min r/s", "7.2f", "ratio_min_epoch_s_regvi_over_scvi"),
-            ("r/scvi_nb", "9.2f", "ratio_regvi_over_scvi_nb"),
-            ("peak MiB", "9.0f", "peak_rss_mib"),
+            *parse_columns(
+                """
+                batch       5d     batch_size
+                tool        <13    tool
+                arch        <10    arch
+                s/epoch     8.2f   s_per_epoch
+                median      7.2f   median_epoch_s
+                min         6.2f   min_epoch_s
+                regvi/scvi  10.2f  ratio_regvi_over_scvi
+                min r/s     7.2f   ratio_min_epoch_s_regvi_over_scvi
+                r/scvi_nb   9.2f   ratio_regvi_over_scvi_nb
+                peak MiB    9.0f   peak_rss_mib
+                """
+            ),
             *_common.SCIB_COLUMNS,
         ],
     )
@@ -521,28 +526,36 @@ def speed_table(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
         rows,
         [
             *key,
-            ("regvi s/ep", "10.2f", "regvi_s_per_epoch"),
-            ("scvi s/ep", "9.2f", "scvi_s_per_epoch"),
-            ("ratio", "6.2f", "ratio_regvi_over_scvi"),
-            ("scvi_nb s/ep", "12.2f", "scvi_nb_s_per_epoch"),
-            ("ratio", "6.2f", "ratio_regvi_over_scvi_nb"),
-            ("regvi MiB", "9.0f", "regvi_peak_rss_mib"),
-            ("scvi MiB", "8.0f", "scvi_peak_rss_mib"),
-            ("scvi_nb MiB", "11.0f", "scvi_nb_peak_rss_mib"),
+            *parse_columns(
+                """
+                regvi s/ep    10.2f  regvi_s_per_epoch
+                scvi s/ep     9.2f   scvi_s_per_epoch
+                ratio         6.2f   ratio_regvi_over_scvi
+                scvi_nb s/ep  12.2f  scvi_nb_s_per_epoch
+                ratio         6.2f   ratio_regvi_over_scvi_nb
+                regvi MiB     9.0f   regvi_peak_rss_mib
+                scvi MiB      8.0f   scvi_peak_rss_mib
+                scvi_nb MiB   11.0f  scvi_nb_peak_rss_mib
+                """
+            ),
         ],
     )
     by_median = render_table(
         rows,
         [
             *key,
-            ("median s/epoch: regvi", "21.2f", "regvi_median_epoch_s"),
-            ("regvi_compile", "13.2f", "regvi_compile_median_epoch_s"),
-            ("scvi", "6.2f", "scvi_median_epoch_s"),
-            ("scvi_nb", "7.2f", "scvi_nb_median_epoch_s"),
-            ("regvi/scvi", "10.2f", "ratio_median_regvi_over_scvi"),
-            ("compile/scvi", "12.2f", "ratio_median_regvi_compile_over_scvi"),
-            ("regvi/nb", "8.2f", "ratio_median_regvi_over_scvi_nb"),
-            ("compile/nb", "10.2f", "ratio_median_regvi_compile_over_scvi_nb"),
+            *parse_columns(
+                """
+                median s/epoch: regvi  21.2f  regvi_median_epoch_s
+                regvi_compile          13.2f  regvi_compile_median_epoch_s
+                scvi                   6.2f   scvi_median_epoch_s
+                scvi_nb                7.2f   scvi_nb_median_epoch_s
+                regvi/scvi             10.2f  ratio_median_regvi_over_scvi
+                compile/scvi           12.2f  ratio_median_regvi_compile_over_scvi
+                regvi/nb               8.2f   ratio_median_regvi_over_scvi_nb
+                compile/nb             10.2f  ratio_median_regvi_compile_over_scvi_nb
+                """
+            ),
         ],
     )
     text = by_mean + "\n\n" + by_median
