@@ -605,6 +605,14 @@ class BaseModel:
             latent dims, theta mean, epoch time.
         """
         seed = _check_train_options(locals())
+        if self.query is not None and not self.query.trains_anything():
+            warnings.warn(
+                "nothing to train: this query adds no category to the reference's and "
+                "fine_tune is off, so its terms are the reference's (the latent is ready; "
+                "pass fine_tune=... to load_query_data to adapt the model)",
+                stacklevel=2,
+            )
+            return self.history
         max_epochs, patience, n_epochs_kl_warmup = self._epoch_budget(
             max_epochs, patience, n_epochs_kl_warmup
         )

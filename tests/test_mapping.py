@@ -128,6 +128,23 @@ def test_query_training_defaults_to_the_short_budget_without_warmup(split, refer
         q.train(n_epochs_kl_warmup="autoo", progress_bar=False)
 
 
+def test_a_query_of_known_libraries_has_nothing_to_train(split, reference):
+    """Without new categories or fine-tuning every entry is frozen: train() says so and
+    returns (it used to fail inside Lightning: 'does not require grad')."""
+    ref, _ = split
+    q = regvi.RegVI.load_query_data(ref[:100].copy(), reference)
+    assert q.query.added_categories == {}
+    before = _state(q)
+    with pytest.warns(UserWarning, match="nothing to train"):
+        history = q.train(progress_bar=False)
+    assert len(history) == 0
+    assert all(torch.equal(v, before[k]) for k, v in _state(q).items())
+    tuned = regvi.RegVI.load_query_data(ref[:100].copy(), reference, fine_tune="encoder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(tuned.train(max_epochs=1, progress_bar=False)) == 1
+
+
 def test_fine_tuning_conditioning_and_encoder(split, reference):
     _, query = split
     q = regvi.RegVI.load_query_data(query, reference, fine_tune=["conditioning", "encoder"])

@@ -51,6 +51,14 @@ class QuerySetup:
     #: key → categories the query added to the reference's
     added_categories: dict[str, list[str]]
 
+    def trains_anything(self) -> bool:
+        """Whether ``train()`` has any entry to fit: a new category's terms or a fine-tuned
+        part (a query of only known categories without ``fine_tune`` has none)."""
+        if "encoder" in self.fine_tune:
+            return True
+        masks = trainable_masks(self.parts, self.fine_tune)
+        return any(m is None or bool(m.any()) for m in masks.values())
+
     def freeze(self, module: torch.nn.Module) -> QueryFreeze:
         """Freeze ``module`` to what this query trains (see :class:`QueryFreeze`)."""
         masks = trainable_masks(self.parts, self.fine_tune)
