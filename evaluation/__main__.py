@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-neighbourhood", action="store_true")
     p.add_argument("--no-umap", action="store_true")
     p.add_argument("--n-jobs", type=int, default=1)
+    p.add_argument(
+        "--kmeans-starts",
+        type=int,
+        default=10,
+        help="KMeans starts averaged by scib_bio_stable / scib_total_stable (default 10)",
+    )
     p.add_argument("--out", type=Path, default=Path("evaluation_results"))
     return p
 
@@ -47,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.kmeans_starts < 1:
+        print(
+            f"error: --kmeans-starts {args.kmeans_starts}: expected an integer >= 1",
+            file=sys.stderr,
+        )
+        return 2
     if not args.data.is_file():
         print(f"error: data file {args.data} does not exist", file=sys.stderr)
         return 2
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             scib=not args.no_scib,
             reference_cache=args.out / ".cache",
             n_jobs=args.n_jobs,
+            kmeans_starts=args.kmeans_starts,
             **inputs,
         )
         write_outputs(ev, adata.obs, args.out / key, keys, umap=not args.no_umap)

@@ -33,6 +33,7 @@ from anndata import AnnData
 
 from evaluation.knn import compute_neighbours
 from evaluation.reference import unintegrated_pca
+from evaluation.scib import KMEANS_STARTS, check_kmeans_starts
 from evaluation.subsample import stratified_subsample
 
 
@@ -126,6 +127,7 @@ def evaluate(
     encode: Callable[[sp.csr_matrix, np.ndarray], np.ndarray] | None = None,
     reference_cache: str | Path | None = None,
     n_jobs: int = 1,
+    kmeans_starts: int = KMEANS_STARTS,
 ) -> Evaluation:
     """Score ``adata.obsm[embedding_key]`` on a fixed stratified subsample.
 
@@ -162,8 +164,12 @@ def evaluate(
         Folder caching the unintegrated PCA per dataset.
     n_jobs
         Parallel jobs for scib-metrics.
+    kmeans_starts
+        KMeans starts averaged by ``scib_bio_stable`` / ``scib_total_stable`` (see
+        :mod:`evaluation.scib`).
     """
     technical_keys = list(technical_keys)
+    check_kmeans_starts(kmeans_starts)
     check_inputs(
         adata,
         embedding_key,
@@ -178,7 +184,7 @@ def evaluate(
     run = _Scoring.subsample(adata, embedding_key, library_key, label_key, layer, n_subsample, seed)
     run.neighbours(adata, markers, neighbourhood)
     if scib and run.labels is not None:
-        run.scib(reference_cache, n_jobs)
+        run.scib(reference_cache, n_jobs, kmeans_starts)
     elif scib:
         run.info["scib_skipped"] = "no label_key"
     if neighbourhood:
@@ -254,14 +260,22 @@ class _Scoring:
         self.timings["knn"] = time.perf_counter() - self.started
         self.info["knn_method"] = nb.method
 
-    def scib(self, reference_cache: str | Path | None, n_jobs: int) -> None:
+    def scib(self, reference_cache: str | Path | None, n_jobs: int, kmeans_starts: int) -> None:
         """scib-metrics against the unintegrated PCA."""
         from evaluation.scib import scib_metrics, scib_version
 
         t = time.perf_counter()
         reference = unintegrated_pca(self.counts, cache_dir=reference_cache, seed=self.seed)
         self.metrics.update(
-            scib_metrics(self.emb, self.labels, self.library, reference, self.nb, n_jobs=n_jobs)
+            scib_metrics(
+                self.emb,
+                self.labels,
+                self.library,
+                reference,
+                self.nb,
+                n_jobs=n_jobs,
+                kmeans_starts=kmeans_starts,
+            )
         )
         self.info["scib_metrics_version"] = scib_version()
         self.timings["scib"] = time.perf_counter() - t

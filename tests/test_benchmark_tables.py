@@ -32,3 +32,33 @@ def test_columns_written_as_a_text_table_render_like_tuples():
 def test_a_column_line_without_three_fields_names_the_line():
     with pytest.raises(ValueError, match=r"column 'ratio 6.2f': expected 'title  format  key'"):
         _common.parse_columns("ratio 6.2f")
+
+
+@pytest.mark.integration
+def test_stable_totals_of_benchmarker_rows():
+    """``add_stable_totals`` swaps the row's single-start KMeans NMI / ARI for their mean over
+    starts; with one start the stable Total is the Benchmarker's Total."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.array(["a", "b", "c"]), [120, 60, 20])
+    z = rng.normal(0, 1, (200, 3)).astype(np.float32) + 3 * (labels[:, None] == ["a", "b", "c"])
+    from evaluation.scib import kmeans_nmi_ari
+
+    nmi0, ari0 = kmeans_nmi_ari(z, labels, 0)[0]
+    bio = {"Isolated labels": 0.5, "KMeans NMI": nmi0, "KMeans ARI": ari0}
+    bio |= {"Silhouette label": 0.6, "cLISI": 0.9}
+    row = {**bio, "Bio conservation": float(np.mean(list(bio.values())))}
+    row |= {"Batch correction": 0.4}
+    row["Total"] = 0.6 * row["Bio conservation"] + 0.4 * 0.4
+    one, many = {"z": dict(row)}, {"z": dict(row)}
+    _common.add_stable_totals(one, {"z": z}, labels, starts=1)
+    assert one["z"]["Total (stable)"] == pytest.approx(row["Total"])
+    _common.add_stable_totals(many, {"z": z, "other": z}, labels, starts=4)
+    starts = kmeans_nmi_ari(z, labels, range(4))
+    assert many["z"]["KMeans ARI (mean)"] == pytest.approx(np.mean([s[1] for s in starts]))
+    stable_bio = np.mean(
+        [0.5, many["z"]["KMeans NMI (mean)"], many["z"]["KMeans ARI (mean)"], 0.6, 0.9]
+    )
+    assert many["z"]["Total (stable)"] == pytest.approx(0.6 * stable_bio + 0.4 * 0.4)
+    assert "other" not in many  # only rows the Benchmarker scored

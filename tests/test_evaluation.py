@@ -245,3 +245,99 @@ def test_evaluate_with_low_count_robustness_of_a_model(trained, tmp_path):
     assert m["lowcount_q0.1_median_umis"] < m["lowcount_q0.5_median_umis"]
     paths = write_outputs(ev, adata.obs, tmp_path / "out", ["cell_type", "library"], umap=False)
     assert paths["metrics_json"].is_file() and paths["per_cell"].is_file()
+
+
+@pytest.mark.integration
+def test_kmeans_starts_are_scib_metrics_own_fits():
+    """``kmeans_nmi_ari`` at seed 0 is exactly scib-metrics' ``nmi_ari_cluster_labels_kmeans``
+    (the Benchmarker's single start), and the batched starts equal one ``KMeans(seed=s)`` fit
+    per seed."""
+    from scib_metrics import nmi_ari_cluster_labels_kmeans
+    from scib_metrics.utils import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from evaluation.scib import kmeans_nmi_ari
+
+    emb, labels, _, _ = _unequal_types()
+    theirs = nmi_ari_cluster_labels_kmeans(emb.copy(), labels)
+    before = emb.copy()
+    batched = kmeans_nmi_ari(emb, labels, range(4))
+    np.testing.assert_array_equal(emb, before)  # the caller's embedding is left as it was
+    assert batched[0] == (theirs["nmi"], theirs["ari"])
+    assert kmeans_nmi_ari(emb, labels, 0) == [batched[0]]
+    for seed in (1, 3):
+        one = KMeans(4, seed=seed).fit(emb.copy()).labels_
+        assert batched[seed][1] == adjusted_rand_score(labels, np.asarray(one))
+
+
+def _unequal_types(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Four unequal types (52 / 30 / 12 / 6 %), the big one made of two sub-clusters: one
+    KMeans start splits it, another finds the types, as on Kang PBMC's CD4 T cells."""
+    rng = np.random.default_rng(seed)
+    sizes = [260, 150, 60, 30]
+    centres = np.array([[0, 0], [6, 0], [0, 6], [6, 6]], dtype=float)
+    parts, labels = [], []
+    for t, (n, c) in enumerate(zip(sizes, centres, strict=True)):
+        x = rng.normal(0, 0.6, (n, 2)) + c
+        if t == 0:
+            x[: n // 2, 0] -= 1.6  # two sub-clusters inside the big type
+            x[n // 2 :, 0] += 1.6
+        parts.append(x)
+        labels += [f"t{t}"] * n
+    emb = np.vstack(parts).astype(np.float32)
+    batch = np.array(["a", "b"] * (len(labels) // 2))
+    reference = emb + rng.normal(0, 0.1, emb.shape).astype(np.float32)
+    return emb, np.array(labels), batch, reference
+
+
+@pytest.mark.slow
+def test_stable_scib_aggregates_average_the_kmeans_starts():
+    """``scib_total_stable`` = Total with KMeans NMI / ARI averaged over starts 0..n-1."""
+    from evaluation.scib import kmeans_nmi_ari, scib_metrics
+
+    emb, labels, batch, reference = _unequal_types()
+    res = scib_metrics(emb, labels, batch, reference, kmeans_starts=6)
+    starts = kmeans_nmi_ari(emb, labels, range(6))
+    assert starts[0] == (
+        res["scib_nmi_ari_cluster_labels_kmeans_nmi"],
+        res["scib_nmi_ari_cluster_labels_kmeans_ari"],
+    )
+    assert res["scib_kmeans_nmi_mean"] == pytest.approx(np.mean([s[0] for s in starts]))
+    assert res["scib_kmeans_ari_mean"] == pytest.approx(np.mean([s[1] for s in starts]))
+    assert len({round(s[1], 6) for s in starts}) > 1  # the starts really differ here
+    bio = [
+        res["scib_isolated_labels"],
+        res["scib_kmeans_nmi_mean"],
+        res["scib_kmeans_ari_mean"],
+        res["scib_silhouette_label"],
+        res["scib_clisi_knn"],
+    ]
+    assert res["scib_bio_stable"] == pytest.approx(np.mean(bio))
+    assert res["scib_total_stable"] == pytest.approx(
+        0.6 * res["scib_bio_stable"] + 0.4 * res["scib_batch"]
+    )
+    one = scib_metrics(emb, labels, batch, reference, kmeans_starts=1)
+    assert one["scib_total_stable"] == pytest.approx(one["scib_total"])
+    assert one["scib_total"] == pytest.approx(
+        res["scib_total"]
+    )  # the Benchmarker part is unchanged
+    # not scib metrics of their own in the comparison table
+    table = compare_runs({"r": res}, min_max_scale=False)
+    assert not set(table.columns) & {"kmeans_nmi_mean", "bio_stable", "total_stable"}
+    assert table.loc["r", "total"] == pytest.approx(res["scib_total"])
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "10"])
+def test_bad_kmeans_starts_refused_before_work(small, bad):
+    from evaluation.evaluate import evaluate
+
+    with pytest.raises((TypeError, ValueError), match="kmeans_starts"):
+        evaluate(small, "X_pca", "library", "cell_type", kmeans_starts=bad, neighbourhood=False)
+
+
+def test_cli_refuses_kmeans_starts_below_one(tmp_path, small, capsys):
+    small.write_h5ad(tmp_path / "d.h5ad")
+    args = [str(tmp_path / "d.h5ad"), "--embedding", "X_pca", "--library-key", "library"]
+    assert cli([*args, "--kmeans-starts", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--kmeans-starts 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -734,12 +734,26 @@ def _parse_evaluation(raw: dict[str, Any], base: Path, data: dict[str, Any]) -> 
     ev = dict(_require_mapping(raw.get("evaluation"), "evaluation"))
     _unknown(
         ev,
-        {"n_subsample", "scib", "neighbourhood", "markers", "lowcount", "umap", "n_jobs", "pool"},
+        {
+            "n_subsample",
+            "scib",
+            "neighbourhood",
+            "markers",
+            "lowcount",
+            "umap",
+            "n_jobs",
+            "pool",
+            "kmeans_starts",
+        },
         "evaluation",
     )
     for key in ("scib", "neighbourhood", "lowcount", "umap", "pool"):
         if key in ev and not isinstance(ev[key], bool):
             raise ConfigError(f"evaluation.{key}: {ev[key]!r}; expected true or false")
+    if "kmeans_starts" in ev:
+        ev["kmeans_starts"] = int(
+            _number(ev["kmeans_starts"], "evaluation.kmeans_starts", positive=True, integer=True)
+        )
     _resolve_markers(ev, base)
     if ev.get("markers") == "data" and not data.get("labels_key"):
         raise ConfigError(

@@ -69,6 +69,8 @@ EVALUATION_METRIC_PREFIXES = ("scib_", "nc_", "lowcount_", "eval_", "attribution
 #: scib-metrics functions that return several values, reported as ``<metric>_<value>``.
 SCIB_MULTI_VALUED = {"nmi_ari_": ("nmi", "ari")}
 SCIB_AGGREGATES = ("bio", "batch", "total")
+#: KMeans NMI / ARI averaged over starts, and the aggregates with them (``evaluation.scib``)
+SCIB_STABLE = ("kmeans_nmi_mean", "kmeans_ari_mean", "bio_stable", "total_stable")
 #: Per-mask neighbourhood summaries (``headline_numbers``), reported as ``nc_<summary>_<mask>``.
 NC_MASK_SUMMARIES = (
     "median_corr_avg",
@@ -160,14 +162,15 @@ def _positive_everywhere(cfg: SweepConfig, name: str, default: float) -> tuple[s
 
 def scib_metric_names() -> list[str]:
     """``scib_<metric>`` of the metrics :func:`evaluation.scib.scib_metrics` runs by default,
-    and the aggregates ``scib_bio`` / ``scib_batch`` / ``scib_total``."""
+    the aggregates ``scib_bio`` / ``scib_batch`` / ``scib_total``, and the KMeans-start averages
+    ``scib_kmeans_{nmi,ari}_mean`` / ``scib_{bio,total}_stable``."""
     from evaluation.scib import BATCH_METRICS, BIO_METRICS
 
     out = []
     for metric in (*BIO_METRICS, *BATCH_METRICS):
         parts = next((v for k, v in SCIB_MULTI_VALUED.items() if metric.startswith(k)), None)
         out.extend(f"scib_{metric}_{p}" for p in parts) if parts else out.append(f"scib_{metric}")
-    return out + [f"scib_{a}" for a in SCIB_AGGREGATES]
+    return out + [f"scib_{a}" for a in (*SCIB_AGGREGATES, *SCIB_STABLE)]
 
 
 def neighbourhood_metric_names(technical_keys: Iterable[str] = ()) -> dict[str, list[str]]:

@@ -29,6 +29,8 @@ class EvaluationSettings:
     lowcount: bool = False
     umap: bool = True
     n_jobs: int = 1
+    #: KMeans starts averaged by ``scib_bio_stable`` / ``scib_total_stable``
+    kmeans_starts: int = 10
     #: evaluate in the sweep's warm evaluator processes (:mod:`regvi.sweep.evaluator`)
     pool: bool = True
 

@@ -82,6 +82,7 @@ def evaluate_trial(model, adata, settings: TrialSettings, out: Path) -> dict[str
         "neighbourhood": ev.neighbourhood,
         "reference_cache": settings.reference_cache,
         "n_jobs": int(ev.n_jobs),
+        "kmeans_starts": int(ev.kmeans_starts),
     }
     keys = [k for k in (label_key, lib_key, data.get("dataset_key")) if k]
     umap = bool(ev.umap)
