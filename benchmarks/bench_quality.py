@@ -288,13 +288,21 @@ def _pca(name: str, adata, force: bool = False) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ scoring
-def score(name: str, n_jobs: int) -> dict[str, dict[str, float]]:
-    """One Benchmarker over every cached latent of ``name``: embedding → metrics (unscaled)."""
+def score(
+    name: str, n_jobs: int, skip: frozenset[str] = frozenset()
+) -> dict[str, dict[str, float]]:
+    """One Benchmarker over every cached latent of ``name`` (but those in ``skip``):
+    embedding → metrics (unscaled; each embedding's metrics depend only on it, the labels,
+    the batches and the PCA reference, so rows of separate Benchmarkers can be merged)."""
     import anndata as ad
 
     _, key, label = DATASETS[name]
     adata = ad.read_h5ad(prepared(name))
-    latents = {npy.stem: npy for npy in sorted((CACHE / name).glob("*.npy")) if npy.stem != "pca"}
+    latents = {
+        npy.stem: npy
+        for npy in sorted((CACHE / name).glob("*.npy"))
+        if npy.stem != "pca" and npy.stem not in skip
+    }
     keys = prepare_for_scib(adata, latents, pca=_pca(name, adata), pca_key="pca")
     scores = benchmarker_scores(adata, key, label, keys, n_jobs)
     add_stable_totals(scores, {k: adata.obsm[k] for k in keys}, adata.obs[label].to_numpy())
@@ -480,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-only", action="store_true", help="train and cache; do not score")
     p.add_argument("--score-only", action="store_true", help="score the cached latents only")
     p.add_argument(
+        "--score-missing",
+        action="store_true",
+        help="with --score-only: score only the cached latents the JSON has no scores for",
+    )
+    p.add_argument(
         "--stable-only",
         action="store_true",
         help="add the KMeans-start averages (Total (stable)) to the JSON's existing scores",
@@ -605,7 +618,11 @@ def score_all(args: argparse.Namespace) -> dict[str, Any]:
     header = f"{'dataset':<15} {'method':<16} {'n':>2} {'total':>13} {'bio':>6} {'batch':>6} "
     print(header + f"{'worst':>6} {'train s':>8} {'epochs':>6}")
     for name in args.datasets:
-        scores = score(name, args.n_jobs)
+        if args.score_missing and name in doc["datasets"]:
+            scores = dict(doc["datasets"][name]["scores"])
+            scores.update(score(name, args.n_jobs, skip=frozenset(scores)))
+        else:
+            scores = score(name, args.n_jobs)
         summary = summarise(name, scores)
         png = plot(name, scores, summary)
         doc["datasets"][name] = {
