@@ -452,7 +452,8 @@ def plot(name: str, scores: dict[str, dict[str, float]], summary: dict[str, Any]
 
     from evaluation.plots import save_figure
 
-    metrics = [m for m in next(iter(scores.values())) if m not in ("Total",)] + ["Total"]
+    last = [t for t in ("Total (stable)", "Total") if t in next(iter(scores.values()))]
+    metrics = [m for m in next(iter(scores.values())) if m not in (*last, "KMeans starts")] + last
     order = sorted(summary, key=lambda m: -summary[m]["total_mean"])
     grid = np.array(
         [
