@@ -633,26 +633,27 @@ def add_stable_totals(
     scores: dict[str, dict[str, float]],
     latents: Mapping[str, Any],
     labels: Any,
-    starts: int = 10,
+    starts: int | None = None,
 ) -> None:
     """Add the KMeans-start averages to Benchmarker rows, in place.
 
     For each embedding in both ``scores`` and ``latents`` (name → array): ``KMeans NMI
     (mean)`` / ``KMeans ARI (mean)`` over scib-metrics' KMeans started with seeds
-    0..``starts``-1 (seed 0 is the Benchmarker's own, already in the row), and ``Bio
-    conservation (stable)`` / ``Total (stable)``: the row's Bio and Total with those means in
-    place of the single start's values (``evaluation.scib``'s ``scib_total_stable``).
+    0..``starts``-1 (default ``evaluation.scib.KMEANS_STARTS``; seed 0 is the Benchmarker's
+    own, already in the row), and ``Bio conservation (stable)`` / ``Total (stable)``: the
+    row's Bio and Total with those means in place of the single start's values
+    (``evaluation.scib``'s ``scib_total_stable``).
     """
     import numpy as np
 
-    from evaluation.scib import kmeans_nmi_ari
+    from evaluation.scib import BATCH_WEIGHT, BIO_WEIGHT, KMEANS_STARTS, start_averaged
 
+    starts = KMEANS_STARTS if starts is None else starts
     for emb, row in scores.items():
         if emb not in latents or "KMeans NMI" not in row:
             continue
-        more = kmeans_nmi_ari(np.asarray(latents[emb]), labels, range(1, starts))
-        nmi = float(np.mean([row["KMeans NMI"], *(m[0] for m in more)]))
-        ari = float(np.mean([row["KMeans ARI"], *(m[1] for m in more)]))
+        first = (row["KMeans NMI"], row["KMeans ARI"])
+        nmi, ari = start_averaged(np.asarray(latents[emb]), labels, first, starts)
         means = {"KMeans NMI": nmi, "KMeans ARI": ari}
         bio = float(np.nanmean([means.get(m, row[m]) for m in BENCHMARKER_BIO]))
         row.update(
@@ -661,7 +662,7 @@ def add_stable_totals(
                 "KMeans ARI (mean)": ari,
                 "KMeans starts": float(starts),
                 "Bio conservation (stable)": bio,
-                "Total (stable)": 0.6 * bio + 0.4 * row["Batch correction"],
+                "Total (stable)": BIO_WEIGHT * bio + BATCH_WEIGHT * row["Batch correction"],
             }
         )
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.scib import KMEANS_STARTS
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the CLI."""
@@ -43,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kmeans-starts",
         type=int,
-        default=10,
-        help="KMeans starts averaged by scib_bio_stable / scib_total_stable (default 10)",
+        default=KMEANS_STARTS,
+        help="KMeans starts averaged by scib_bio_stable / scib_total_stable "
+        f"(default {KMEANS_STARTS})",
     )
     p.add_argument("--out", type=Path, default=Path("evaluation_results"))
     return p

@@ -271,9 +271,7 @@ def _stable_aggregates(
     """``scib_kmeans_*_mean`` and ``scib_{bio,total}_stable``: the Benchmarker's start (seed 0,
     already in ``out``) and ``starts - 1`` more, averaged."""
     nmi_key, ari_key = f"scib_{_KMEANS}_nmi", f"scib_{_KMEANS}_ari"
-    more = kmeans_nmi_ari(embedding, labels, range(1, starts))
-    nmi = float(np.mean([out[nmi_key], *(m[0] for m in more)]))
-    ari = float(np.mean([out[ari_key], *(m[1] for m in more)]))
+    nmi, ari = start_averaged(embedding, labels, (out[nmi_key], out[ari_key]), starts)
     # Bio with the single start's NMI / ARI swapped for their means (NaN metrics left out)
     means = {nmi_key: nmi, ari_key: ari}
     bio = _nanmean([means.get(name, out[name]) for name in bio_names])
@@ -284,6 +282,17 @@ def _stable_aggregates(
         "scib_bio_stable": bio,
         "scib_total_stable": total,
     }
+
+
+def start_averaged(
+    embedding: np.ndarray, labels: np.ndarray, first: tuple[float, float], starts: int
+) -> tuple[float, float]:
+    """Mean NMI and ARI over ``starts`` KMeans starts: ``first`` is seed 0's (the
+    Benchmarker's own fit, already computed), seeds 1..``starts``-1 are fitted here."""
+    more = kmeans_nmi_ari(embedding, labels, range(1, starts))
+    nmi = float(np.mean([first[0], *(m[0] for m in more)]))
+    ari = float(np.mean([first[1], *(m[1] for m in more)]))
+    return nmi, ari
 
 
 def kmeans_nmi_ari(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from evaluation.scib import KMEANS_STARTS
 from regvi.sweep.config import SweepConfig, decode_data_value, train_default
 
 
@@ -30,7 +31,7 @@ class EvaluationSettings:
     umap: bool = True
     n_jobs: int = 1
     #: KMeans starts averaged by ``scib_bio_stable`` / ``scib_total_stable``
-    kmeans_starts: int = 10
+    kmeans_starts: int = KMEANS_STARTS
     #: evaluate in the sweep's warm evaluator processes (:mod:`regvi.sweep.evaluator`)
     pool: bool = True
 
