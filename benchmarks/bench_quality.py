@@ -419,6 +419,9 @@ def leave_one_out(
     return out
 
 
+SWEEP_METRICS = ("scib_total", "scib_total_stable", "scib_bio", "scib_bio_stable", "scib_batch")
+
+
 def sweep_results(tracking_uri: str, experiment: str) -> dict[str, Any]:
     """The finished trials of a regvi sweep from its MLflow experiment: params + scib metrics."""
     from mlflow.tracking import MlflowClient
@@ -435,11 +438,12 @@ def sweep_results(tracking_uri: str, experiment: str) -> dict[str, Any]:
         trials.append(
             {
                 "params": dict(run.data.params),
-                **{k: m[k] for k in ("scib_total", "scib_bio", "scib_batch") if k in m},
+                **{k: m[k] for k in SWEEP_METRICS if k in m},
                 "epochs": m.get("epoch"),
             }
         )
-    trials.sort(key=lambda t: -t["scib_total"])
+    # best first by the start-averaged Total where the sweep logged it (sweeps optimise it)
+    trials.sort(key=lambda t: -t.get("scib_total_stable", t["scib_total"]))
     return {"experiment": experiment, "n_trials": len(trials), "trials": trials}
 
 

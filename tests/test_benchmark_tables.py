@@ -62,3 +62,33 @@ def test_stable_totals_of_benchmarker_rows():
     )
     assert many["z"]["Total (stable)"] == pytest.approx(0.6 * stable_bio + 0.4 * 0.4)
     assert "other" not in many  # only rows the Benchmarker scored
+
+
+@pytest.mark.integration
+def test_sweep_results_read_trials_from_mlflow_best_stable_total_first(tmp_path):
+    """bench_quality ``--sweep``: only the sweep's trial runs that finished scib are kept, with
+    their params and scib metrics, ordered by the start-averaged Total the sweeps optimise."""
+    import mlflow
+    from bench_quality import sweep_results
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("q", artifact_location=(tmp_path / "art").as_uri())
+    rows = [
+        ({"regvi.trial_id": "a"}, {"scib_total": 0.80, "scib_total_stable": 0.70}, "10"),
+        ({"regvi.trial_id": "b"}, {"scib_total": 0.75, "scib_total_stable": 0.74}, "30"),
+        ({"regvi.trial_id": "c"}, {"epoch": 3.0}, "20"),  # failed before scib
+        ({}, {"scib_total": 0.99, "scib_total_stable": 0.99}, "20"),  # not a trial (the summary)
+    ]
+    for tags, metrics, n_latent in rows:
+        run = client.create_run(exp, tags=tags)
+        client.log_param(run.info.run_id, "n_latent", n_latent)
+        for k, v in metrics.items():
+            client.log_metric(run.info.run_id, k, v)
+        client.set_terminated(run.info.run_id)
+    out = sweep_results(uri, "q")
+    assert out["n_trials"] == 2
+    assert [t["params"]["n_latent"] for t in out["trials"]] == ["30", "10"]
+    assert out["trials"][0]["scib_total_stable"] == 0.74
+    with pytest.raises(SystemExit, match="no MLflow experiment 'missing'"):
+        sweep_results(uri, "missing")
