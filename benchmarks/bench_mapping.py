@@ -144,8 +144,11 @@ def train_regvi_reference(split: str, seed: int, threads: int):
     folder = CACHE / split / f"regvi_ref_s{seed}"
     rec = folder.with_suffix(".json")
     if (folder / "done").is_file() and rec.is_file():
-        model = regvi.load(str(folder), adata[~is_query].copy())
-        return model, json.loads(rec.read_text()), adata, is_query
+        record = json.loads(rec.read_text())
+        if record.get("sizes") == regvi.RegVI.preset("default"):
+            model = regvi.load(str(folder), adata[~is_query].copy())
+            return model, record, adata, is_query
+        print(f"{split} reference seed {seed}: trained at other sizes; retraining", flush=True)
     ref_adata = adata[~is_query].copy()
     model = regvi.RegVI(ref_adata, library_key=key)
     t0 = time.perf_counter()
@@ -153,6 +156,7 @@ def train_regvi_reference(split: str, seed: int, threads: int):
     record = {
         "ref_train_s": round(time.perf_counter() - t0, 1),
         "ref_epochs": _history_len(history),
+        "sizes": {"n_hidden": model.config.n_hidden, "n_latent": model.config.n_latent},
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     model.save(str(folder), overwrite=True)
@@ -514,6 +518,20 @@ def main() -> None:
     print(f"wrote {args.out} and {PNG_DIR.relative_to(REPO)}/mapping_<split>.png")
 
 
+def _stale_regvi(method: str, npy: Path) -> bool:
+    """A cached regvi latent (RNA split) of another latent size than the current default:
+    trained before a default changed, so it is retrained."""
+    if method not in ("regvi_map", "regvi_map_ft", "regvi_denovo"):
+        return False
+    import regvi
+
+    n_latent = regvi.RegVI.preset("default")["n_latent"]
+    if np.load(npy, mmap_mode="r").shape[1] == n_latent:
+        return False
+    print(f"{npy.name}: latent size differs from the default {n_latent}; retraining", flush=True)
+    return True
+
+
 def train_split(
     split: str, seeds: list[int], args: argparse.Namespace, p: argparse.ArgumentParser
 ) -> None:
@@ -529,7 +547,7 @@ def train_split(
     for seed in seeds:
         for method in methods:
             npy, _ = _cached(split, method, seed)
-            if npy.is_file() and not args.force:
+            if npy.is_file() and not args.force and not _stale_regvi(method, npy):
                 continue
             t0 = time.perf_counter()
             if (

@@ -14,9 +14,10 @@ the counts by ctrl / stim lane): ``kang_sample`` (Kang 2018 PBMC by sample, 14k 
 Methods: ``pca`` (the Benchmarker's unintegrated reference), ``harmony`` (harmonypy on that
 PCA), ``scvi`` / ``scvi_large`` (scvi-tools SCVI 128/10 and 512/128 with its defaults and early
 stopping, in its own virtualenv: ``benchmarks/setup_scvi_env.sh``), ``regvi`` (defaults, only
-``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_log1p`` (the
-previous default: ``log1p`` encoder input), ``regvi_batchfree`` (the one before: also the
-batch-free decoder, ``nn_conditioning_covariate_keys=[]``), and any setting given with
+``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_nl10`` (the
+previous default, ``n_latent=10``), ``regvi_log1p`` (the one before: ``log1p`` encoder input,
+``n_latent=10``), ``regvi_batchfree`` (the one before that: also the batch-free decoder,
+``nn_conditioning_covariate_keys=[]``), and any setting given with
 ``--set`` (e.g. the sweep's best; ``"$library"`` stands for the dataset's key).
 
 Every trained latent is cached under ``benchmarks/results/.cache/quality/<dataset>/`` as
@@ -81,18 +82,25 @@ METHODS = (
     "scvi_large",
     "regvi",
     "regvi_large",
+    "regvi_nl10",
     "regvi_log1p",
     "regvi_batchfree",
 )
 REGVI_SETTINGS = {
     "regvi": {"name": "regvi"},
     "regvi_large": {"name": "regvi_large", "preset": "large"},
+    # the default before n_latent=20 (chosen by the quality sweep, 2026-12-07)
+    "regvi_nl10": {"name": "regvi_nl10", "model": {"n_latent": 10}},
     # the default before the depth-normalised encoder input (encoder_input="normalised")
-    "regvi_log1p": {"name": "regvi_log1p", "model": {"encoder_input": "log1p"}},
+    "regvi_log1p": {"name": "regvi_log1p", "model": {"encoder_input": "log1p", "n_latent": 10}},
     # the default before that: also the batch-free decoder
     "regvi_batchfree": {
         "name": "regvi_batchfree",
-        "model": {"nn_conditioning_covariate_keys": [], "encoder_input": "log1p"},
+        "model": {
+            "nn_conditioning_covariate_keys": [],
+            "encoder_input": "log1p",
+            "n_latent": 10,
+        },
     },
 }
 SCVI_SIZES = {"scvi": (128, 10), "scvi_large": (512, 128)}

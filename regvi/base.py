@@ -231,14 +231,14 @@ class BaseModel:
     config_class: type
 
     PRESETS: Mapping[str, dict[str, int]] = {
-        "default": {"n_hidden": 128, "n_latent": 10},
+        "default": {"n_hidden": 128, "n_latent": 20},
         "large": {"n_hidden": 512, "n_latent": 128},
         "xlarge": {"n_hidden": 1024, "n_latent": 256},
     }
 
     @classmethod
     def preset(cls, name: str) -> dict[str, int]:
-        """Capacity presets: ``"default"`` 128/10, ``"large"`` 512/128, ``"xlarge"`` 1024/256."""
+        """Capacity presets: ``"default"`` 128/20, ``"large"`` 512/128, ``"xlarge"`` 1024/256."""
         if name not in cls.PRESETS:
             raise ValueError(f"preset {name!r} unknown; expected one of {list(cls.PRESETS)}")
         return dict(cls.PRESETS[name])

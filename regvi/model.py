@@ -64,7 +64,8 @@ class RegVI(BaseModel):
     allow_non_integer
         Accept non-integer counts.
     n_hidden, n_latent, n_layers, dropout_rate
-        Network size (defaults 128 / 10 / 1 / 0.1). ``RegVI.preset("large")`` gives 512/128.
+        Network size (defaults 128 / 20 / 1 / 0.1; n_latent 20 since the quality sweep, see
+        ``docs/model.md``). ``RegVI.preset("large")`` gives 512/128.
     data_init
         Data-dependent initialisation of decoder bias and ambient (default on).
     dispersion_init
@@ -95,7 +96,7 @@ class RegVI(BaseModel):
         layer: str | None = None,
         allow_non_integer: bool = False,
         n_hidden: int = 128,
-        n_latent: int = 10,
+        n_latent: int = 20,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         data_init: bool = True,

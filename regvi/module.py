@@ -76,7 +76,7 @@ class ModuleConfig:
     """
 
     n_genes: int
-    n_latent: int = 10
+    n_latent: int = 20
     n_hidden: int = 128
     n_layers: int = 1
     dropout_rate: float = 0.1
