@@ -44,6 +44,10 @@ from regvi.multimodule import (
     RegMultiVIModule,
 )
 
+#: Latent dimensions per modality unless given (the joint latent is their sum; RegVI's single
+#: latent defaults to 20, see docs/model.md).
+MODALITY_N_LATENT = 10
+
 #: Per-modality defaults by kind of modality (docs/model.md#multimodal-model); other names
 #: get ``"other"``.
 MODALITY_DEFAULTS: Mapping[str, dict[str, Any]] = {
@@ -154,7 +158,7 @@ def _module_configs(
     names = list(mods)
     sizes = {k: _per_modality(k, v, names) for k, v in sizes.items()}
     options = {k: _per_modality(k, v, names) for k, v in model_kwargs.items()}
-    n_lat = {m: sizes["n_latent"].get(m, 10) for m in names}
+    n_lat = {m: sizes["n_latent"].get(m, MODALITY_N_LATENT) for m in names}
     for m, v in n_lat.items():
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"n_latent[{m!r}]={v!r}; expected a positive integer")
@@ -169,6 +173,7 @@ def _module_configs(
         kw: dict[str, Any] = dict(MODALITY_DEFAULTS[modality_kind(m)])
         kw.update({k: v[m] for k, v in options.items() if m in v})
         kw.update({k: v[m] for k, v in sizes.items() if m in v})
+        kw["n_latent"] = n_lat[m]  # RegMultiVI's own default (10), not RegVI's
         configs[m] = ModuleConfig(
             n_genes=mods[m].n_vars,
             n_continuous=0 if "continuous" in off else len(registry.keys_for("continuous")),

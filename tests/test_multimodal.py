@@ -73,6 +73,18 @@ def test_latent_order_sizes_and_modality_defaults(paired):
     np.testing.assert_array_equal(model.get_latent_representation(modality="atac"), z[:, :3])
 
 
+def test_a_modality_without_a_given_latent_size_gets_the_multimodal_default(paired):
+    """RegMultiVI's per-modality default (10) applies to every modality not given a size, also
+    when another one is given (RegVI's own default, 20, must not leak into a modality)."""
+    from regvi.multimodal import MODALITY_N_LATENT
+
+    model = regvi.RegMultiVI(paired, library_key="library", n_latent={"rna": 3}, n_hidden=16)
+    atac, rna = model.config.configs["atac"], model.config.configs["rna"]
+    assert (atac.n_latent, rna.n_latent) == (MODALITY_N_LATENT, 3) == (10, 3)
+    assert atac.n_latent_decoder == rna.n_latent_decoder == 13
+    assert regvi.RegMultiVI(paired, library_key="library", n_hidden=16).config.n_latent == 20
+
+
 def test_train_logs_totals_and_per_modality_terms(mm_trained):
     model, _ = mm_trained
     h = model.history
