@@ -645,9 +645,30 @@ def score_all(args: argparse.Namespace) -> dict[str, Any]:
             "png": str(png.relative_to(REPO)),
         }
         print_summary(name, summary)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1))
+        doc = merge_into(args.out, doc, name)
     return doc
+
+
+def merge_into(out: Path, doc: dict[str, Any], name: str) -> dict[str, Any]:
+    """Write ``doc``'s dataset ``name`` (and its top-level keys other than ``datasets``) into
+    ``out``, keeping every other dataset as the file holds it now; returns the merged document.
+
+    Read, merge and write happen under an exclusive lock on ``<out>.lock`` and the write is
+    atomic (temporary file, then rename), so processes scoring different datasets side by side
+    do not overwrite each other's results.
+    """
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+        current.update({k: v for k, v in doc.items() if k != "datasets"})
+        current.setdefault("datasets", {})[name] = doc["datasets"][name]
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(current, indent=1))
+        tmp.replace(out)
+    return current
 
 
 def report_leave_one_out(doc: dict[str, Any], out: Path, key: str = "total_mean") -> None:
@@ -688,7 +709,8 @@ def main(argv: list[str] | None = None) -> None:
         train_all(args)
     if args.train_only:
         return
-    doc = score_all(args)
+    score_all(args)
+    doc = json.loads(args.out.read_text())  # with what other processes scored meanwhile
     report_leave_one_out(doc, args.out)
     report_leave_one_out(doc, args.out, key="total_stable_mean")
     print(f"wrote {args.out} and {PNG_DIR.relative_to(REPO)}/scib_<dataset>.png")

@@ -92,3 +92,23 @@ def test_sweep_results_read_trials_from_mlflow_best_stable_total_first(tmp_path)
     assert out["trials"][0]["scib_total_stable"] == 0.74
     with pytest.raises(SystemExit, match="no MLflow experiment 'missing'"):
         sweep_results(uri, "missing")
+
+
+def test_bench_quality_merges_one_dataset_and_keeps_what_others_wrote(tmp_path):
+    """Two scoring processes (one per dataset) write the same JSON: each keeps the other's
+    dataset, its own replaces only its dataset, and no temporary file is left behind."""
+    from bench_quality import merge_into
+
+    out = tmp_path / "bench_quality.json"
+    a = {"machine": "m", "datasets": {"mop": {"summary": {"regvi": 1}}}}
+    b = {"machine": "m", "datasets": {"kang_ctrl": {"summary": {"regvi": 2}}, "mop": {"old": 0}}}
+    merge_into(out, a, "mop")
+    merged = merge_into(out, b, "kang_ctrl")  # b's stale copy of mop must not win
+    assert merged["datasets"] == {
+        "mop": {"summary": {"regvi": 1}},
+        "kang_ctrl": {"summary": {"regvi": 2}},
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench_quality.json",
+        "bench_quality.json.lock",
+    ]
