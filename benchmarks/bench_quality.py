@@ -14,10 +14,11 @@ the counts by ctrl / stim lane): ``kang_sample`` (Kang 2018 PBMC by sample, 14k 
 Methods: ``pca`` (the Benchmarker's unintegrated reference), ``harmony`` (harmonypy on that
 PCA), ``scvi`` / ``scvi_large`` (scvi-tools SCVI 128/10 and 512/128 with its defaults and early
 stopping, in its own virtualenv: ``benchmarks/setup_scvi_env.sh``), ``regvi`` (defaults, only
-``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_nl10`` (the
-previous default, ``n_latent=10``), ``regvi_log1p`` (the one before: ``log1p`` encoder input,
-``n_latent=10``), ``regvi_batchfree`` (the one before that: also the batch-free decoder,
-``nn_conditioning_covariate_keys=[]``), and any setting given with
+``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_noenc`` /
+``regvi_large_noenc`` (the previous default: encoders without the library key,
+``encoder_covariate_keys=[]``), ``regvi_nl10`` (the one before: also ``n_latent=10``),
+``regvi_log1p`` (before that: ``log1p`` encoder input), ``regvi_batchfree`` (before that: also
+the batch-free decoder, ``nn_conditioning_covariate_keys=[]``), and any setting given with
 ``--set`` (e.g. the sweep's best; ``"$library"`` stands for the dataset's key).
 
 Every trained latent is cached under ``benchmarks/results/.cache/quality/<dataset>/`` as
@@ -82,6 +83,8 @@ METHODS = (
     "scvi_large",
     "regvi",
     "regvi_large",
+    "regvi_noenc",
+    "regvi_large_noenc",
     "regvi_nl10",
     "regvi_log1p",
     "regvi_batchfree",
@@ -89,10 +92,20 @@ METHODS = (
 REGVI_SETTINGS = {
     "regvi": {"name": "regvi"},
     "regvi_large": {"name": "regvi_large", "preset": "large"},
+    # the default before the encoders saw the library key (2026-12-07)
+    "regvi_noenc": {"name": "regvi_noenc", "model": {"encoder_covariate_keys": []}},
+    "regvi_large_noenc": {
+        "name": "regvi_large_noenc",
+        "preset": "large",
+        "model": {"encoder_covariate_keys": []},
+    },
     # the default before n_latent=20 (chosen by the quality sweep, 2026-12-07)
-    "regvi_nl10": {"name": "regvi_nl10", "model": {"n_latent": 10}},
+    "regvi_nl10": {"name": "regvi_nl10", "model": {"n_latent": 10, "encoder_covariate_keys": []}},
     # the default before the depth-normalised encoder input (encoder_input="normalised")
-    "regvi_log1p": {"name": "regvi_log1p", "model": {"encoder_input": "log1p", "n_latent": 10}},
+    "regvi_log1p": {
+        "name": "regvi_log1p",
+        "model": {"encoder_input": "log1p", "n_latent": 10, "encoder_covariate_keys": []},
+    },
     # the default before that: also the batch-free decoder
     "regvi_batchfree": {
         "name": "regvi_batchfree",
@@ -329,8 +342,30 @@ def stable_scores(name: str, scores: dict[str, dict[str, float]]) -> None:
     add_stable_totals(scores, latents, adata.obs[label].to_numpy())
 
 
-def summarise(name: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Method → mean ± sd over seeds of Total / Bio / Batch, worst seed, time and epochs."""
+def cached_records(name: str, embeddings: Any) -> dict[str, dict[str, Any]]:
+    """The cache records (training time, epochs, setting, low-count results) of those
+    ``embeddings`` of ``name`` that are cached."""
+    out = {}
+    for e in embeddings:
+        rec = CACHE / name / f"{e}.json"
+        if rec.is_file():
+            out[e] = json.loads(rec.read_text())
+    return out
+
+
+def summarise(
+    name: str,
+    scores: dict[str, dict[str, float]],
+    records: dict[str, dict[str, Any]] | None = None,
+    previous: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Method → mean ± sd over seeds of Total / Bio / Batch, worst seed, time and epochs.
+
+    ``records`` (embedding → cache record, as the JSON keeps them) take precedence over the
+    cache; a method none of whose embeddings has a record keeps the time, epochs and low-count
+    means of ``previous`` (the summary the JSON held), so a lost cache loses nothing.
+    """
+    records = {**cached_records(name, scores), **(records or {})}
     methods: dict[str, list[str]] = {}
     for emb in scores:
         methods.setdefault(method_of(emb), []).append(emb)
@@ -338,10 +373,7 @@ def summarise(name: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
     for method, embs in methods.items():
         tot = np.array([scores[e]["Total"] for e in embs])
         stable = np.array([scores[e].get("Total (stable)", np.nan) for e in embs])
-        recs = []
-        for e in embs:
-            rec = CACHE / name / f"{e}.json"
-            recs.append(json.loads(rec.read_text()) if rec.is_file() else {})
+        recs = [records.get(e, {}) for e in embs]
         times = [r["train_s"] for r in recs if r.get("train_s") is not None]
         epochs = [r["epochs"] for r in recs if r.get("epochs") is not None]
         worst = embs[int(np.argmin(tot))]
@@ -370,6 +402,11 @@ def summarise(name: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
             out[method]["lowcount_mean"] = {
                 k: float(np.mean([r[k] for r in low if k in r])) for k in low[0]
             }
+        old = (previous or {}).get(method)
+        if not any(recs) and old and old.get("n_seeds") == len(embs):
+            for k in ("train_s_mean", "epochs_mean", "lowcount_mean"):
+                if old.get(k) is not None:
+                    out[method][k] = old[k]
     return out
 
 
@@ -631,17 +668,21 @@ def score_all(args: argparse.Namespace) -> dict[str, Any]:
     header = f"{'dataset':<15} {'method':<16} {'n':>2} {'total':>13} {'bio':>6} {'batch':>6} "
     print(header + f"{'worst':>6} {'train s':>8} {'epochs':>6}")
     for name in args.datasets:
+        prev = doc["datasets"].get(name, {})
         if args.score_missing and name in doc["datasets"]:
-            scores = dict(doc["datasets"][name]["scores"])
+            scores = dict(prev["scores"])
             scores.update(score(name, args.n_jobs, skip=frozenset(scores)))
         else:
             scores = score(name, args.n_jobs)
-        summary = summarise(name, scores)
+        records = {**prev.get("records", {}), **cached_records(name, scores)}
+        records = {e: r for e, r in records.items() if e in scores}
+        summary = summarise(name, scores, records, previous=prev.get("summary"))
         png = plot(name, scores, summary)
         doc["datasets"][name] = {
             "batch_key": DATASETS[name][1],
             "summary": summary,
             "scores": scores,
+            "records": records,
             "png": str(png.relative_to(REPO)),
         }
         print_summary(name, summary)
@@ -700,7 +741,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.datasets:
             entry = doc["datasets"][name]
             stable_scores(name, entry["scores"])
-            entry["summary"] = summarise(name, entry["scores"])
+            entry["summary"] = summarise(
+                name, entry["scores"], entry.get("records"), previous=entry.get("summary")
+            )
             print_summary(name, entry["summary"])
             args.out.write_text(json.dumps(doc, indent=1))
         report_leave_one_out(doc, args.out, key="total_stable_mean")

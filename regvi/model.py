@@ -54,7 +54,8 @@ class RegVI(BaseModel):
         library key (the library-size key when the purposes are given one by one); ``[]`` for
         a batch-free decoder.
     encoder_covariate_keys
-        Categorical keys injected into the encoders (default none).
+        Categorical keys injected (one-hot) into the first layer of both encoders. Default
+        (``None``): the decoder-conditioning keys; ``[]`` for none.
     continuous_covariate_keys
         Continuous covariates (standardised), concatenated to encoder and decoder inputs.
     dataset_key, technical_covariate_keys, labels_key

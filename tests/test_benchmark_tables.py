@@ -112,3 +112,23 @@ def test_bench_quality_merges_one_dataset_and_keeps_what_others_wrote(tmp_path):
         "bench_quality.json",
         "bench_quality.json.lock",
     ]
+
+
+def test_bench_quality_summary_keeps_times_without_the_cache():
+    """Training time and epochs come from the records the JSON keeps; a method without any
+    record keeps what the JSON's summary held (a lost cache loses nothing), unless its seeds
+    changed."""
+    from bench_quality import summarise
+
+    row = {"Total": 0.7, "Bio conservation": 0.7, "Batch correction": 0.7}
+    scores = {"regvi_s0": row, "regvi_s1": row, "harmony_s0": row}
+    records = {"harmony_s0": {"train_s": 2.0, "epochs": None}}
+    previous = {
+        "regvi": {"n_seeds": 2, "train_s_mean": 100.0, "epochs_mean": 50.0},
+        "harmony": {"n_seeds": 1, "train_s_mean": 9.0, "epochs_mean": None},
+    }
+    s = summarise("no_such_dataset", scores, records, previous=previous)
+    assert (s["regvi"]["train_s_mean"], s["regvi"]["epochs_mean"]) == (100.0, 50.0)
+    assert s["harmony"]["train_s_mean"] == 2.0  # its own record wins over the old summary
+    previous["regvi"]["n_seeds"] = 3  # another set of seeds: the old means do not apply
+    assert summarise("no_such_dataset", scores, records, previous)["regvi"]["train_s_mean"] is None

@@ -140,7 +140,8 @@ class CovariateKeys:
 
         ``library_key`` alone fans out to the ambient, dispersion and library-size groups and,
         unless ``nn_conditioning_covariate_keys`` is given (``[]`` for none: a batch-free
-        decoder), to decoder conditioning; ``batch_key`` is an alias. Combining it with an
+        decoder), to decoder conditioning; feature scaling and the encoder keys default to the
+        decoder-conditioning keys; ``batch_key`` is an alias. Combining it with an
         explicit ambient / dispersion / library-size key is an error; without it, all three must
         be given.
         """
@@ -153,6 +154,10 @@ class CovariateKeys:
             # default = decoder-conditioning keys (docs/model.md#covariate-purposes)
             scaling = list(nn_cond)
         encoder = _as_list(self.encoder_covariate_keys, "encoder_covariate_keys")
+        if encoder is None:
+            # default = decoder-conditioning keys: the encoder sees what the decoder is told
+            # (docs/model.md#covariate-purposes); [] for none
+            encoder = list(nn_cond)
         continuous = _as_list(self.continuous_covariate_keys, "continuous_covariate_keys")
         return {
             "library": [library_key] if library_key else [],
