@@ -362,8 +362,9 @@ def summarise(
     """Method → mean ± sd over seeds of Total / Bio / Batch, worst seed, time and epochs.
 
     ``records`` (embedding → cache record, as the JSON keeps them) take precedence over the
-    cache; a method none of whose embeddings has a record keeps the time, epochs and low-count
-    means of ``previous`` (the summary the JSON held), so a lost cache loses nothing.
+    cache; a method with an embedding without a record keeps the time, epochs and low-count
+    means of ``previous`` (the summary the JSON held, over the same number of seeds), so a lost
+    cache loses nothing and one retrained seed does not stand for all.
     """
     records = {**cached_records(name, scores), **(records or {})}
     methods: dict[str, list[str]] = {}
@@ -403,7 +404,7 @@ def summarise(
                 k: float(np.mean([r[k] for r in low if k in r])) for k in low[0]
             }
         old = (previous or {}).get(method)
-        if not any(recs) and old and old.get("n_seeds") == len(embs):
+        if not all(recs) and old and old.get("n_seeds") == len(embs):
             for k in ("train_s_mean", "epochs_mean", "lowcount_mean"):
                 if old.get(k) is not None:
                     out[method][k] = old[k]

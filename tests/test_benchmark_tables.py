@@ -130,5 +130,8 @@ def test_bench_quality_summary_keeps_times_without_the_cache():
     s = summarise("no_such_dataset", scores, records, previous=previous)
     assert (s["regvi"]["train_s_mean"], s["regvi"]["epochs_mean"]) == (100.0, 50.0)
     assert s["harmony"]["train_s_mean"] == 2.0  # its own record wins over the old summary
+    # one seed retrained (with a record) does not stand for the three: the old means stay
+    one = {**records, "regvi_s0": {"train_s": 7.0, "epochs": 3}}
+    assert summarise("no_such_dataset", scores, one, previous)["regvi"]["train_s_mean"] == 100.0
     previous["regvi"]["n_seeds"] = 3  # another set of seeds: the old means do not apply
     assert summarise("no_such_dataset", scores, records, previous)["regvi"]["train_s_mean"] is None
