@@ -361,12 +361,13 @@ def summarise(
 ) -> dict[str, Any]:
     """Method → mean ± sd over seeds of Total / Bio / Batch, worst seed, time and epochs.
 
-    ``records`` (embedding → cache record, as the JSON keeps them) take precedence over the
-    cache; a method with an embedding without a record keeps the time, epochs and low-count
+    ``records``: embedding → training record, as the JSON keeps them (``None``: read from the
+    cache); a method with an embedding without a record keeps the time, epochs and low-count
     means of ``previous`` (the summary the JSON held, over the same number of seeds), so a lost
     cache loses nothing and one retrained seed does not stand for all.
     """
-    records = {**cached_records(name, scores), **(records or {})}
+    if records is None:
+        records = cached_records(name, scores)
     methods: dict[str, list[str]] = {}
     for emb in scores:
         methods.setdefault(method_of(emb), []).append(emb)
@@ -742,8 +743,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.datasets:
             entry = doc["datasets"][name]
             stable_scores(name, entry["scores"])
+            records = {**entry.get("records", {}), **cached_records(name, entry["scores"])}
             entry["summary"] = summarise(
-                name, entry["scores"], entry.get("records"), previous=entry.get("summary")
+                name, entry["scores"], records, previous=entry.get("summary")
             )
             print_summary(name, entry["summary"])
             args.out.write_text(json.dumps(doc, indent=1))
