@@ -169,6 +169,7 @@ def _check_train_options(args: Mapping[str, Any]) -> int:
     check_float("lr", args["lr"], positive=True)
     check_float("weight_decay", args["weight_decay"], minimum=0.0)
     check_float("eps", args["eps"], positive=True)
+    check_float("max_kl_weight", args["max_kl_weight"], positive=True)
     check_float("validation_fraction", args["validation_fraction"], 0.0, 1.0, below_maximum=True)
     check_int("patience", args["patience"], 1, allow_none=True)
     check_float("min_delta_per_feature", args["min_delta_per_feature"], minimum=0.0)
@@ -511,6 +512,7 @@ class BaseModel:
         stop_during_warmup: bool = False,
         restore_best: bool = False,
         n_epochs_kl_warmup: int | str | None = "auto",
+        max_kl_weight: float = 1.0,
         seed: int | None = None,
         accelerator: str = "cpu",
         devices: int | str = 1,
@@ -553,6 +555,10 @@ class BaseModel:
         n_epochs_kl_warmup
             Linear KL warmup length in epochs (``None``/0: no warmup). ``"auto"``: 50 epochs,
             none for a query model (its reference finished at full KL weight).
+        max_kl_weight
+            β, the weight the latent KL term reaches at the end of the warm-up (docs/model.md#kl-warm-up):
+            1 (default) trains on the ELBO; above 1 each latent dimension must explain more of
+            the counts to be used. Early stopping always monitors the ELBO (β = 1).
         seed
             One seed for everything random (default: the model's construction ``seed``): the
             split, minibatch order, sampling noise and, on the first training of an untrained
@@ -632,6 +638,7 @@ class BaseModel:
             scale_lr_with_batch_size,
             batch_size,
             compile=compile,
+            max_kl_weight=max_kl_weight,
         )
         plan = TrainingPlan(self.module, n_obs_train=len(train_idx), settings=settings)
         plan.epoch_offset = len(self.history)

@@ -66,6 +66,8 @@ class TrainSettings:
     scale_lr_with_batch_size: bool = False
     batch_size: int = 128
     compile: bool = False
+    #: the KL weight the warm-up ends at (β_max of docs/model.md#kl-warm-up; 1: the ELBO)
+    max_kl_weight: float = 1.0
 
     def effective_lr(self) -> float:
         """lr, or lr · B / 128 when scaling with batch size."""
@@ -138,12 +140,18 @@ class TrainingPlan(pl.LightningModule):
         self._kl_tensor: tuple[float, torch.Tensor] | None = None
 
     @property
-    def kl_weight(self) -> float:
-        """Linear KL warmup over ``n_epochs_kl_warmup`` epochs (1 when disabled)."""
+    def warmup_fraction(self) -> float:
+        """How far the linear KL warm-up has come (1 once it is over or when disabled)."""
         n = self.settings.n_epochs_kl_warmup
         if not n:
             return 1.0
         return min(1.0, (self.current_epoch + self.epoch_offset) / n)
+
+    @property
+    def kl_weight(self) -> float:
+        """β · the warm-up fraction: linear over ``n_epochs_kl_warmup`` epochs up to
+        ``max_kl_weight`` (β, 1 by default)."""
+        return self.settings.max_kl_weight * self.warmup_fraction
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         s = self.settings
@@ -273,7 +281,7 @@ class EarlyStopping(pl.Callback):
             if self.restore_best:
                 self._best_state = copy.deepcopy(plan.module.state_dict())
             return
-        in_warmup = plan.kl_weight < 1.0
+        in_warmup = plan.warmup_fraction < 1.0
         if in_warmup and not self.stop_during_warmup:
             return
         self.wait += 1

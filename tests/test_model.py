@@ -171,6 +171,33 @@ def test_early_stopping_respects_warmup_and_patience(sim):
     assert m2.early_stopping.stopped_epoch == 2
 
 
+def test_max_kl_weight_scales_the_warmup_and_not_early_stopping(sim):
+    m = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
+    m.train(
+        max_epochs=12,
+        min_delta_per_feature=1e6,
+        patience=2,
+        n_epochs_kl_warmup=5,
+        max_kl_weight=2.0,
+        progress_bar=False,
+    )
+    h = m.history
+    np.testing.assert_allclose(h["kl_weight"], [0.0, 0.4, 0.8, 1.2, 1.6, 2.0, 2.0])
+    # the warm-up is over at epoch 5 (not when the weight passes 1, at epoch 3)
+    assert m.early_stopping.stopped_epoch == 6
+    # the loss weighs KL_z by beta; the monitored ELBO does not
+    last = h.iloc[-1]
+    np.testing.assert_allclose(
+        last["train_loss"] - last["train_elbo"],
+        last["train_kl_z"] + last["train_global"],
+        rtol=1e-4,
+    )
+    with pytest.raises(ValueError, match="max_kl_weight"):
+        m.train(max_epochs=1, max_kl_weight=0)
+    with pytest.raises(TypeError, match="max_kl_weight"):
+        m.train(max_epochs=1, max_kl_weight="2")
+
+
 def test_training_is_seeded(sim):
     runs = []
     for _ in range(2):
