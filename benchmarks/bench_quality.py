@@ -14,8 +14,9 @@ the counts by ctrl / stim lane): ``kang_sample`` (Kang 2018 PBMC by sample, 14k 
 Methods: ``pca`` (the Benchmarker's unintegrated reference), ``harmony`` (harmonypy on that
 PCA), ``scvi`` / ``scvi_large`` (scvi-tools SCVI 128/10 and 512/128 with its defaults and early
 stopping, in its own virtualenv: ``benchmarks/setup_scvi_env.sh``), ``regvi`` (defaults, only
-``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_noenc`` /
-``regvi_large_noenc`` (the previous default: encoders without the library key,
+``library_key`` set), ``regvi_large`` (``RegVI.preset("large")``), ``regvi_b1`` /
+``regvi_large_b1`` (the previous default: the plain ELBO, ``max_kl_weight=1``), ``regvi_noenc`` /
+``regvi_large_noenc`` (the one before: also encoders without the library key,
 ``encoder_covariate_keys=[]``), ``regvi_nl10`` (the one before: also ``n_latent=10``),
 ``regvi_log1p`` (before that: ``log1p`` encoder input), ``regvi_batchfree`` (before that: also
 the batch-free decoder, ``nn_conditioning_covariate_keys=[]``), and any setting given with
@@ -83,28 +84,41 @@ METHODS = (
     "scvi_large",
     "regvi",
     "regvi_large",
+    "regvi_b1",
+    "regvi_large_b1",
     "regvi_noenc",
     "regvi_large_noenc",
     "regvi_nl10",
     "regvi_log1p",
     "regvi_batchfree",
 )
+#: the plain ELBO (``max_kl_weight=1``), the default before beta = 2
+B1 = {"max_kl_weight": 1.0}
 REGVI_SETTINGS = {
     "regvi": {"name": "regvi"},
     "regvi_large": {"name": "regvi_large", "preset": "large"},
-    # the default before the encoders saw the library key (2026-12-07)
-    "regvi_noenc": {"name": "regvi_noenc", "model": {"encoder_covariate_keys": []}},
+    # the default before the KL weight beta = 2 (2026-12-07)
+    "regvi_b1": {"name": "regvi_b1", "train": {"max_kl_weight": 1.0}},
+    "regvi_large_b1": {"name": "regvi_large_b1", "preset": "large", "train": B1},
+    # the one before: also encoders without the library key (2026-12-07)
+    "regvi_noenc": {"name": "regvi_noenc", "model": {"encoder_covariate_keys": []}, "train": B1},
     "regvi_large_noenc": {
         "name": "regvi_large_noenc",
         "preset": "large",
         "model": {"encoder_covariate_keys": []},
+        "train": B1,
     },
     # the default before n_latent=20 (chosen by the quality sweep, 2026-12-07)
-    "regvi_nl10": {"name": "regvi_nl10", "model": {"n_latent": 10, "encoder_covariate_keys": []}},
+    "regvi_nl10": {
+        "name": "regvi_nl10",
+        "model": {"n_latent": 10, "encoder_covariate_keys": []},
+        "train": B1,
+    },
     # the default before the depth-normalised encoder input (encoder_input="normalised")
     "regvi_log1p": {
         "name": "regvi_log1p",
         "model": {"encoder_input": "log1p", "n_latent": 10, "encoder_covariate_keys": []},
+        "train": B1,
     },
     # the default before that: also the batch-free decoder
     "regvi_batchfree": {
@@ -114,6 +128,7 @@ REGVI_SETTINGS = {
             "encoder_input": "log1p",
             "n_latent": 10,
         },
+        "train": B1,
     },
 }
 SCVI_SIZES = {"scvi": (128, 10), "scvi_large": (512, 128)}

@@ -512,7 +512,7 @@ class BaseModel:
         stop_during_warmup: bool = False,
         restore_best: bool = False,
         n_epochs_kl_warmup: int | str | None = "auto",
-        max_kl_weight: float = 1.0,
+        max_kl_weight: float = 2.0,
         seed: int | None = None,
         accelerator: str = "cpu",
         devices: int | str = 1,
@@ -556,9 +556,12 @@ class BaseModel:
             Linear KL warmup length in epochs (``None``/0: no warmup). ``"auto"``: 50 epochs,
             none for a query model (its reference finished at full KL weight).
         max_kl_weight
-            β, the weight the latent KL term reaches at the end of the warm-up (docs/model.md#kl-warm-up):
-            1 (default) trains on the ELBO; above 1 each latent dimension must explain more of
-            the counts to be used. Early stopping always monitors the ELBO (β = 1).
+            β, the weight the latent KL term reaches at the end of the warm-up
+            (docs/model.md#kl-warm-up). The default 2 makes each latent dimension explain more
+            of the counts to be used, so a wide latent (``preset("large")``, n_latent 128) keeps
+            a few informative dimensions instead of spreading over all of them; 1 trains on the
+            plain ELBO. Early stopping always monitors the ELBO (β = 1). A query model from
+            ``load_query_data`` should train with its reference's value.
         seed
             One seed for everything random (default: the model's construction ``seed``): the
             split, minibatch order, sampling noise and, on the first training of an untrained

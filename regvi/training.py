@@ -67,7 +67,7 @@ class TrainSettings:
     batch_size: int = 128
     compile: bool = False
     #: the KL weight the warm-up ends at (β_max of docs/model.md#kl-warm-up; 1: the ELBO)
-    max_kl_weight: float = 1.0
+    max_kl_weight: float = 2.0
 
     def effective_lr(self) -> float:
         """lr, or lr · B / 128 when scaling with batch size."""
@@ -150,7 +150,7 @@ class TrainingPlan(pl.LightningModule):
     @property
     def kl_weight(self) -> float:
         """β · the warm-up fraction: linear over ``n_epochs_kl_warmup`` epochs up to
-        ``max_kl_weight`` (β, 1 by default)."""
+        ``max_kl_weight`` (β, 2 by default)."""
         return self.settings.max_kl_weight * self.warmup_fraction
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -123,7 +123,7 @@ def test_query_training_defaults_to_the_short_budget_without_warmup(split, refer
         warnings.simplefilter("ignore")
         history = q.train(progress_bar=False)
     assert 1 <= len(history) <= 100
-    assert (history["kl_weight"] == 1.0).all()  # no warm-up
+    assert (history["kl_weight"] == 2.0).all()  # no warm-up: the full β (the default 2) at once
     with pytest.raises(TypeError, match=r"n_epochs_kl_warmup='autoo'.*'auto'"):
         q.train(n_epochs_kl_warmup="autoo", progress_bar=False)
 
