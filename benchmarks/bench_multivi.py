@@ -103,7 +103,13 @@ def _scvi_final(model: Any) -> dict[str, float]:
 
 
 def child_train(
-    run: str, rna_path: Path, atac_path: Path, epochs: int, warmup: int, latent_out: Path
+    run: str,
+    rna_path: Path,
+    atac_path: Path,
+    epochs: int,
+    warmup: int,
+    latent_out: Path,
+    max_kl_weight: float | None = None,
 ) -> dict[str, Any]:
     """Train one model in this process and save its latent posterior mean.
 
@@ -147,7 +153,7 @@ def child_train(
     if run in SCVI_RUNS:
         trained = _train_scvi_tools(run, rna, atac, epochs, warmup, rec)
     elif run in ("regvi-multi", "regvi-rna"):
-        trained = _train_regvi(run, rna, atac, epochs, warmup, rec)
+        trained = _train_regvi(run, rna, atac, epochs, warmup, rec, max_kl_weight)
     else:
         raise ValueError(f"unknown run {run!r}")
 
@@ -277,7 +283,13 @@ def _train_peakvi_scvi(
 
 
 def _train_regvi(
-    run: str, rna: Any, atac: Any, epochs: int, warmup: int, rec: dict[str, Any]
+    run: str,
+    rna: Any,
+    atac: Any,
+    epochs: int,
+    warmup: int,
+    rec: dict[str, Any],
+    max_kl_weight: float | None = None,
 ) -> _common.TrainedRun:
     """regvi: RegMultiVI on RNA + ATAC (``regvi-multi``) or RegVI on RNA (``regvi-rna``);
     adds the model, version, history columns and final values to ``rec``."""
@@ -308,6 +320,7 @@ def _train_regvi(
         "n_latent": n_latent,
         "n_layers": N_LAYERS,
         "train": "regvi defaults otherwise: Adam lr 1e-3, weight_decay 1e-6, eps 0.01",
+        "max_kl_weight": max_kl_weight,  # None: the default
         "latent": latent_desc,
     }
     hist, train_s, rss_before = _common.timed(
@@ -319,6 +332,7 @@ def _train_regvi(
             n_epochs_kl_warmup=warmup,
             seed=SEED,
             progress_bar=False,
+            **({} if max_kl_weight is None else {"max_kl_weight": max_kl_weight}),
         )
     )
     z = model.get_latent_representation(batch_size=LATENT_BATCH_SIZE)
@@ -336,6 +350,7 @@ def run_child_main(args: argparse.Namespace) -> int:
         args.epochs,
         args.kl_warmup,
         Path(args.latent_out),
+        args.max_kl_weight,
     )
     return _common.write_record(args, rec)
 
@@ -388,6 +403,7 @@ def _train_run(
             "--child", run, "--rna", str(paths["rna"]), "--atac", str(paths["atac"]),
             "--epochs", str(args.epochs), "--kl-warmup", str(args.kl_warmup),
             "--latent-out", str(latent),
+            *(["--max-kl-weight", str(args.max_kl_weight)] if args.max_kl_weight else []),
         ],
         workdir / f"{tag}.log",
         workdir / f"{tag}.json",
@@ -577,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(RUNS)} (default all)")  # fmt: skip
     p.add_argument("--kl-warmup", type=int, default=KL_WARMUP,
                    help=f"KL warmup epochs for every tool (default {KL_WARMUP})")  # fmt: skip
+    p.add_argument("--max-kl-weight", type=float, default=None,
+                   help="regvi runs: train(max_kl_weight=...) (default: regvi's default)")  # fmt: skip
     p.add_argument("--no-fallback", action="store_true",
                    help="do not fall back to PEAKVI + SCVI when MULTIVI fails")  # fmt: skip
     _common.add_run_args(p, DEFAULT_OUT)
