@@ -146,41 +146,30 @@ def test_bad_train_arguments(sim):
         regvi.RegVI(sim.X, library_key="library")
 
 
-def test_early_stopping_respects_warmup_and_patience(sim):
+def _never_improving(sim, **train_kwargs) -> regvi.RegVI:
+    """A model trained with an impossible min_delta (nothing improves after epoch 0),
+    patience 2 and a 5-epoch warm-up."""
     m = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
-    # an impossible min_delta: nothing counts as an improvement after epoch 0
     m.train(
         max_epochs=12,
         min_delta_per_feature=1e6,
         patience=2,
         n_epochs_kl_warmup=5,
         progress_bar=False,
+        **train_kwargs,
     )
-    es = m.early_stopping
+    return m
+
+
+def test_early_stopping_respects_warmup_and_patience(sim):
+    m = _never_improving(sim, max_kl_weight=1.0)
     # warmup epochs 1–4 never count; epochs 5 and 6 exhaust patience
-    assert es.stopped_epoch == 6 and len(m.history) == 7
-    m2 = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
-    m2.train(
-        max_epochs=12,
-        min_delta_per_feature=1e6,
-        patience=2,
-        n_epochs_kl_warmup=5,
-        stop_during_warmup=True,
-        progress_bar=False,
-    )
-    assert m2.early_stopping.stopped_epoch == 2
+    assert m.early_stopping.stopped_epoch == 6 and len(m.history) == 7
+    assert _never_improving(sim, stop_during_warmup=True).early_stopping.stopped_epoch == 2
 
 
 def test_max_kl_weight_scales_the_warmup_and_not_early_stopping(sim):
-    m = regvi.RegVI(sim, library_key="library", n_hidden=8, n_latent=2)
-    m.train(
-        max_epochs=12,
-        min_delta_per_feature=1e6,
-        patience=2,
-        n_epochs_kl_warmup=5,
-        max_kl_weight=2.0,
-        progress_bar=False,
-    )
+    m = _never_improving(sim)  # the default beta = 2
     h = m.history
     np.testing.assert_allclose(h["kl_weight"], [0.0, 0.4, 0.8, 1.2, 1.6, 2.0, 2.0])
     # the warm-up is over at epoch 5 (not when the weight passes 1, at epoch 3)
