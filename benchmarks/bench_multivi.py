@@ -403,7 +403,7 @@ def _train_run(
             "--child", run, "--rna", str(paths["rna"]), "--atac", str(paths["atac"]),
             "--epochs", str(args.epochs), "--kl-warmup", str(args.kl_warmup),
             "--latent-out", str(latent),
-            *(["--max-kl-weight", str(args.max_kl_weight)] if args.max_kl_weight else []),
+            *([] if args.max_kl_weight is None else ["--max-kl-weight", str(args.max_kl_weight)]),
         ],
         workdir / f"{tag}.log",
         workdir / f"{tag}.json",

@@ -98,7 +98,7 @@ REGVI_SETTINGS = {
     "regvi": {"name": "regvi"},
     "regvi_large": {"name": "regvi_large", "preset": "large"},
     # the default before the KL weight beta = 2 (2026-12-07)
-    "regvi_b1": {"name": "regvi_b1", "train": {"max_kl_weight": 1.0}},
+    "regvi_b1": {"name": "regvi_b1", "train": B1},
     "regvi_large_b1": {"name": "regvi_large_b1", "preset": "large", "train": B1},
     # the one before: also encoders without the library key (2026-12-07)
     "regvi_noenc": {"name": "regvi_noenc", "model": {"encoder_covariate_keys": []}, "train": B1},
@@ -366,6 +366,15 @@ def cached_records(name: str, embeddings: Any) -> dict[str, dict[str, Any]]:
         if rec.is_file():
             out[e] = json.loads(rec.read_text())
     return out
+
+
+def known_records(
+    name: str, stored: dict[str, dict[str, Any]], scores: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The training records of ``scores``' embeddings: the JSON's ``stored`` ones, overridden
+    by the cache's where it has them."""
+    records = {**stored, **cached_records(name, scores)}
+    return {e: r for e, r in records.items() if e in scores}
 
 
 def summarise(
@@ -691,8 +700,7 @@ def score_all(args: argparse.Namespace) -> dict[str, Any]:
             scores.update(score(name, args.n_jobs, skip=frozenset(scores)))
         else:
             scores = score(name, args.n_jobs)
-        records = {**prev.get("records", {}), **cached_records(name, scores)}
-        records = {e: r for e, r in records.items() if e in scores}
+        records = known_records(name, prev.get("records", {}), scores)
         summary = summarise(name, scores, records, previous=prev.get("summary"))
         png = plot(name, scores, summary)
         doc["datasets"][name] = {
@@ -758,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.datasets:
             entry = doc["datasets"][name]
             stable_scores(name, entry["scores"])
-            records = {**entry.get("records", {}), **cached_records(name, entry["scores"])}
+            records = known_records(name, entry.get("records", {}), entry["scores"])
             entry["summary"] = summarise(
                 name, entry["scores"], records, previous=entry.get("summary")
             )

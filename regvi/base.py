@@ -512,7 +512,7 @@ class BaseModel:
         stop_during_warmup: bool = False,
         restore_best: bool = False,
         n_epochs_kl_warmup: int | str | None = "auto",
-        max_kl_weight: float = 2.0,
+        max_kl_weight: float = TrainSettings.max_kl_weight,
         seed: int | None = None,
         accelerator: str = "cpu",
         devices: int | str = 1,
