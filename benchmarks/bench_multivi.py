@@ -110,6 +110,7 @@ def child_train(
     warmup: int,
     latent_out: Path,
     max_kl_weight: float | None = None,
+    seed: int = SEED,
 ) -> dict[str, Any]:
     """Train one model in this process and save its latent posterior mean.
 
@@ -125,6 +126,10 @@ def child_train(
         Linear KL warmup length in epochs.
     latent_out
         ``.npy`` path for the ``(n_cells, N_LATENT)`` latent mean.
+    max_kl_weight
+        regvi runs: ``train(max_kl_weight=...)``; ``None`` for regvi's default.
+    seed
+        Seed of the run (torch, numpy, the tool's own seed).
 
     Returns
     -------
@@ -136,8 +141,8 @@ def child_train(
     import torch
 
     set_threads(N_THREADS)
-    torch.manual_seed(SEED)
-    np.random.seed(SEED)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seed the legacy global RNG the libraries may use
     rna = ad.read_h5ad(rna_path)
     atac = ad.read_h5ad(atac_path) if run != "regvi-rna" else None
     if atac is not None and not np.array_equal(rna.obs_names, atac.obs_names):
@@ -149,11 +154,12 @@ def child_train(
         "n_genes": int(rna.n_vars),
         "n_regions": None if atac is None else int(atac.n_vars),
         "kl_warmup_epochs": warmup,
+        "seed": seed,
     }
     if run in SCVI_RUNS:
-        trained = _train_scvi_tools(run, rna, atac, epochs, warmup, rec)
+        trained = _train_scvi_tools(run, rna, atac, epochs, warmup, rec, seed)
     elif run in ("regvi-multi", "regvi-rna"):
-        trained = _train_regvi(run, rna, atac, epochs, warmup, rec, max_kl_weight)
+        trained = _train_regvi(run, rna, atac, epochs, warmup, rec, max_kl_weight, seed)
     else:
         raise ValueError(f"unknown run {run!r}")
 
@@ -163,14 +169,14 @@ def child_train(
 
 
 def _train_scvi_tools(
-    run: str, rna: Any, atac: Any, epochs: int, warmup: int, rec: dict[str, Any]
+    run: str, rna: Any, atac: Any, epochs: int, warmup: int, rec: dict[str, Any], seed: int
 ) -> _common.TrainedRun:
     """MULTIVI, or the PeakVI + SCVI fallback; adds versions, the model and the final losses
     to ``rec``."""
     import lightning
     import scvi
 
-    scvi.settings.seed = SEED
+    scvi.settings.seed = seed
     set_threads(N_THREADS)  # scvi's seed setter may touch torch settings; re-pin
     timer = epoch_timer()
     rec.update({"scvi-tools": scvi.__version__, "lightning": lightning.__version__})
@@ -290,6 +296,7 @@ def _train_regvi(
     warmup: int,
     rec: dict[str, Any],
     max_kl_weight: float | None = None,
+    seed: int = SEED,
 ) -> _common.TrainedRun:
     """regvi: RegMultiVI on RNA + ATAC (``regvi-multi``) or RegVI on RNA (``regvi-rna``);
     adds the model, version, history columns and final values to ``rec``."""
@@ -330,7 +337,7 @@ def _train_regvi(
             validation_fraction=VALIDATION_FRACTION,
             early_stopping=False,
             n_epochs_kl_warmup=warmup,
-            seed=SEED,
+            seed=seed,
             progress_bar=False,
             **({} if max_kl_weight is None else {"max_kl_weight": max_kl_weight}),
         )
@@ -351,6 +358,7 @@ def run_child_main(args: argparse.Namespace) -> int:
         args.kl_warmup,
         Path(args.latent_out),
         args.max_kl_weight,
+        args.seed,
     )
     return _common.write_record(args, rec)
 
@@ -402,7 +410,7 @@ def _train_run(
         [
             "--child", run, "--rna", str(paths["rna"]), "--atac", str(paths["atac"]),
             "--epochs", str(args.epochs), "--kl-warmup", str(args.kl_warmup),
-            "--latent-out", str(latent),
+            "--latent-out", str(latent), "--seed", str(args.seed),
             *([] if args.max_kl_weight is None else ["--max-kl-weight", str(args.max_kl_weight)]),
         ],
         workdir / f"{tag}.log",
@@ -554,6 +562,7 @@ def _settings_record(
         "validation": "every epoch",
         "early_stopping": False,
         "kl_warmup_epochs": args.kl_warmup,
+        "seed": args.seed,
         "torch_threads": N_THREADS,
         "n_hidden": N_HIDDEN,
         "n_latent_total": N_LATENT,
@@ -595,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KL warmup epochs for every tool (default {KL_WARMUP})")  # fmt: skip
     p.add_argument("--max-kl-weight", type=float, default=None,
                    help="regvi runs: train(max_kl_weight=...) (default: regvi's default)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=SEED,
+                   help=f"seed of every run (default {SEED})")  # fmt: skip
     p.add_argument("--no-fallback", action="store_true",
                    help="do not fall back to PEAKVI + SCVI when MULTIVI fails")  # fmt: skip
     _common.add_run_args(p, DEFAULT_OUT)
