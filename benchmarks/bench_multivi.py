@@ -12,6 +12,9 @@ Runs
     ``regvi.RegMultiVI({"rna": rna, "atac": atac}, library_key="batch",
     n_latent={"atac": 10, "rna": 10}, n_hidden=128)``; latent = joint
     z = [z_atac ; z_rna] (20 dims).
+``regvi-poe``
+    the same with ``latent_mode="poe", n_latent=20``: one shared 20-dimensional latent whose
+    posterior is the product of the prior and the RNA and ATAC encoders' Gaussian experts.
 ``regvi-rna``
     ``regvi.RegVI(rna, library_key="batch", n_latent=20, n_hidden=128)``: the RNA-only
     baseline.
@@ -82,7 +85,7 @@ N_LAYERS = 1
 BATCH_SIZE = 128
 VALIDATION_FRACTION = 0.1  # regvi: 1 - TRAIN_SIZE
 KL_WARMUP = 50  # epochs; the default of MULTIVI.train, PEAKVI.train and regvi
-RUNS = ("regvi-multi", "regvi-rna", "multivi")
+RUNS = ("regvi-multi", "regvi-poe", "regvi-rna", "multivi")
 FALLBACK = "peakvi+scvi"
 SCVI_RUNS = ("multivi", FALLBACK)
 REFERENCE = "multivi"
@@ -158,7 +161,7 @@ def child_train(
     }
     if run in SCVI_RUNS:
         trained = _train_scvi_tools(run, rna, atac, epochs, warmup, rec, seed)
-    elif run in ("regvi-multi", "regvi-rna"):
+    elif run in ("regvi-multi", "regvi-poe", "regvi-rna"):
         trained = _train_regvi(run, rna, atac, epochs, warmup, rec, max_kl_weight, seed)
     else:
         raise ValueError(f"unknown run {run!r}")
@@ -298,11 +301,24 @@ def _train_regvi(
     max_kl_weight: float | None = None,
     seed: int = SEED,
 ) -> _common.TrainedRun:
-    """regvi: RegMultiVI on RNA + ATAC (``regvi-multi``) or RegVI on RNA (``regvi-rna``);
-    adds the model, version, history columns and final values to ``rec``."""
+    """regvi: RegMultiVI on RNA + ATAC (``regvi-multi``: concatenated blocks; ``regvi-poe``:
+    product of experts) or RegVI on RNA (``regvi-rna``); adds the model, version, history
+    columns and final values to ``rec``."""
     import regvi
 
-    if run == "regvi-multi":
+    if run == "regvi-poe":
+        n_latent = N_LATENT
+        model = regvi.RegMultiVI(
+            {"rna": rna, "atac": atac},
+            library_key=BATCH_KEY,
+            n_latent=N_LATENT,
+            n_hidden=N_HIDDEN,
+            n_layers=N_LAYERS,
+            latent_mode="poe",
+        )
+        cls = "regvi.RegMultiVI(latent_mode='poe')"
+        latent_desc = "shared z posterior mean (product of the prior and both experts)"
+    elif run == "regvi-multi":
         n_latent: Any = {"atac": N_LATENT // 2, "rna": N_LATENT - N_LATENT // 2}
         model = regvi.RegMultiVI(
             {"rna": rna, "atac": atac},

@@ -219,6 +219,11 @@ def modality_attribution(
         derivatives, ``per_dim`` decoder → ``(B, D)`` mean absolute derivatives and ``target``.
     """
     check_target(target)
+    if module.config.latent_mode != "concat":
+        raise ValueError(
+            f"modality attribution needs per-modality latent blocks (latent_mode='concat'); "
+            f"got latent_mode={module.config.latent_mode!r}"
+        )
     mods = list(module.modalities)
     slices = module.slices
     n_cells, n_dims = z.shape

@@ -23,7 +23,7 @@ from regvi.base import (
     Unpack,
     inference_options,
 )
-from regvi.checks import check_bool, check_float
+from regvi.checks import check_bool, check_choice, check_float
 from regvi.data import CovariateRegistry, MultiCountBatches, get_counts, make_loader
 from regvi.data.counts import validate_counts
 from regvi.data.modalities import (  # re-exported: regvi.multimodal.select_modalities etc.
@@ -39,6 +39,7 @@ from regvi.data.registry import MODEL_PURPOSES, CovariateKeys
 from regvi.io import register_model_class
 from regvi.module import ModuleConfig, check_module_options
 from regvi.multimodule import (
+    LATENT_MODES,
     SWITCHABLE_PURPOSES,
     MultiModuleConfig,
     RegMultiVIModule,
@@ -47,6 +48,8 @@ from regvi.multimodule import (
 #: Latent dimensions per modality unless given (the joint latent is their sum; RegVI's single
 #: latent defaults to 20, see docs/model.md).
 MODALITY_N_LATENT = 10
+#: Size of the ONE shared latent with ``latent_mode="poe"`` unless given (RegVI's default).
+POE_N_LATENT = 20
 
 #: Per-modality defaults by kind of modality (docs/model.md#multimodal-model); other names
 #: get ``"other"``.
@@ -152,9 +155,12 @@ def _module_configs(
     sizes: Mapping[str, Any],
     model_kwargs: Mapping[str, Any],
     disabled: Mapping[str, Sequence[str]],
+    latent_mode: str = "concat",
 ) -> dict[str, ModuleConfig]:
     """Modality → module config: defaults by modality kind, then the options and sizes given
-    (scalars or dicts by modality), with the modality's covariate switches applied."""
+    (scalars or dicts by modality), with the modality's covariate switches applied. Every
+    decoder reads the joint latent: the sum of the blocks (``"concat"``) or the one shared z
+    (``"poe"``)."""
     names = list(mods)
     sizes = {k: _per_modality(k, v, names) for k, v in sizes.items()}
     options = {k: _per_modality(k, v, names) for k, v in model_kwargs.items()}
@@ -162,7 +168,12 @@ def _module_configs(
     for m, v in n_lat.items():
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"n_latent[{m!r}]={v!r}; expected a positive integer")
-    total_latent = sum(n_lat.values())
+    if latent_mode == "poe" and len(set(n_lat.values())) > 1:
+        raise ValueError(
+            f"n_latent={n_lat}: latent_mode='poe' shares one latent between the modalities; "
+            "give one n_latent for all of them"
+        )
+    total_latent = max(n_lat.values()) if latent_mode == "poe" else sum(n_lat.values())
     configs = {}
     for m in names:
         off = set(disabled.get(m, ()))
@@ -211,7 +222,14 @@ class RegMultiVI(BaseModel):
     allow_non_integer
         Accept non-integer counts (bool, or dict by modality).
     n_hidden, n_latent, n_layers, dropout_rate
-        Network sizes, a scalar or a dict by modality (defaults 128 / 10 / 1 / 0.1).
+        Network sizes, a scalar or a dict by modality (defaults 128 / 10 / 1 / 0.1; with
+        ``latent_mode="poe"`` ``n_latent`` is the size of the shared latent, default 20).
+    latent_mode
+        ``"concat"`` (default): each modality's encoder gives its own latent block and the
+        joint latent is z = [z_m1 ; z_m2 ; ...]. ``"poe"``: one shared latent whose posterior
+        is the product of the prior and every observed modality's Gaussian encoder (a product
+        of experts, docs/model.md#product-of-experts); no per-modality blocks, so no Jacobian
+        modality attribution.
     data_init, dispersion_init
         As in :class:`regvi.RegVI` (shared by all modalities).
     disabled_covariates
@@ -240,13 +258,14 @@ class RegMultiVI(BaseModel):
         layer: str | Mapping[str, str | None] | None = None,
         allow_non_integer: bool | Mapping[str, bool] = False,
         n_hidden: int | Mapping[str, int] = 128,
-        n_latent: int | Mapping[str, int] = 10,
+        n_latent: int | Mapping[str, int] | None = None,
         n_layers: int | Mapping[str, int] = 1,
         dropout_rate: float | Mapping[str, float] = 0.1,
         data_init: bool = True,
         dispersion_init: Literal["prior", "data"] = "prior",
         disabled_covariates: Mapping[str, Sequence[str]] | None = None,
         lr_multipliers: Mapping[str, float] | None = None,
+        latent_mode: Literal["concat", "poe"] = "concat",
         seed: int = 0,
         **options: Any,
     ):
@@ -254,6 +273,9 @@ class RegMultiVI(BaseModel):
         keys, model_kwargs = CovariateKeys.split(options, library_key=library_key, layer=None)
         self._refuse_unknown_options(model_kwargs)
         setup = self._check_setup_options(data_init, dispersion_init, seed)
+        check_choice("latent_mode", latent_mode, LATENT_MODES)
+        if n_latent is None:
+            n_latent = POE_N_LATENT if latent_mode == "poe" else MODALITY_N_LATENT
         mods = select_modalities(mdata, modalities)
         names = list(mods)
         sizes = {
@@ -272,9 +294,12 @@ class RegMultiVI(BaseModel):
         self._covariates = self.registry.encode(obs, MODEL_PURPOSES)
         self.config = MultiModuleConfig(
             modalities=names,
-            configs=_module_configs(mods, self.registry, sizes, model_kwargs, disabled),
+            configs=_module_configs(
+                mods, self.registry, sizes, model_kwargs, disabled, latent_mode
+            ),
             disabled_covariates={m: v for m, v in disabled.items() if v},
             lr_multipliers={m: float(v) for m, v in (lr_multipliers or {}).items()},
+            latent_mode=latent_mode,
         )
         self.var_names = {m: [str(v) for v in a.var_names] for m, a in mods.items()}
         self.layers = {m: layers.get(m) for m in names}
@@ -408,12 +433,15 @@ class RegMultiVI(BaseModel):
     ) -> np.ndarray:
         """Joint latent z = [z_m1 ; z_m2 ; ...] (or one modality's block), ``(n_cells, D)``.
 
+        With ``latent_mode="poe"`` the joint latent is the shared z, and ``modality`` gives
+        the posterior of z from that modality's data alone (prior × its expert).
+
         Parameters
         ----------
         mdata
             Data to encode (default: the setup data).
         modality
-            Return only this modality's latent block.
+            Return only this modality's latent block (``"poe"``: its own posterior).
         give_mean
             Posterior mean (default) or one sample.
         **options
@@ -422,13 +450,32 @@ class RegMultiVI(BaseModel):
         """
         if modality is not None and modality not in self.modalities:
             raise KeyError(f"modality {modality!r} unknown; modalities: {self.modalities}")
+        if modality is not None and self.config.latent_mode == "poe":
+            return self._modality_latent(mdata, modality, give_mean, inference_options(options))
         z = self._latent(mdata, give_mean, inference_options(options))
         if modality is not None:
             z = z[:, self.module.slices[modality]]
         return z
 
+    def _modality_latent(
+        self, data: Any, modality: str, give_mean: bool, options: InferenceOptions
+    ) -> np.ndarray:
+        """``latent_mode="poe"``: posterior mean (or a draw) of z given one modality only."""
+        self.module.eval()
+        out = []
+        for batch in self._inference_batches(data, options):
+            inf = self.module.inference(batch, sample=False)
+            mean, var = self.module.modality_posterior(inf["modalities"][modality])
+            out.append((mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.n_latent), np.float32)
+
     def get_modality_latents(self, **kwargs: Any) -> dict[str, np.ndarray]:
-        """Modality → its block of the joint latent (same arguments as the joint latent)."""
+        """Modality → its block of the joint latent (same arguments as the joint latent);
+        with ``latent_mode="poe"``, modality → the posterior of z from that modality alone."""
+        if self.config.latent_mode == "poe":
+            return {
+                m: self.get_latent_representation(modality=m, **kwargs) for m in self.modalities
+            }
         z = self.get_latent_representation(**kwargs)
         return {m: z[:, s] for m, s in self.module.slices.items()}
 
@@ -520,6 +567,12 @@ class RegMultiVI(BaseModel):
             ``upstream_obs()`` and ``summary()``. Also kept as ``model.attribution_``.
         """
         check_target(target)
+        if self.config.latent_mode != "concat":
+            raise ValueError(
+                f"Jacobian modality attribution compares the latent blocks of the modalities; "
+                f"this model has latent_mode={self.config.latent_mode!r} (one shared latent, no "
+                "blocks). Use latent_mode='concat' for attribution."
+            )
         self.module.eval()
         parts = []
         for batch in self._batches(mdata, indices, batch_size, category_fallback):

@@ -5,11 +5,15 @@ Every modality keeps the single-modal building blocks — encoder, library encod
 ambient, feature scaling, dispersion prior and GammaPoisson likelihood — so there is one
 implementation of each. What this module adds is the wiring:
 
-* modalities are sorted alphabetically; modality m's encoder gives the latent block z_m with its
-  own N(0, I) prior, and the joint z = [z_m1 ; z_m2 ; ...] feeds EVERY decoder;
-* a cell with no counts in modality m (missing modality) has that modality's local terms masked
-  (reconstruction, KL(q(z_m) || p(z_m)), KL(q(l_m) || p(l_m))) and its block z_m drawn from the
-  prior p(z_m) = N(0, I) (its posterior given no data) — the prior mean at inference;
+* modalities are sorted alphabetically. With ``latent_mode="concat"`` (default) modality m's
+  encoder gives the latent block z_m with its own N(0, I) prior, and the joint
+  z = [z_m1 ; z_m2 ; ...] feeds EVERY decoder; a cell with no counts in modality m (missing
+  modality) has that modality's local terms masked (reconstruction, KL(q(z_m) || p(z_m)),
+  KL(q(l_m) || p(l_m))) and its block z_m drawn from the prior p(z_m) = N(0, I) (its posterior
+  given no data) — the prior mean at inference;
+* with ``latent_mode="poe"`` every encoder is an expert on ONE shared z: the posterior is the
+  product of the prior N(0, I) and the Gaussian experts of the cell's observed modalities
+  (precision-weighted means), with one KL(q(z) || p(z)) per cell;
 * loss = sum over modalities of local terms meaned over cells + sum of global terms / N_train;
 * per-modality switches turn purpose-based covariates off (one group / no input for that
   modality), and per-modality learning-rate multipliers become optimiser parameter groups.
@@ -26,12 +30,15 @@ from torch import nn
 from regvi.data.modalities import GROUP_PURPOSES
 from regvi.data.registry import MODEL_PURPOSES
 from regvi.module import ModuleConfig, RegVIModule, check_n_obs
+from regvi.nn.distributions import normal_kl
 from regvi.nn.joint_embedding import barlow_twins_loss
 
 #: Covariate purposes a modality can switch off: those of the model, and the continuous inputs.
 SWITCHABLE_PURPOSES = (*MODEL_PURPOSES, "continuous")
 #: Purposes whose codes index parameter groups (switched off = everything in group 0).
 _GROUP_PURPOSES = GROUP_PURPOSES
+#: How the encoders form the joint latent: blocks side by side, or a product of experts.
+LATENT_MODES = ("concat", "poe")
 
 
 @dataclass
@@ -48,12 +55,17 @@ class MultiModuleConfig:
         Modality → purposes switched off for it.
     lr_multipliers
         Modality → multiplier of the learning rate of its parameters.
+    latent_mode
+        ``"concat"``: z = [z_m1 ; z_m2 ; ...], one block per modality; ``"poe"``: one shared z,
+        the product of the prior and every observed modality's Gaussian expert (all modalities
+        then have the same ``n_latent``).
     """
 
     modalities: list[str]
     configs: dict[str, ModuleConfig]
     disabled_covariates: dict[str, list[str]] = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    latent_mode: str = "concat"
 
     def __post_init__(self) -> None:
         if list(self.modalities) != sorted(self.modalities):
@@ -63,6 +75,16 @@ class MultiModuleConfig:
         if set(self.configs) != set(self.modalities):
             raise ValueError(
                 f"configs for {sorted(self.configs)} do not match modalities {self.modalities}"
+            )
+        if self.latent_mode not in LATENT_MODES:
+            raise ValueError(
+                f"latent_mode={self.latent_mode!r}; expected one of {list(LATENT_MODES)}"
+            )
+        sizes = {m: c.n_latent for m, c in self.configs.items()}
+        if self.latent_mode == "poe" and len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"latent_mode='poe' shares one latent between the modalities, so n_latent must "
+                f"be the same for all of them; got {sizes}"
             )
         total = self.n_latent
         for m, c in self.configs.items():
@@ -88,10 +110,15 @@ class MultiModuleConfig:
     @property
     def n_latent(self) -> int:
         """Size of the joint latent z."""
+        if self.latent_mode == "poe":
+            return self.configs[self.modalities[0]].n_latent
         return sum(self.configs[m].n_latent for m in self.modalities)
 
     def latent_slices(self) -> dict[str, slice]:
-        """Modality → its block of the joint latent."""
+        """Modality → its block of the joint latent (empty with ``latent_mode="poe"``: there
+        are no blocks)."""
+        if self.latent_mode == "poe":
+            return {}
         out, start = {}, 0
         for m in self.modalities:
             n = self.configs[m].n_latent
@@ -106,6 +133,7 @@ class MultiModuleConfig:
             "configs": {m: c.to_dict() for m, c in self.configs.items()},
             "disabled_covariates": {m: list(v) for m, v in self.disabled_covariates.items()},
             "lr_multipliers": {m: float(v) for m, v in self.lr_multipliers.items()},
+            "latent_mode": self.latent_mode,
         }
 
     @classmethod
@@ -116,6 +144,7 @@ class MultiModuleConfig:
             configs={m: ModuleConfig(**c) for m, c in d["configs"].items()},
             disabled_covariates={m: list(v) for m, v in d.get("disabled_covariates", {}).items()},
             lr_multipliers=dict(d.get("lr_multipliers", {})),
+            latent_mode=d.get("latent_mode", "concat"),  # saved before it existed: concat
         )
 
 
@@ -161,11 +190,15 @@ class RegMultiVIModule(nn.Module):
 
     # ------------------------------------------------------------------ three steps
     def inference(self, batch: dict[str, Any], sample: bool = True) -> dict[str, Any]:
-        """Encode every modality; the joint z concatenates the blocks in modality order.
+        """Encode every modality and form the joint posterior q(z) and a draw z.
 
-        A block of a cell without that modality is replaced by a prior draw (``sample``) or the
-        prior mean 0, and its posterior moments by the prior's (mean 0, variance 1).
+        ``latent_mode="concat"``: z concatenates the blocks in modality order; a block of a cell
+        without that modality is replaced by a prior draw (``sample``) or the prior mean 0, and
+        its posterior moments by the prior's (mean 0, variance 1). ``latent_mode="poe"``: the
+        product of experts (:meth:`product_of_experts`) over the cell's observed modalities.
         """
+        if self.config.latent_mode == "poe":
+            return self._inference_poe(batch, sample)
         per: dict[str, dict[str, Any]] = {}
         zs, means, variances = [], [], []
         for m in self.modalities:
@@ -183,6 +216,49 @@ class RegMultiVIModule(nn.Module):
             "qz_var": torch.cat(variances, dim=-1),
             "modalities": per,
         }
+
+    @staticmethod
+    def product_of_experts(
+        experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of N(0, I) · prod_m N(mu_m, var_m)^{o_m}
+        (docs/model.md#product-of-experts).
+
+        ``experts`` holds ``(mu_m, var_m, o_m)`` with ``o_m`` ``(B, 1)`` bool (cell has m).
+        Precision 1 + sum_m o_m / var_m; mean = var · sum_m o_m · mu_m / var_m. A cell with
+        no observed modality gets the prior (mean 0, variance 1).
+        """
+        mu0 = experts[0][0]
+        precision = torch.ones_like(mu0)
+        weighted = torch.zeros_like(mu0)
+        for mu, var, observed in experts:
+            p = torch.where(observed, 1.0 / var, torch.zeros_like(var))
+            precision = precision + p
+            weighted = weighted + p * mu
+        var = 1.0 / precision
+        return weighted * var, var
+
+    def _inference_poe(self, batch: dict[str, Any], sample: bool) -> dict[str, Any]:
+        """``latent_mode="poe"``: every modality's encoder is a Gaussian expert on one z."""
+        per: dict[str, dict[str, Any]] = {}
+        experts = []
+        for m in self.modalities:
+            view = self.modality_batch(batch, m)
+            inf = self.mods[m].inference(view, sample=sample)  # a library draw when sampling
+            experts.append((inf["qz_mean"], inf["qz_var"], view["observed"][:, None]))
+            per[m] = inf
+        mean, var = self.product_of_experts(experts)
+        z = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
+        return {"z": z, "qz_mean": mean, "qz_var": var, "modalities": per}
+
+    def modality_posterior(self, inf_m: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior of z from ONE modality's data: with ``latent_mode="poe"`` the product of the
+        prior and that modality's expert, with ``"concat"`` its block's posterior.
+        ``inf_m`` is ``inference(...)["modalities"][m]``."""
+        if self.config.latent_mode != "poe":
+            return inf_m["qz_mean"], inf_m["qz_var"]
+        observed = torch.ones_like(inf_m["qz_mean"][:, :1], dtype=torch.bool)
+        return self.product_of_experts([(inf_m["qz_mean"], inf_m["qz_var"], observed)])
 
     def generative(
         self, z: torch.Tensor, inf: dict[str, Any], batch: dict[str, Any], sample_theta: bool = True
@@ -265,7 +341,8 @@ class RegMultiVIModule(nn.Module):
         ``sample`` and ``sample_theta`` as in :meth:`regvi.module.RegVIModule.loss`.
 
         Returns the same totals as :meth:`RegVIModule.loss` plus ``reconstruction_<m>``,
-        ``kl_z_<m>``, ``kl_library_<m>``, ``global_<m>`` and ``theta_mean_<m>`` per modality, and
+        ``kl_z_<m>`` (``latent_mode="concat"`` only: with ``"poe"`` there is one KL of the shared
+        z, ``kl_z``), ``kl_library_<m>``, ``global_<m>`` and ``theta_mean_<m>`` per modality, and
         in training ``joint_embedding_<m>`` for modalities with a joint-embedding weight (added
         to ``loss`` × the weight, not to the ELBO).
         """
@@ -280,33 +357,44 @@ class RegMultiVIModule(nn.Module):
         totals = {"reconstruction": zero, "kl_z": zero, "kl_library": zero}
         penalties_total: dict[str, torch.Tensor] = {}
         kl_dims, theta_sum, n_theta = [], zero, 0
+        poe = self.config.latent_mode == "poe"
+        if poe:  # one KL of the shared z: no local KL_z per modality
+            kl_joint = normal_kl(
+                inf["qz_mean"],
+                inf["qz_var"],
+                torch.zeros_like(inf["qz_mean"]),
+                torch.ones_like(inf["qz_var"]),
+            )
+            totals["kl_z"] = kl_joint.sum(-1).mean()
+            kl_dims.append(kl_joint.mean(0))
         for m in self.modalities:
             mod, view = self.mods[m], self.modality_batch(batch, m)
             local = mod.local_terms(view, inf["modalities"][m], gen[m])
             mask = view["observed"].to(inf["z"].dtype)
             # masked cells contribute 0; the mean is over all B cells (the plate rule)
             recon = (local["reconstruction"] * mask).mean()
-            kl_z_dims = local["kl_z_per_dim"] * mask[:, None]
-            kl_z = kl_z_dims.sum(-1).mean()
             kl_l = (local["kl_library"] * mask).mean()
             penalties = mod.global_penalties(gen[m]["log_theta"], inf["modalities"][m])
             for k, v in penalties.items():
                 penalties_total[k] = penalties_total.get(k, zero) + v
             theta = torch.exp(gen[m]["log_theta"])
             theta_sum, n_theta = theta_sum + theta.sum(), n_theta + theta.numel()
+            if not poe:
+                kl_z_dims = local["kl_z_per_dim"] * mask[:, None]
+                kl_z = kl_z_dims.sum(-1).mean()
+                out[f"kl_z_{m}"] = kl_z
+                totals["kl_z"] = totals["kl_z"] + kl_z
+                kl_dims.append(kl_z_dims.mean(0))
             out.update(
                 {
                     f"reconstruction_{m}": recon,
-                    f"kl_z_{m}": kl_z,
                     f"kl_library_{m}": kl_l,
                     f"global_{m}": sum(penalties.values()) / n_obs,
                     f"theta_mean_{m}": theta.mean(),
                 }
             )
             totals["reconstruction"] = totals["reconstruction"] + recon
-            totals["kl_z"] = totals["kl_z"] + kl_z
             totals["kl_library"] = totals["kl_library"] + kl_l
-            kl_dims.append(kl_z_dims.mean(0))
         global_total = sum(penalties_total.values())
         elbo = totals["reconstruction"] + totals["kl_z"] + totals["kl_library"]
         joint = self.joint_embedding_loss(batch, inf) if self.training else {}

@@ -539,3 +539,77 @@ def test_mudata_input(paired):
     model = regvi.RegMultiVI(md, library_key="lane", n_hidden=8, n_latent=2)
     assert model.registry.categories["lane"] == ["lib_0", "lib_1", "lib_2"]
     assert model.get_latent_representation().shape == (240, 4)
+
+
+# ---------------------------------------------------------------- product of experts
+def test_poe_posterior_is_the_product_of_prior_and_observed_experts(paired):
+    """latent_mode="poe": one shared z whose posterior is N(0, I) × the Gaussian experts of the
+    observed modalities (precision-weighted), one KL of that z, missing modalities left out."""
+    atac = paired["atac"].copy()
+    missing = np.arange(0, 240, 3)
+    X = atac.X.tolil()
+    X[missing] = 0
+    atac.X = X.tocsr()
+    atac.X.eliminate_zeros()
+    model = regvi.RegMultiVI(
+        {"atac": atac, "rna": paired["rna"]},
+        library_key="library",
+        n_hidden=16,
+        n_latent=4,
+        latent_mode="poe",
+    )
+    assert model.config.n_latent == 4 and model.module.slices == {}
+    assert all(c.n_latent_decoder == 4 for c in model.config.configs.values())
+    module = model.module.eval()
+    batch = next(iter(make_loader(model._dataset(), np.arange(240), 240, shuffle=False)))
+    inf = module.inference(batch, sample=False)
+    (ma, va), (mr, vr) = (
+        (inf["modalities"][m]["qz_mean"], inf["modalities"][m]["qz_var"]) for m in ("atac", "rna")
+    )
+    has_atac = batch["modalities"]["atac"]["observed"][:, None].to(ma.dtype)
+    precision = 1 + has_atac / va + 1 / vr  # the prior N(0, 1) is one expert
+    torch.testing.assert_close(inf["qz_var"], 1 / precision)
+    torch.testing.assert_close(inf["qz_mean"], (has_atac * ma / va + mr / vr) / precision)
+    # cells without ATAC: the RNA expert and the prior only
+    only_rna, _ = module.modality_posterior(inf["modalities"]["rna"])
+    torch.testing.assert_close(inf["qz_mean"][missing], only_rna[missing])
+    # one KL of the shared z; no per-modality KL_z terms
+    out = module.loss(batch, n_obs=240, sample=False)
+    kl = 0.5 * (inf["qz_var"] + inf["qz_mean"] ** 2 - 1 - torch.log(inf["qz_var"]))
+    assert float(out["kl_z"]) == pytest.approx(float(kl.sum(-1).mean()), rel=1e-5)
+    assert "kl_z_atac" not in out and "kl_z_rna" not in out
+    assert out["kl_z_per_dim"].shape == (4,)
+    assert float(out["elbo"]) == pytest.approx(
+        float(out["reconstruction"] + out["kl_z"] + out["kl_library"]), rel=1e-6
+    )
+    # the API: shared latent, per-modality posteriors, no attribution (no blocks)
+    z = model.get_latent_representation()
+    assert z.shape == (240, 4)
+    np.testing.assert_allclose(z, inf["qz_mean"].detach().numpy(), rtol=1e-5, atol=1e-6)
+    alone = model.get_modality_latents()
+    assert set(alone) == {"atac", "rna"} and alone["rna"].shape == (240, 4)
+    np.testing.assert_allclose(alone["rna"], only_rna.detach().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="latent_mode='poe'"):
+        model.get_modality_attribution()
+    h = model.train(max_epochs=2, early_stopping=False, progress_bar=False)
+    assert np.isfinite(h["train_loss"]).all() and "train_kl_z_rna" not in h
+
+
+def test_poe_save_load_and_bad_options(paired, tmp_path):
+    model = regvi.RegMultiVI(paired, library_key="library", n_hidden=8, latent_mode="poe", seed=1)
+    assert model.config.n_latent == 20  # POE_N_LATENT: one shared latent, RegVI's default size
+    model.train(max_epochs=1, early_stopping=False, progress_bar=False)
+    model.save(tmp_path / "poe")
+    loaded = regvi.load(tmp_path / "poe", adata=paired)
+    assert loaded.config.latent_mode == "poe"
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    with pytest.raises(
+        ValueError, match=r"latent_mode='mean' \(str\); expected one of \['concat', 'poe'\]"
+    ):
+        regvi.RegMultiVI(paired, library_key="library", latent_mode="mean")
+    with pytest.raises(ValueError, match="give one n_latent for all of them"):
+        regvi.RegMultiVI(
+            paired, library_key="library", latent_mode="poe", n_latent={"atac": 3, "rna": 4}
+        )

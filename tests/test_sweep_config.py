@@ -211,6 +211,52 @@ def test_multimodal_config(tmp_path):
     assert settings.model_arguments({"n_latent.rna": 5}) == {"n_latent": {"atac": 8, "rna": 5}}
 
 
+def test_multimodal_latent_mode_fixed_or_searched(tmp_path):
+    """RegMultiVI's latent_mode (concat blocks / product of experts) is a model option of
+    multimodal sweeps: fixed under model, or searched."""
+    from regvi.sweep.settings import TrialSettings
+
+    fixed = parse_config(_multimodal(tmp_path, model={"latent_mode": "poe"}), tmp_path / "c.yaml")
+    assert fixed.model["latent_mode"] == "poe"
+    searched = parse_config(
+        _multimodal(
+            tmp_path,
+            search={"latent_mode": {"type": "categorical", "values": ["concat", "poe"]}},
+        ),
+        tmp_path / "c.yaml",
+    )
+    (p,) = searched.params
+    assert (p.name, p.modality, p.target) == ("latent_mode", None, "model")
+    settings = TrialSettings.from_config(searched, tmp_path)
+    assert settings.model_arguments({"latent_mode": "poe"})["latent_mode"] == "poe"
+    with pytest.raises(ConfigError, match=r"model.latent_mode: latent_mode='mix'"):
+        parse_config(_multimodal(tmp_path, model={"latent_mode": "mix"}), tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"search.latent_mode.values\[1\]"):
+        parse_config(
+            _multimodal(
+                tmp_path,
+                search={"latent_mode": {"type": "categorical", "values": ["poe", "sum"]}},
+            ),
+            tmp_path / "c.yaml",
+        )
+    with pytest.raises(ConfigError, match="'latent_mode'"):  # single-modal: no such option
+        parse_config(_base(model={"latent_mode": "poe"}))
+    # product-of-experts trials have no latent blocks, so no attribution metrics
+    with pytest.raises(ConfigError, match="latent_mode 'concat' in every trial"):
+        parse_config(
+            _multimodal(
+                tmp_path,
+                objective={"metric": "attribution_log2_ratio_median", "mode": "max"},
+                search={"latent_mode": {"type": "categorical", "values": ["concat", "poe"]}},
+            ),
+            tmp_path / "c.yaml",
+        )
+    ok = _multimodal(tmp_path, objective={"metric": "attribution_log2_ratio_median", "mode": "max"})
+    assert parse_config(ok, tmp_path / "c.yaml").objective_metrics == [
+        "attribution_log2_ratio_median"
+    ]
+
+
 @pytest.mark.parametrize(
     "over, match",
     [

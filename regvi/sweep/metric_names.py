@@ -353,6 +353,7 @@ def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
     labels = bool(data.get("labels_key"))
     validation = _positive_everywhere(cfg, "validation_fraction", 0.1)
     multimodal = ("data.modalities (multimodal trials)", cfg.multimodal)
+    blocks = ("latent_mode 'concat' in every trial (not 'poe': no latent blocks)", not _poe(cfg))
     return [
         *_epoch_families(mods or [MODALITY], validation, multimodal),
         MetricFamily("trial bookkeeping", TRIAL_BOOKKEEPING, per_epoch=False),
@@ -364,9 +365,16 @@ def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
             "modality attribution",
             tuple(attribution_metric_names(mods or [MODALITY, MODALITY])),
             per_epoch=False,
-            conditions=(multimodal,),
+            conditions=(multimodal, blocks),
         ),
     ]
+
+
+def _poe(cfg: SweepConfig) -> bool:
+    """Whether some trial of ``cfg`` can use RegMultiVI's ``latent_mode="poe"``."""
+    if cfg.model.get("latent_mode") == "poe":
+        return True
+    return any(p.name == "latent_mode" and "poe" in (p.values or ()) for p in cfg.params)
 
 
 def reported_metrics(cfg: SweepConfig, per_epoch: bool | None = None) -> list[str]:

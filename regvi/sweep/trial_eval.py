@@ -109,7 +109,7 @@ def evaluate_trial(model, adata, settings: TrialSettings, out: Path) -> dict[str
         metrics.update(lowcount(model, adata, sub, idx, data, settings.seed, label_key, plots))
     plots.mkdir(parents=True, exist_ok=True)
     plot_training_curves(model.history, plots / "training_curves.png")
-    if multimodal:
+    if multimodal and model.config.latent_mode == "concat":  # "poe" has no latent blocks
         metrics.update(attribution(model, idx, result["coords"], label_key, sub.obs, plots))
     return metrics
 
