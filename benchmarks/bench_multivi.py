@@ -306,29 +306,25 @@ def _train_regvi(
     columns and final values to ``rec``."""
     import regvi
 
-    if run == "regvi-poe":
-        n_latent = N_LATENT
-        model = regvi.RegMultiVI(
-            {"rna": rna, "atac": atac},
-            library_key=BATCH_KEY,
-            n_latent=N_LATENT,
-            n_hidden=N_HIDDEN,
-            n_layers=N_LAYERS,
-            latent_mode="poe",
-        )
-        cls = "regvi.RegMultiVI(latent_mode='poe')"
-        latent_desc = "shared z posterior mean (product of the prior and both experts)"
-    elif run == "regvi-multi":
-        n_latent: Any = {"atac": N_LATENT // 2, "rna": N_LATENT - N_LATENT // 2}
+    if run in ("regvi-multi", "regvi-poe"):
+        poe = run == "regvi-poe"
+        half = N_LATENT // 2
+        n_latent: Any = N_LATENT if poe else {"atac": half, "rna": N_LATENT - half}
+        mode = "poe" if poe else "concat"
         model = regvi.RegMultiVI(
             {"rna": rna, "atac": atac},
             library_key=BATCH_KEY,
             n_latent=n_latent,
             n_hidden=N_HIDDEN,
             n_layers=N_LAYERS,
+            latent_mode=mode,
         )
-        cls = "regvi.RegMultiVI"
-        latent_desc = "joint z = [z_atac ; z_rna] posterior mean"
+        cls = f"regvi.RegMultiVI(latent_mode={mode!r})"
+        latent_desc = (
+            "shared z posterior mean (product of the prior and both experts)"
+            if poe
+            else "joint z = [z_atac ; z_rna] posterior mean"
+        )
     else:
         n_latent = N_LATENT
         model = regvi.RegVI(
