@@ -15,6 +15,9 @@ Runs
 ``regvi-poe``
     the same with ``latent_mode="poe", n_latent=20``: one shared 20-dimensional latent whose
     posterior is the product of the prior and the RNA and ATAC encoders' Gaussian experts.
+``regvi-multi-r20``
+    ``regvi-multi`` with an RNA block as large as RegVI's latent:
+    ``n_latent={"atac": 10, "rna": 20}`` (30 dims).
 ``regvi-rna``
     ``regvi.RegVI(rna, library_key="batch", n_latent=20, n_hidden=128)``: the RNA-only
     baseline.
@@ -85,7 +88,9 @@ N_LAYERS = 1
 BATCH_SIZE = 128
 VALIDATION_FRACTION = 0.1  # regvi: 1 - TRAIN_SIZE
 KL_WARMUP = 50  # epochs; the default of MULTIVI.train, PEAKVI.train and regvi
-RUNS = ("regvi-multi", "regvi-poe", "regvi-rna", "multivi")
+RUNS = ("regvi-multi", "regvi-poe", "regvi-multi-r20", "regvi-rna", "multivi")
+#: The regvi runs on RNA + ATAC.
+REGVI_MULTI_RUNS = ("regvi-multi", "regvi-poe", "regvi-multi-r20")
 FALLBACK = "peakvi+scvi"
 SCVI_RUNS = ("multivi", FALLBACK)
 REFERENCE = "multivi"
@@ -114,6 +119,7 @@ def child_train(
     latent_out: Path,
     max_kl_weight: float | None = None,
     seed: int = SEED,
+    modality_dropout: float = 0.0,
 ) -> dict[str, Any]:
     """Train one model in this process and save its latent posterior mean.
 
@@ -133,6 +139,8 @@ def child_train(
         regvi runs: ``train(max_kl_weight=...)``; ``None`` for regvi's default.
     seed
         Seed of the run (torch, numpy, the tool's own seed).
+    modality_dropout
+        ``regvi-multi`` / ``regvi-poe``: ``RegMultiVI(modality_dropout=...)``.
 
     Returns
     -------
@@ -161,12 +169,15 @@ def child_train(
     }
     if run in SCVI_RUNS:
         trained = _train_scvi_tools(run, rna, atac, epochs, warmup, rec, seed)
-    elif run in ("regvi-multi", "regvi-poe", "regvi-rna"):
-        trained = _train_regvi(run, rna, atac, epochs, warmup, rec, max_kl_weight, seed)
+    elif run in (*REGVI_MULTI_RUNS, "regvi-rna"):
+        trained = _train_regvi(
+            run, rna, atac, epochs, warmup, rec, max_kl_weight, seed, modality_dropout
+        )
     else:
         raise ValueError(f"unknown run {run!r}")
 
-    _common.save_latent(trained.z, (rna.n_obs, N_LATENT), latent_out)
+    n_dims = N_LATENT + N_LATENT // 2 if run == "regvi-multi-r20" else N_LATENT
+    _common.save_latent(trained.z, (rna.n_obs, n_dims), latent_out)
     rec.update(trained.timing(epochs))
     return rec
 
@@ -300,16 +311,19 @@ def _train_regvi(
     rec: dict[str, Any],
     max_kl_weight: float | None = None,
     seed: int = SEED,
+    modality_dropout: float = 0.0,
 ) -> _common.TrainedRun:
     """regvi: RegMultiVI on RNA + ATAC (``regvi-multi``: concatenated blocks; ``regvi-poe``:
     product of experts) or RegVI on RNA (``regvi-rna``); adds the model, version, history
     columns and final values to ``rec``."""
     import regvi
 
-    if run in ("regvi-multi", "regvi-poe"):
+    if run in REGVI_MULTI_RUNS:
         poe = run == "regvi-poe"
         half = N_LATENT // 2
         n_latent: Any = N_LATENT if poe else {"atac": half, "rna": N_LATENT - half}
+        if run == "regvi-multi-r20":
+            n_latent = {"atac": half, "rna": N_LATENT}
         mode = "poe" if poe else "concat"
         model = regvi.RegMultiVI(
             {"rna": rna, "atac": atac},
@@ -318,8 +332,9 @@ def _train_regvi(
             n_hidden=N_HIDDEN,
             n_layers=N_LAYERS,
             latent_mode=mode,
+            modality_dropout=modality_dropout,
         )
-        cls = f"regvi.RegMultiVI(latent_mode={mode!r})"
+        cls = f"regvi.RegMultiVI(latent_mode={mode!r}, modality_dropout={modality_dropout})"
         latent_desc = (
             "shared z posterior mean (product of the prior and both experts)"
             if poe
@@ -371,6 +386,7 @@ def run_child_main(args: argparse.Namespace) -> int:
         Path(args.latent_out),
         args.max_kl_weight,
         args.seed,
+        args.modality_dropout,
     )
     return _common.write_record(args, rec)
 
@@ -424,6 +440,7 @@ def _train_run(
             "--epochs", str(args.epochs), "--kl-warmup", str(args.kl_warmup),
             "--latent-out", str(latent), "--seed", str(args.seed),
             *([] if args.max_kl_weight is None else ["--max-kl-weight", str(args.max_kl_weight)]),
+            "--modality-dropout", str(args.modality_dropout),
         ],
         workdir / f"{tag}.log",
         workdir / f"{tag}.json",
@@ -616,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KL warmup epochs for every tool (default {KL_WARMUP})")  # fmt: skip
     p.add_argument("--max-kl-weight", type=float, default=None,
                    help="regvi runs: train(max_kl_weight=...) (default: regvi's default)")  # fmt: skip
+    p.add_argument("--modality-dropout", type=float, default=0.0,
+                   help="regvi-multi / regvi-poe: RegMultiVI(modality_dropout=...) (default 0)")  # fmt: skip
     p.add_argument("--seed", type=int, default=SEED,
                    help=f"seed of every run (default {SEED})")  # fmt: skip
     p.add_argument("--no-fallback", action="store_true",

@@ -74,7 +74,7 @@ def main() -> int:
             t0 = time.time()
             env = {**os.environ, "REGVI_FAULT_REPORT": str(report)}
             out = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", node],
                 cwd=REPO,
                 env=env,
                 capture_output=True,

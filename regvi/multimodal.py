@@ -43,6 +43,8 @@ from regvi.multimodule import (
     SWITCHABLE_PURPOSES,
     MultiModuleConfig,
     RegMultiVIModule,
+    check_modality_dropout,
+    check_poe_sizes,
 )
 
 #: Latent dimensions per modality unless given (the joint latent is their sum; RegVI's single
@@ -168,11 +170,7 @@ def _module_configs(
     for m, v in n_lat.items():
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"n_latent[{m!r}]={v!r}; expected a positive integer")
-    if latent_mode == "poe" and len(set(n_lat.values())) > 1:
-        raise ValueError(
-            f"n_latent={n_lat}: latent_mode='poe' shares one latent between the modalities; "
-            "give one n_latent for all of them"
-        )
+    check_poe_sizes(latent_mode, n_lat)
     total_latent = max(n_lat.values()) if latent_mode == "poe" else sum(n_lat.values())
     configs = {}
     for m in names:
@@ -230,6 +228,11 @@ class RegMultiVI(BaseModel):
         is the product of the prior and every observed modality's Gaussian encoder (a product
         of experts, docs/model.md#product-of-experts); no per-modality blocks, so no Jacobian
         modality attribution.
+    modality_dropout
+        Training only: probability that a cell with 2+ observed modalities has one of them
+        (uniformly chosen) hidden from the encoders while all are still reconstructed, so each
+        modality's latent learns to predict the others (docs/model.md#modality-dropout).
+        Default 0 (off).
     data_init, dispersion_init
         As in :class:`regvi.RegVI` (shared by all modalities).
     disabled_covariates
@@ -266,6 +269,7 @@ class RegMultiVI(BaseModel):
         disabled_covariates: Mapping[str, Sequence[str]] | None = None,
         lr_multipliers: Mapping[str, float] | None = None,
         latent_mode: Literal["concat", "poe"] = "concat",
+        modality_dropout: float = 0.0,
         seed: int = 0,
         **options: Any,
     ):
@@ -274,6 +278,7 @@ class RegMultiVI(BaseModel):
         self._refuse_unknown_options(model_kwargs)
         setup = self._check_setup_options(data_init, dispersion_init, seed)
         check_choice("latent_mode", latent_mode, LATENT_MODES)
+        check_modality_dropout(modality_dropout)
         if n_latent is None:
             n_latent = POE_N_LATENT if latent_mode == "poe" else MODALITY_N_LATENT
         mods = select_modalities(mdata, modalities)
@@ -300,6 +305,7 @@ class RegMultiVI(BaseModel):
             disabled_covariates={m: v for m, v in disabled.items() if v},
             lr_multipliers={m: float(v) for m, v in (lr_multipliers or {}).items()},
             latent_mode=latent_mode,
+            modality_dropout=float(modality_dropout),
         )
         self.var_names = {m: [str(v) for v in a.var_names] for m, a in mods.items()}
         self.layers = {m: layers.get(m) for m in names}

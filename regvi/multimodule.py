@@ -14,6 +14,11 @@ implementation of each. What this module adds is the wiring:
 * with ``latent_mode="poe"`` every encoder is an expert on ONE shared z: the posterior is the
   product of the prior N(0, I) and the Gaussian experts of the cell's observed modalities
   (precision-weighted means), with one KL(q(z) || p(z)) per cell;
+* modality dropout (training only, ``modality_dropout`` > 0): a cell with two or more
+  observed modalities has, with that probability, one of them (uniformly chosen) hidden from
+  the encoders — its block is a prior draw (``"concat"``) or its expert leaves the product
+  (``"poe"``) — while every observed modality is still reconstructed, so the latent of the
+  other modalities must predict it;
 * loss = sum over modalities of local terms meaned over cells + sum of global terms / N_train;
 * per-modality switches turn purpose-based covariates off (one group / no input for that
   modality), and per-modality learning-rate multipliers become optimiser parameter groups.
@@ -41,6 +46,21 @@ _GROUP_PURPOSES = GROUP_PURPOSES
 LATENT_MODES = ("concat", "poe")
 
 
+def check_poe_sizes(latent_mode: str, n_latent: dict[str, Any]) -> None:
+    """Raise unless every modality has the same ``n_latent`` when ``latent_mode="poe"``."""
+    if latent_mode == "poe" and len(set(n_latent.values())) > 1:
+        raise ValueError(
+            f"n_latent={n_latent}: latent_mode='poe' shares one latent between the modalities, "
+            "so give one n_latent for all of them"
+        )
+
+
+def check_modality_dropout(value: Any) -> None:
+    """Raise unless ``value`` is a probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"modality_dropout={value!r}; expected a probability in [0, 1)")
+
+
 @dataclass
 class MultiModuleConfig:
     """Configuration of :class:`RegMultiVIModule` (saved as JSON with the weights).
@@ -59,6 +79,10 @@ class MultiModuleConfig:
         ``"concat"``: z = [z_m1 ; z_m2 ; ...], one block per modality; ``"poe"``: one shared z,
         the product of the prior and every observed modality's Gaussian expert (all modalities
         then have the same ``n_latent``).
+    modality_dropout
+        Training only: the probability that a cell with 2+ observed modalities has one of them
+        (uniformly chosen) hidden from the encoders while still being reconstructed
+        (docs/model.md#modality-dropout). 0 (default) turns it off.
     """
 
     modalities: list[str]
@@ -66,6 +90,7 @@ class MultiModuleConfig:
     disabled_covariates: dict[str, list[str]] = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     latent_mode: str = "concat"
+    modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if list(self.modalities) != sorted(self.modalities):
@@ -80,12 +105,8 @@ class MultiModuleConfig:
             raise ValueError(
                 f"latent_mode={self.latent_mode!r}; expected one of {list(LATENT_MODES)}"
             )
-        sizes = {m: c.n_latent for m, c in self.configs.items()}
-        if self.latent_mode == "poe" and len(set(sizes.values())) > 1:
-            raise ValueError(
-                f"latent_mode='poe' shares one latent between the modalities, so n_latent must "
-                f"be the same for all of them; got {sizes}"
-            )
+        check_modality_dropout(self.modality_dropout)
+        check_poe_sizes(self.latent_mode, {m: c.n_latent for m, c in self.configs.items()})
         total = self.n_latent
         for m, c in self.configs.items():
             if c.n_latent_decoder != total:
@@ -134,6 +155,7 @@ class MultiModuleConfig:
             "disabled_covariates": {m: list(v) for m, v in self.disabled_covariates.items()},
             "lr_multipliers": {m: float(v) for m, v in self.lr_multipliers.items()},
             "latent_mode": self.latent_mode,
+            "modality_dropout": float(self.modality_dropout),
         }
 
     @classmethod
@@ -145,6 +167,7 @@ class MultiModuleConfig:
             disabled_covariates={m: list(v) for m, v in d.get("disabled_covariates", {}).items()},
             lr_multipliers=dict(d.get("lr_multipliers", {})),
             latent_mode=d.get("latent_mode", "concat"),  # saved before it existed: concat
+            modality_dropout=float(d.get("modality_dropout", 0.0)),  # saved before: off
         )
 
 
@@ -189,32 +212,54 @@ class RegMultiVIModule(nn.Module):
         ]
 
     # ------------------------------------------------------------------ three steps
+    def encoder_visible(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Modality → ``(B, 1)`` bool: the encoders see the cell's modality m.
+
+        That is ``observed``, except in training with ``modality_dropout`` p > 0: a cell with
+        2+ observed modalities then, with probability p, has one of them (uniformly chosen)
+        hidden (docs/model.md#modality-dropout). Draws use torch's global generator (seeded)."""
+        observed = torch.stack(
+            [batch["modalities"][m]["observed"] for m in self.modalities], dim=1
+        )  # (B, M)
+        p = float(self.config.modality_dropout)
+        if self.training and p > 0:
+            n_observed = observed.sum(1)
+            drop = (torch.rand(observed.shape[0], device=observed.device) < p) & (n_observed > 1)
+            scores = torch.rand(observed.shape, device=observed.device).masked_fill(~observed, -1)
+            hidden = nn.functional.one_hot(scores.argmax(1), len(self.modalities)).bool()
+            observed = observed & ~(hidden & drop[:, None])
+        return {m: observed[:, i : i + 1] for i, m in enumerate(self.modalities)}
+
     def inference(self, batch: dict[str, Any], sample: bool = True) -> dict[str, Any]:
         """Encode every modality and form the joint posterior q(z) and a draw z.
 
         ``latent_mode="concat"``: z concatenates the blocks in modality order; a block of a cell
-        without that modality is replaced by a prior draw (``sample``) or the prior mean 0, and
-        its posterior moments by the prior's (mean 0, variance 1). ``latent_mode="poe"``: the
-        product of experts (:meth:`product_of_experts`) over the cell's observed modalities.
+        whose modality the encoders do not see (:meth:`encoder_visible`: missing, or hidden by
+        modality dropout) is replaced by a prior draw (``sample``) or the prior mean 0, and its
+        posterior moments by the prior's (mean 0, variance 1). ``latent_mode="poe"``: the
+        product of experts (:meth:`product_of_experts`) over the modalities the encoders see.
+        ``"visible"`` holds :meth:`encoder_visible`.
         """
+        visible = self.encoder_visible(batch)
         if self.config.latent_mode == "poe":
-            return self._inference_poe(batch, sample)
+            return self._inference_poe(batch, sample, visible)
         per: dict[str, dict[str, Any]] = {}
         zs, means, variances = [], [], []
         for m in self.modalities:
             view = self.modality_batch(batch, m)
             inf = self.mods[m].inference(view, sample=sample)
-            observed = view["observed"][:, None]
+            seen = visible[m]
             prior_z = torch.randn_like(inf["z"]) if sample else torch.zeros_like(inf["z"])
-            zs.append(torch.where(observed, inf["z"], prior_z))
-            means.append(torch.where(observed, inf["qz_mean"], torch.zeros_like(inf["qz_mean"])))
-            variances.append(torch.where(observed, inf["qz_var"], torch.ones_like(inf["qz_var"])))
+            zs.append(torch.where(seen, inf["z"], prior_z))
+            means.append(torch.where(seen, inf["qz_mean"], torch.zeros_like(inf["qz_mean"])))
+            variances.append(torch.where(seen, inf["qz_var"], torch.ones_like(inf["qz_var"])))
             per[m] = inf
         return {
             "z": torch.cat(zs, dim=-1),
             "qz_mean": torch.cat(means, dim=-1),
             "qz_var": torch.cat(variances, dim=-1),
             "modalities": per,
+            "visible": visible,
         }
 
     @staticmethod
@@ -238,18 +283,21 @@ class RegMultiVIModule(nn.Module):
         var = 1.0 / precision
         return weighted * var, var
 
-    def _inference_poe(self, batch: dict[str, Any], sample: bool) -> dict[str, Any]:
-        """``latent_mode="poe"``: every modality's encoder is a Gaussian expert on one z."""
+    def _inference_poe(
+        self, batch: dict[str, Any], sample: bool, visible: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """``latent_mode="poe"``: every modality's encoder is a Gaussian expert on one z; the
+        experts of the modalities in ``visible`` enter the product."""
         per: dict[str, dict[str, Any]] = {}
         experts = []
         for m in self.modalities:
             view = self.modality_batch(batch, m)
             inf = self.mods[m].inference(view, sample=sample)  # a library draw when sampling
-            experts.append((inf["qz_mean"], inf["qz_var"], view["observed"][:, None]))
+            experts.append((inf["qz_mean"], inf["qz_var"], visible[m]))
             per[m] = inf
         mean, var = self.product_of_experts(experts)
         z = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
-        return {"z": z, "qz_mean": mean, "qz_var": var, "modalities": per}
+        return {"z": z, "qz_mean": mean, "qz_var": var, "modalities": per, "visible": visible}
 
     def modality_posterior(self, inf_m: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior of z from ONE modality's data: with ``latent_mode="poe"`` the product of the
@@ -379,8 +427,9 @@ class RegMultiVIModule(nn.Module):
                 penalties_total[k] = penalties_total.get(k, zero) + v
             theta = torch.exp(gen[m]["log_theta"])
             theta_sum, n_theta = theta_sum + theta.sum(), n_theta + theta.numel()
-            if not poe:
-                kl_z_dims = local["kl_z_per_dim"] * mask[:, None]
+            if not poe:  # a block the encoders did not see is the prior: no KL
+                seen = inf["visible"][m].to(inf["z"].dtype)
+                kl_z_dims = local["kl_z_per_dim"] * seen
                 kl_z = kl_z_dims.sum(-1).mean()
                 out[f"kl_z_{m}"] = kl_z
                 totals["kl_z"] = totals["kl_z"] + kl_z

@@ -43,6 +43,9 @@ def trained(tmp_path_factory):
 # Every test gets exactly one of the markers `unit` or `integration` (pyproject.toml):
 #   python -m pytest -m unit          the quick loop (README gives its measured time)
 #   python -m pytest -m "integration and not load"   Ray, MLflow servers, subprocesses, faults
+# Independently, `fault` (set by the tests themselves) marks the mid-sweep fault injection and
+# 2-node cluster tests: the default run leaves them (and `load`) out, `.ci/run` runs
+# `python -m pytest -m fault` after it.
 # A test is integration when the first rule that applies says so:
 #   1. it carries @pytest.mark.integration or @pytest.mark.unit itself (that marker wins);
 #   2. it is marked slow or load;

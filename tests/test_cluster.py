@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_sweep import _config, _data, _env, _runs, _sweep, record_fault
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 REPO = Path(__file__).resolve().parents[1]
 PORT = "6391"
 

@@ -613,3 +613,89 @@ def test_poe_save_load_and_bad_options(paired, tmp_path):
         regvi.RegMultiVI(
             paired, library_key="library", latent_mode="poe", n_latent={"atac": 3, "rna": 4}
         )
+
+
+@pytest.mark.parametrize("latent_mode", ["concat", "poe"])
+def test_modality_dropout_hides_one_modality_from_the_encoders(paired, latent_mode):
+    """modality_dropout p: in training a cell with 2+ observed modalities has, with probability
+    p, one of them hidden from the encoders (prior block / expert left out) but still
+    reconstructed; cells with one modality, evaluation and p = 0 are untouched."""
+    atac = paired["atac"].copy()
+    missing = np.arange(0, 240, 3)
+    X = atac.X.tolil()
+    X[missing] = 0
+    atac.X = X.tocsr()
+    atac.X.eliminate_zeros()
+    model = regvi.RegMultiVI(
+        {"atac": atac, "rna": paired["rna"]},
+        library_key="library",
+        n_hidden=16,
+        n_latent=4,
+        latent_mode=latent_mode,
+        modality_dropout=0.5,
+    )
+    assert model.config.modality_dropout == 0.5
+    module = model.module
+    batch = next(iter(make_loader(model._dataset(), np.arange(240), 240, shuffle=False)))
+    observed = {m: batch["modalities"][m]["observed"][:, None] for m in ("atac", "rna")}
+    module.eval()
+    shown = module.encoder_visible(batch)
+    assert all(torch.equal(shown[m], observed[m]) for m in observed)
+    module.train()
+    torch.manual_seed(0)
+    visible = module.encoder_visible(batch)
+    torch.manual_seed(0)
+    again = module.encoder_visible(batch)  # same seed, same draw
+    assert all(torch.equal(again[m], visible[m]) for m in visible)
+    both = (observed["atac"] & observed["rna"])[:, 0]
+    for m in visible:
+        assert not (visible[m] & ~observed[m]).any()  # never shows a missing modality
+    assert torch.equal(visible["rna"][~both], observed["rna"][~both])  # RNA-only cells
+    n_seen = visible["atac"][:, 0].int() + visible["rna"][:, 0].int()
+    assert (n_seen[both] >= 1).all()
+    dropped = int((n_seen[both] == 1).sum())
+    assert 0.3 * int(both.sum()) < dropped < 0.7 * int(both.sum())  # 160 paired cells, p 0.5
+    assert all(int((~visible[m][both, 0]).sum()) > 0 for m in visible)  # either side
+    # the hidden modality leaves the posterior but is still reconstructed
+    torch.manual_seed(0)
+    inf = module.inference(batch, sample=False)
+    torch.testing.assert_close(
+        torch.stack([inf["visible"][m] for m in ("atac", "rna")]),
+        torch.stack([visible[m] for m in ("atac", "rna")]),
+    )
+    hid = ~visible["atac"][:, 0] & both
+    if latent_mode == "poe":
+        only_rna, _ = module.modality_posterior(inf["modalities"]["rna"])
+        torch.testing.assert_close(inf["qz_mean"][hid], only_rna[hid])
+    else:
+        assert (inf["qz_mean"][hid, :4] == 0).all() and (inf["qz_var"][hid, :4] == 1).all()
+        torch.manual_seed(0)
+        out = module.loss(batch, n_obs=240, sample=False)
+        kl = 0.5 * (inf["qz_var"] + inf["qz_mean"] ** 2 - 1 - torch.log(inf["qz_var"]))
+        seen = visible["atac"][:, 0].to(kl.dtype)
+        assert float(out["kl_z_atac"]) == pytest.approx(
+            float((kl[:, :4].sum(-1) * seen).mean()), rel=1e-5
+        )
+    torch.manual_seed(0)
+    out = module.loss(batch, n_obs=240, sample=False)
+    eval_out = module.eval().loss(batch, n_obs=240, sample=False)
+    # reconstruction is over every observed cell in both; the hidden cells decode worse
+    assert float(out["reconstruction_atac"]) > float(eval_out["reconstruction_atac"])
+    h = model.train(max_epochs=2, early_stopping=False, progress_bar=False)
+    assert np.isfinite(h["train_loss"]).all() and np.isfinite(h["validation_elbo"]).all()
+
+
+def test_modality_dropout_saved_and_checked(paired, tmp_path):
+    model = regvi.RegMultiVI(paired, library_key="library", n_hidden=8, modality_dropout=0.25)
+    model.train(max_epochs=1, early_stopping=False, progress_bar=False)
+    model.save(tmp_path / "md")
+    loaded = regvi.load(tmp_path / "md", adata=paired)
+    assert loaded.config.modality_dropout == 0.25
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    for bad in (1.0, -0.1, "0.2", True):
+        with pytest.raises(
+            ValueError, match=r"modality_dropout=.*expected a probability in \[0, 1\)"
+        ):
+            regvi.RegMultiVI(paired, library_key="library", modality_dropout=bad)

@@ -185,6 +185,7 @@ def test_sweep_end_to_end_with_scib(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.mark.fault
 def test_diverging_trial_is_marked_failed_and_sweep_continues(tmp_path):
     t0 = time.time()
     _data(tmp_path)
@@ -205,6 +206,7 @@ def test_diverging_trial_is_marked_failed_and_sweep_continues(tmp_path):
     record_fault("trial produces NaN/inf (marked failed, sweep goes on)", t0, 2, len(children))
 
 
+@pytest.mark.fault
 def test_killed_sweep_resumes_without_duplicates(tmp_path):
     _data(tmp_path)
     cfg = _config(
@@ -283,6 +285,7 @@ def _train_worker_pids() -> list[int]:
     ]
 
 
+@pytest.mark.fault
 def test_killed_train_worker_is_retried_from_checkpoint(tmp_path):
     EPOCHS = 20
     _data(tmp_path)
@@ -332,6 +335,7 @@ def test_killed_train_worker_is_retried_from_checkpoint(tmp_path):
     record_fault("Ray Train worker SIGKILLed mid-trial", t_kill, 1, len(children))
 
 
+@pytest.mark.fault
 def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1 as the tracking URI; it goes down mid-sweep and comes
     back: logging is retried, nothing lost, and the best model is registered through it."""

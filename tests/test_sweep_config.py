@@ -257,6 +257,30 @@ def test_multimodal_latent_mode_fixed_or_searched(tmp_path):
     ]
 
 
+def test_multimodal_modality_dropout_fixed_or_searched(tmp_path):
+    """RegMultiVI's modality_dropout is a model option of multimodal sweeps, checked at parse."""
+    from regvi.sweep.settings import TrialSettings
+
+    fixed = parse_config(
+        _multimodal(tmp_path, model={"modality_dropout": 0.3}), tmp_path / "c.yaml"
+    )
+    assert fixed.model["modality_dropout"] == 0.3
+    searched = parse_config(
+        _multimodal(
+            tmp_path, search={"modality_dropout": {"type": "uniform", "low": 0.0, "high": 0.6}}
+        ),
+        tmp_path / "c.yaml",
+    )
+    (p,) = searched.params
+    assert (p.name, p.modality, p.target) == ("modality_dropout", None, "model")
+    settings = TrialSettings.from_config(searched, tmp_path)
+    assert settings.model_arguments({"modality_dropout": 0.2})["modality_dropout"] == 0.2
+    with pytest.raises(ConfigError, match=r"model.modality_dropout: modality_dropout=1.5"):
+        parse_config(_multimodal(tmp_path, model={"modality_dropout": 1.5}), tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="'modality_dropout'"):  # single-modal: no such option
+        parse_config(_base(model={"modality_dropout": 0.3}))
+
+
 @pytest.mark.parametrize(
     "over, match",
     [

@@ -51,6 +51,7 @@ def test_an_epoch_whose_report_was_lost_is_logged_from_the_checkpoint(tmp_path):
 
 
 # "completion start" (down before the first call) is covered by the sweep's outage test too
+@pytest.mark.fault
 @pytest.mark.parametrize("stop_at", ["model upload"])
 def test_a_server_outage_while_a_trial_completes_loses_nothing(tmp_path, monkeypatch, stop_at):
     """A real ``mlflow server`` stops as a trial completes (final metrics, artifacts and the

@@ -50,7 +50,7 @@ SEARCHABLE_DATA_KEYS = (
 )
 _FAN_OUT_KEYS = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
 #: Model arguments only the multimodal model takes (modality → value mappings).
-MULTIMODAL_MODEL_ARGS = {"disabled_covariates", "lr_multipliers", "latent_mode"}
+MULTIMODAL_MODEL_ARGS = {"disabled_covariates", "lr_multipliers", "latent_mode", "modality_dropout"}
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
 SECTIONS = {
     "name",
@@ -270,6 +270,10 @@ def _check_option(section: str, name: str, value: Any, prefix: bool = True) -> N
             check_choice(name, value, ("prior", "data"))
         elif name == "latent_mode":
             check_choice(name, value, ("concat", "poe"))
+        elif name == "modality_dropout":
+            from regvi.multimodule import check_modality_dropout
+
+            check_modality_dropout(value)
         elif name in train_option_names():
             check_train_option(name, value)
     except (TypeError, ValueError) as err:
@@ -306,7 +310,7 @@ def _param_target(
                 "n_latent.<modality> or lr_multipliers.<modality>"
             )
         return "model", modality
-    if name in MODEL_ARGS or (modalities and name == "latent_mode"):
+    if name in MODEL_ARGS or (modalities and name in ("latent_mode", "modality_dropout")):
         return "model", None
     if name in train_args:
         return "training", None

@@ -46,6 +46,11 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_INTERVAL_S = "0.2"
 
 
+#: After ``trainer.fit()`` the trial waits until Tune has taken Train's last epoch report, then
+#: this long (s) more, before it returns (:func:`_drain_tune_reports`).
+REPORT_DRAIN_GRACE_S = 1.0
+
+
 class TrialDiverged(RuntimeError):
     """Training produced NaN/inf; the trial is marked failed with this reason."""
 
@@ -90,5 +95,35 @@ def run_trial(config: dict[str, Any]) -> None:
         ),
     )
     trainer.fit()
+    _drain_tune_reports()
     if divergence_file.is_file():
         raise TrialDiverged(divergence_file.read_text())
+
+
+def _drain_tune_reports(timeout_s: float = 600.0) -> None:
+    """Wait until Tune's trial actor has taken Train's last report (a Ray 2.60 deadlock).
+
+    ``TuneReportCallback`` hands each epoch report to the trial actor's main thread through a
+    queue of one; the main thread moves it into the session's result queue (also of one). When
+    the trial function returns, Tune's runner thread puts its own final result into that result
+    queue. If Train's last report is still waiting then (the driver was slow to ask for the next
+    result, e.g. while the MLflow server was down), the main thread blocks forever putting it
+    into the full result queue, and the sweep hangs with the trial RUNNING. So return only once
+    the hand-over queue is empty and the main thread has had ``REPORT_DRAIN_GRACE_S`` to pass the
+    item on; give up after ``timeout_s`` or when Tune stops the trial.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queue = getattr(session, "_inter_actor_queue", None) if session is not None else None
+    if queue is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    stopping = getattr(session, "stop_event", None)
+    while time.monotonic() < deadline and not (stopping is not None and stopping.is_set()):
+        if queue.empty():
+            time.sleep(REPORT_DRAIN_GRACE_S)
+            if queue.empty():
+                return
+        else:
+            time.sleep(0.1)
