@@ -40,6 +40,26 @@ def mm_trained():
     return model, data
 
 
+def _without_atac(paired, every=3):
+    """The ATAC modality with no counts in every ``every``-th cell, and those cells."""
+    atac = paired["atac"].copy()
+    missing = np.arange(0, atac.n_obs, every)
+    X = atac.X.tolil()
+    X[missing] = 0
+    atac.X = X.tocsr()
+    atac.X.eliminate_zeros()
+    return atac, missing
+
+
+def _partly_paired_model(paired, **kw):
+    """A small RegMultiVI on ``paired`` with every third cell lacking ATAC, and those cells."""
+    atac, missing = _without_atac(paired)
+    model = regvi.RegMultiVI(
+        {"atac": atac, "rna": paired["rna"]}, library_key="library", n_hidden=16, n_latent=4, **kw
+    )
+    return model, missing
+
+
 def _first_batch(model, n=64):
     return next(iter(make_loader(model._dataset(), np.arange(n), n, shuffle=False)))
 
@@ -124,12 +144,7 @@ def test_loss_reuses_single_modal_terms_and_plate_rule(paired):
 
 
 def test_missing_modality_is_masked(paired):
-    atac = paired["atac"].copy()
-    missing = np.arange(0, 240, 3)  # every third cell has no ATAC
-    X = atac.X.tolil()
-    X[missing] = 0
-    atac.X = X.tocsr()
-    atac.X.eliminate_zeros()
+    atac, missing = _without_atac(paired)
     model = regvi.RegMultiVI(
         {"atac": atac, "rna": paired["rna"]}, library_key="library", n_hidden=16, n_latent=3
     )
@@ -545,19 +560,7 @@ def test_mudata_input(paired):
 def test_poe_posterior_is_the_product_of_prior_and_observed_experts(paired):
     """latent_mode="poe": one shared z whose posterior is N(0, I) × the Gaussian experts of the
     observed modalities (precision-weighted), one KL of that z, missing modalities left out."""
-    atac = paired["atac"].copy()
-    missing = np.arange(0, 240, 3)
-    X = atac.X.tolil()
-    X[missing] = 0
-    atac.X = X.tocsr()
-    atac.X.eliminate_zeros()
-    model = regvi.RegMultiVI(
-        {"atac": atac, "rna": paired["rna"]},
-        library_key="library",
-        n_hidden=16,
-        n_latent=4,
-        latent_mode="poe",
-    )
+    model, missing = _partly_paired_model(paired, latent_mode="poe")
     assert model.config.n_latent == 4 and model.module.slices == {}
     assert all(c.n_latent_decoder == 4 for c in model.config.configs.values())
     module = model.module.eval()
@@ -620,20 +623,7 @@ def test_modality_dropout_hides_one_modality_from_the_encoders(paired, latent_mo
     """modality_dropout p: in training a cell with 2+ observed modalities has, with probability
     p, one of them hidden from the encoders (prior block / expert left out) but still
     reconstructed; cells with one modality, evaluation and p = 0 are untouched."""
-    atac = paired["atac"].copy()
-    missing = np.arange(0, 240, 3)
-    X = atac.X.tolil()
-    X[missing] = 0
-    atac.X = X.tocsr()
-    atac.X.eliminate_zeros()
-    model = regvi.RegMultiVI(
-        {"atac": atac, "rna": paired["rna"]},
-        library_key="library",
-        n_hidden=16,
-        n_latent=4,
-        latent_mode=latent_mode,
-        modality_dropout=0.5,
-    )
+    model, _ = _partly_paired_model(paired, latent_mode=latent_mode, modality_dropout=0.5)
     assert model.config.modality_dropout == 0.5
     module = model.module
     batch = next(iter(make_loader(model._dataset(), np.arange(240), 240, shuffle=False)))

@@ -49,7 +49,7 @@ SEARCHABLE_DATA_KEYS = (
     "continuous_covariate_keys",
 )
 _FAN_OUT_KEYS = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
-#: Model arguments only the multimodal model takes (modality → value mappings).
+#: Model arguments only the multimodal model takes (the first two are modality → value maps).
 MULTIMODAL_MODEL_ARGS = {"disabled_covariates", "lr_multipliers", "latent_mode", "modality_dropout"}
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
 SECTIONS = {
