@@ -75,3 +75,49 @@ def test_live_groups_on_a_real_cluster_are_kept(ray_local):
     assert table[driver_pg.id.hex()]["state"] == "CREATED"
     ray.kill(owner)  # the GCS removes a dead actor's groups itself (the normal path)
     ray.util.remove_placement_group(driver_pg)
+
+
+def test_a_trial_returns_only_after_tune_took_trains_last_report(ray_local, monkeypatch):
+    """regvi.sweep.trial._drain_tune_reports: the trial function returns only once Tune's main
+    thread has taken Train's last report from the real hand-over queue (plus the grace), else
+    Ray 2.60's trial actor deadlocks; a stopped trial or a vanished queue does not wait."""
+    import threading
+    import time
+    import types
+
+    import ray.train._internal.session as train_session
+    from ray.util.queue import Queue
+
+    from regvi.sweep import trial
+
+    queue = Queue(1)
+    queue.put({"epoch": 9})  # Train's last report, not yet taken
+    fake = types.SimpleNamespace(_inter_actor_queue=queue, stop_event=threading.Event())
+    monkeypatch.setattr(train_session, "get_session", lambda: fake)
+    monkeypatch.setattr(trial, "REPORT_DRAIN_GRACE_S", 0.3)
+    taken: list[float] = []
+
+    def tune_main_thread() -> None:
+        time.sleep(1.0)
+        assert queue.get() == {"epoch": 9}
+        taken.append(time.monotonic())
+
+    reader = threading.Thread(target=tune_main_thread)
+    reader.start()
+    trial._drain_tune_reports()
+    returned = time.monotonic()
+    reader.join()
+    assert taken and returned >= taken[0] + 0.3
+
+    def drained_in_thread() -> bool:
+        t = threading.Thread(target=trial._drain_tune_reports, daemon=True)
+        t.start()
+        t.join(timeout=60)
+        return not t.is_alive()
+
+    queue.put({"epoch": 10})  # never taken: Tune stopped the trial
+    fake.stop_event.set()
+    assert drained_in_thread() and queue.qsize() == 1
+    fake.stop_event.clear()
+    ray_local.kill(queue.actor)  # the queue's actor is gone
+    assert drained_in_thread()

@@ -121,9 +121,12 @@ def _drain_tune_reports(timeout_s: float = 600.0) -> None:
     deadline = time.monotonic() + timeout_s
     stopping = getattr(session, "stop_event", None)
     while time.monotonic() < deadline and not (stopping is not None and stopping.is_set()):
-        if queue.empty():
-            time.sleep(REPORT_DRAIN_GRACE_S)
+        try:
             if queue.empty():
-                return
-        else:
-            time.sleep(0.1)
+                time.sleep(REPORT_DRAIN_GRACE_S)
+                if queue.empty():
+                    return
+            else:
+                time.sleep(0.1)
+        except Exception:  # the queue's actor is gone (e.g. its node died): nothing to drain
+            return
