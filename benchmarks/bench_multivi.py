@@ -120,6 +120,7 @@ def child_train(
     max_kl_weight: float | None = None,
     seed: int = SEED,
     modality_dropout: float = 0.0,
+    atac_kl_multiplier: float | None = None,
 ) -> dict[str, Any]:
     """Train one model in this process and save its latent posterior mean.
 
@@ -141,6 +142,8 @@ def child_train(
         Seed of the run (torch, numpy, the tool's own seed).
     modality_dropout
         ``regvi-multi`` / ``regvi-poe``: ``RegMultiVI(modality_dropout=...)``.
+    atac_kl_multiplier
+        ``regvi-multi``: ``RegMultiVI(kl_multipliers={"atac": ...})``; ``None``: not set.
 
     Returns
     -------
@@ -171,7 +174,16 @@ def child_train(
         trained = _train_scvi_tools(run, rna, atac, epochs, warmup, rec, seed)
     elif run in (*REGVI_MULTI_RUNS, "regvi-rna"):
         trained = _train_regvi(
-            run, rna, atac, epochs, warmup, rec, max_kl_weight, seed, modality_dropout
+            run,
+            rna,
+            atac,
+            epochs,
+            warmup,
+            rec,
+            max_kl_weight,
+            seed,
+            modality_dropout,
+            atac_kl_multiplier,
         )
     else:
         raise ValueError(f"unknown run {run!r}")
@@ -312,6 +324,7 @@ def _train_regvi(
     max_kl_weight: float | None = None,
     seed: int = SEED,
     modality_dropout: float = 0.0,
+    atac_kl_multiplier: float | None = None,
 ) -> _common.TrainedRun:
     """regvi: RegMultiVI on RNA + ATAC (``regvi-multi``: concatenated blocks; ``regvi-poe``:
     product of experts) or RegVI on RNA (``regvi-rna``); adds the model, version, history
@@ -325,6 +338,7 @@ def _train_regvi(
         if run == "regvi-multi-r20":
             n_latent = {"atac": half, "rna": N_LATENT}
         mode = "poe" if poe else "concat"
+        kl_mult = {} if atac_kl_multiplier is None or poe else {"atac": atac_kl_multiplier}
         model = regvi.RegMultiVI(
             {"rna": rna, "atac": atac},
             library_key=BATCH_KEY,
@@ -333,8 +347,11 @@ def _train_regvi(
             n_layers=N_LAYERS,
             latent_mode=mode,
             modality_dropout=modality_dropout,
+            kl_multipliers=kl_mult,
         )
-        cls = f"regvi.RegMultiVI(latent_mode={mode!r}, modality_dropout={modality_dropout})"
+        cls = f"regvi.RegMultiVI(latent_mode={mode!r}, modality_dropout={modality_dropout}" + (
+            f", kl_multipliers={kl_mult})" if kl_mult else ")"
+        )
         latent_desc = (
             "shared z posterior mean (product of the prior and both experts)"
             if poe
@@ -387,6 +404,7 @@ def run_child_main(args: argparse.Namespace) -> int:
         args.max_kl_weight,
         args.seed,
         args.modality_dropout,
+        args.atac_kl_multiplier,
     )
     return _common.write_record(args, rec)
 
@@ -441,6 +459,8 @@ def _train_run(
             "--latent-out", str(latent), "--seed", str(args.seed),
             *([] if args.max_kl_weight is None else ["--max-kl-weight", str(args.max_kl_weight)]),
             "--modality-dropout", str(args.modality_dropout),
+            *([] if args.atac_kl_multiplier is None
+              else ["--atac-kl-multiplier", str(args.atac_kl_multiplier)]),
         ],
         workdir / f"{tag}.log",
         workdir / f"{tag}.json",
@@ -635,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regvi runs: train(max_kl_weight=...) (default: regvi's default)")  # fmt: skip
     p.add_argument("--modality-dropout", type=float, default=0.0,
                    help="regvi-multi / regvi-poe: RegMultiVI(modality_dropout=...) (default 0)")  # fmt: skip
+    p.add_argument("--atac-kl-multiplier", type=float, default=None,
+                   help="regvi-multi: RegMultiVI(kl_multipliers={'atac': ...}) (default: unset)")  # fmt: skip
     p.add_argument("--seed", type=int, default=SEED,
                    help=f"seed of every run (default {SEED})")  # fmt: skip
     p.add_argument("--no-fallback", action="store_true",

@@ -43,6 +43,7 @@ from regvi.multimodule import (
     SWITCHABLE_PURPOSES,
     MultiModuleConfig,
     RegMultiVIModule,
+    check_kl_multipliers,
     check_modality_dropout,
     check_poe_sizes,
 )
@@ -241,6 +242,10 @@ class RegMultiVI(BaseModel):
         ``continuous`` (no input).
     lr_multipliers
         Modality → factor on the learning rate of that modality's parameters.
+    kl_multipliers
+        Modality → factor on the KL weight of that modality's latent block in the training
+        loss (``latent_mode="concat"`` only), e.g. ``{"atac": 0.5}`` lets the ATAC block carry
+        information at half the price (docs/model.md#per-modality-kl-weight). Default: 1 each.
     **options
         The covariate keys other than ``library_key`` (keyword arguments, as in
         :class:`regvi.RegVI`), and any :class:`regvi.module.ModuleConfig` option, a scalar or a
@@ -268,6 +273,7 @@ class RegMultiVI(BaseModel):
         dispersion_init: Literal["prior", "data"] = "prior",
         disabled_covariates: Mapping[str, Sequence[str]] | None = None,
         lr_multipliers: Mapping[str, float] | None = None,
+        kl_multipliers: Mapping[str, float] | None = None,
         latent_mode: Literal["concat", "poe"] = "concat",
         modality_dropout: float = 0.0,
         seed: int = 0,
@@ -283,6 +289,7 @@ class RegMultiVI(BaseModel):
             n_latent = POE_N_LATENT if latent_mode == "poe" else MODALITY_N_LATENT
         mods = select_modalities(mdata, modalities)
         names = list(mods)
+        check_kl_multipliers(latent_mode, kl_multipliers or {}, names)
         sizes = {
             "n_hidden": n_hidden,
             "n_latent": n_latent,
@@ -304,6 +311,7 @@ class RegMultiVI(BaseModel):
             ),
             disabled_covariates={m: v for m, v in disabled.items() if v},
             lr_multipliers={m: float(v) for m, v in (lr_multipliers or {}).items()},
+            kl_multipliers={m: float(v) for m, v in (kl_multipliers or {}).items()},
             latent_mode=latent_mode,
             modality_dropout=float(modality_dropout),
         )

@@ -19,13 +19,16 @@ implementation of each. What this module adds is the wiring:
   the encoders — its block is a prior draw (``"concat"``) or its expert leaves the product
   (``"poe"``) — while every observed modality is still reconstructed, so the latent of the
   other modalities must predict it;
-* loss = sum over modalities of local terms meaned over cells + sum of global terms / N_train;
+* loss = sum over modalities of local terms meaned over cells + sum of global terms / N_train,
+  with the KL weight on each block's KL(q(z_m) || p(z_m)) times its ``kl_multipliers`` entry
+  (default 1; ``"concat"`` only);
 * per-modality switches turn purpose-based covariates off (one group / no input for that
   modality), and per-modality learning-rate multipliers become optimiser parameter groups.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +58,25 @@ def check_poe_sizes(latent_mode: str, n_latent: dict[str, Any]) -> None:
         )
 
 
+def check_kl_multipliers(latent_mode: str, value: Any, modalities: Sequence[str]) -> None:
+    """``kl_multipliers``: a dict known modality → positive factor, and blocks to weigh
+    (``latent_mode="concat"``: with ``"poe"`` there is one KL of the shared z)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"kl_multipliers={value!r}; expected a dict modality → factor")
+    for m, v in value.items():
+        if m not in modalities:
+            raise ValueError(
+                f"kl_multipliers names unknown modality {m!r}; modalities {list(modalities)}"
+            )
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"kl_multipliers[{m!r}]={v!r}; expected a positive number")
+    if value and latent_mode == "poe":
+        raise ValueError(
+            f"kl_multipliers={dict(value)} needs latent_mode='concat': with 'poe' there are no "
+            "per-modality blocks, only one KL of the shared z"
+        )
+
+
 def check_modality_dropout(value: Any) -> None:
     """Raise unless ``value`` is a probability in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -75,6 +97,10 @@ class MultiModuleConfig:
         Modality → purposes switched off for it.
     lr_multipliers
         Modality → multiplier of the learning rate of its parameters.
+    kl_multipliers
+        Modality → multiplier of the KL weight on its block's KL(q(z_m) || p(z_m)) in the
+        training loss (``latent_mode="concat"`` only; docs/model.md#per-modality-kl-weight).
+        The ELBO reported is unweighted.
     latent_mode
         ``"concat"``: z = [z_m1 ; z_m2 ; ...], one block per modality; ``"poe"``: one shared z,
         the product of the prior and every observed modality's Gaussian expert (all modalities
@@ -89,6 +115,7 @@ class MultiModuleConfig:
     configs: dict[str, ModuleConfig]
     disabled_covariates: dict[str, list[str]] = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    kl_multipliers: dict[str, float] = field(default_factory=dict)
     latent_mode: str = "concat"
     modality_dropout: float = 0.0
 
@@ -106,6 +133,7 @@ class MultiModuleConfig:
                 f"latent_mode={self.latent_mode!r}; expected one of {list(LATENT_MODES)}"
             )
         check_modality_dropout(self.modality_dropout)
+        check_kl_multipliers(self.latent_mode, self.kl_multipliers, self.modalities)
         check_poe_sizes(self.latent_mode, {m: c.n_latent for m, c in self.configs.items()})
         total = self.n_latent
         for m, c in self.configs.items():
@@ -154,6 +182,7 @@ class MultiModuleConfig:
             "configs": {m: c.to_dict() for m, c in self.configs.items()},
             "disabled_covariates": {m: list(v) for m, v in self.disabled_covariates.items()},
             "lr_multipliers": {m: float(v) for m, v in self.lr_multipliers.items()},
+            "kl_multipliers": {m: float(v) for m, v in self.kl_multipliers.items()},
             "latent_mode": self.latent_mode,
             "modality_dropout": float(self.modality_dropout),
         }
@@ -166,6 +195,7 @@ class MultiModuleConfig:
             configs={m: ModuleConfig(**c) for m, c in d["configs"].items()},
             disabled_covariates={m: list(v) for m, v in d.get("disabled_covariates", {}).items()},
             lr_multipliers=dict(d.get("lr_multipliers", {})),
+            kl_multipliers=dict(d.get("kl_multipliers", {})),  # saved before it existed: none
             latent_mode=d.get("latent_mode", "concat"),  # saved before it existed: concat
             modality_dropout=float(d.get("modality_dropout", 0.0)),  # saved before: off
         )
@@ -185,6 +215,7 @@ class RegMultiVIModule(nn.Module):
         self.modalities = list(config.modalities)
         self.slices = config.latent_slices()
         self.mods = nn.ModuleDict({m: RegVIModule(config.configs[m]) for m in self.modalities})
+        self.kl_multiplier = {m: float(config.kl_multipliers.get(m, 1.0)) for m in self.modalities}
 
     # ------------------------------------------------------------------ data views
     def modality_batch(self, batch: dict[str, Any], m: str) -> dict[str, Any]:
@@ -405,6 +436,7 @@ class RegMultiVIModule(nn.Module):
         totals = {"reconstruction": zero, "kl_z": zero, "kl_library": zero}
         penalties_total: dict[str, torch.Tensor] = {}
         kl_dims, theta_sum, n_theta = [], zero, 0
+        kl_z_weighted = zero  # Σ_m kl_multiplier_m · KL_z_m (concat); the shared KL_z (poe)
         poe = self.config.latent_mode == "poe"
         if poe:  # one KL of the shared z: no local KL_z per modality
             kl_joint = normal_kl(
@@ -414,6 +446,7 @@ class RegMultiVIModule(nn.Module):
                 torch.ones_like(inf["qz_var"]),
             )
             totals["kl_z"] = kl_joint.sum(-1).mean()
+            kl_z_weighted = totals["kl_z"]
             kl_dims.append(kl_joint.mean(0))
         for m in self.modalities:
             mod, view = self.mods[m], self.modality_batch(batch, m)
@@ -433,6 +466,7 @@ class RegMultiVIModule(nn.Module):
                 kl_z = kl_z_dims.sum(-1).mean()
                 out[f"kl_z_{m}"] = kl_z
                 totals["kl_z"] = totals["kl_z"] + kl_z
+                kl_z_weighted = kl_z_weighted + self.kl_multiplier[m] * kl_z
                 kl_dims.append(kl_z_dims.mean(0))
             out.update(
                 {
@@ -452,7 +486,7 @@ class RegMultiVIModule(nn.Module):
         out.update({f"joint_embedding_{m}": v for m, v in joint.items()})
         out.update(
             loss=totals["reconstruction"]
-            + kl_weight * totals["kl_z"]
+            + kl_weight * kl_z_weighted
             + totals["kl_library"]
             + global_total / n_obs
             + sum((self.mods[m].config.joint_embedding_weight * v for m, v in joint.items()), zero),

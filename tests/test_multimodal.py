@@ -689,3 +689,45 @@ def test_modality_dropout_saved_and_checked(paired, tmp_path):
             ValueError, match=r"modality_dropout=.*expected a probability in \[0, 1\)"
         ):
             regvi.RegMultiVI(paired, library_key="library", modality_dropout=bad)
+
+
+def test_kl_multipliers_weigh_each_block_in_the_loss_only(paired, tmp_path):
+    """kl_multipliers {"atac": w}: the training loss has KL weight × w on the ATAC block's
+    KL_z; the ELBO and every other term are unchanged; saved; bad values refused."""
+    base = regvi.RegMultiVI(paired, library_key="library", n_hidden=8, n_latent=3, seed=2)
+    model = regvi.RegMultiVI(
+        paired, library_key="library", n_hidden=8, n_latent=3, seed=2, kl_multipliers={"atac": 0.25}
+    )
+    assert model.config.kl_multipliers == {"atac": 0.25}
+    batch = _first_batch(model)
+    outs = []
+    for m in (base, model):
+        m.module.eval()
+        outs.append(m.module.loss(batch, n_obs=240, kl_weight=2.0, sample=False))
+    plain, weighted = outs
+    for key in ("elbo", "kl_z", "kl_z_atac", "kl_z_rna", "reconstruction"):
+        torch.testing.assert_close(weighted[key], plain[key])
+    expected = plain["loss"] - 2.0 * (1 - 0.25) * plain["kl_z_atac"]
+    torch.testing.assert_close(weighted["loss"], expected)
+    assert float(plain["kl_z_atac"]) > 0
+    model.train(max_epochs=1, early_stopping=False, progress_bar=False)
+    model.save(tmp_path / "klm")
+    loaded = regvi.load(tmp_path / "klm", adata=paired)
+    assert loaded.config.kl_multipliers == {"atac": 0.25}
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    bad_cases = [
+        ({"atac": 0.0}, r"kl_multipliers\['atac'\]=0.0; expected a positive number"),
+        ({"atac": "0.5"}, r"kl_multipliers\['atac'\]='0.5'; expected a positive number"),
+        ({"protein": 0.5}, r"kl_multipliers names unknown modality 'protein'"),
+    ]
+    for bad, match in bad_cases:
+        with pytest.raises(ValueError, match=match):
+            regvi.RegMultiVI(paired, library_key="library", kl_multipliers=bad)
+    with pytest.raises(TypeError, match=r"kl_multipliers=0.5; expected a dict modality"):
+        regvi.RegMultiVI(paired, library_key="library", kl_multipliers=0.5)
+    with pytest.raises(ValueError, match="needs latent_mode='concat'"):
+        regvi.RegMultiVI(
+            paired, library_key="library", latent_mode="poe", kl_multipliers={"atac": 0.5}
+        )

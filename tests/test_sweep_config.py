@@ -281,6 +281,52 @@ def test_multimodal_modality_dropout_fixed_or_searched(tmp_path):
         parse_config(_base(model={"modality_dropout": 0.3}))
 
 
+def test_multimodal_kl_multipliers_fixed_or_searched(tmp_path):
+    """kl_multipliers: a fixed modality → factor map or searched per modality
+    (``kl_multipliers.atac``), positive, and refused where a trial may run ``poe``."""
+    from regvi.sweep.settings import TrialSettings
+
+    fixed = parse_config(
+        _multimodal(tmp_path, model={"kl_multipliers": {"atac": 0.5}}), tmp_path / "c.yaml"
+    )
+    assert fixed.model["kl_multipliers"] == {"atac": 0.5}
+    searched = parse_config(
+        _multimodal(
+            tmp_path,
+            search={"kl_multipliers.atac": {"type": "loguniform", "low": 0.1, "high": 1.0}},
+        ),
+        tmp_path / "c.yaml",
+    )
+    (p,) = searched.params
+    assert (p.name, p.modality, p.target) == ("kl_multipliers.atac", "atac", "model")
+    settings = TrialSettings.from_config(searched, tmp_path)
+    assert settings.model_arguments({"kl_multipliers.atac": 0.2})["kl_multipliers"] == {"atac": 0.2}
+    bad = [
+        ({"model": {"kl_multipliers": {"atac": 0}}}, r"kl_multipliers\['atac'\]=0; expected a pos"),
+        ({"model": {"kl_multipliers": {"protein": 0.5}}}, r"unknown modalities \['protein'\]"),
+        (
+            {"search": {"kl_multipliers.atac": {"type": "categorical", "values": [0.5, -1]}}},
+            r"search.kl_multipliers.atac.values\[1\]: kl_multipliers=-1; expected a positive",
+        ),
+        (
+            {"model": {"kl_multipliers": {"atac": 0.5}, "latent_mode": "poe"}},
+            "needs latent_mode 'concat' in every trial",
+        ),
+        (
+            {
+                "model": {"kl_multipliers": {"atac": 0.5}},
+                "search": {"latent_mode": {"type": "categorical", "values": ["concat", "poe"]}},
+            },
+            "needs latent_mode 'concat' in every trial",
+        ),
+    ]
+    for over, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            parse_config(_multimodal(tmp_path, **over), tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="'kl_multipliers'"):  # single-modal: no such option
+        parse_config(_base(model={"kl_multipliers": {"atac": 0.5}}))
+
+
 @pytest.mark.parametrize(
     "over, match",
     [

@@ -50,7 +50,15 @@ SEARCHABLE_DATA_KEYS = (
 )
 _FAN_OUT_KEYS = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
 #: Model arguments only the multimodal model takes (the first two are modality → value maps).
-MULTIMODAL_MODEL_ARGS = {"disabled_covariates", "lr_multipliers", "latent_mode", "modality_dropout"}
+MULTIMODAL_MODEL_ARGS = {
+    "disabled_covariates",
+    "lr_multipliers",
+    "kl_multipliers",
+    "latent_mode",
+    "modality_dropout",
+}
+#: Per-modality factors: a dict modality → positive number, or searched as ``<name>.<modality>``.
+_MULTIPLIERS = ("lr_multipliers", "kl_multipliers")
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
 SECTIONS = {
     "name",
@@ -274,6 +282,11 @@ def _check_option(section: str, name: str, value: Any, prefix: bool = True) -> N
             from regvi.multimodule import check_modality_dropout
 
             check_modality_dropout(value)
+        elif name in _MULTIPLIERS:
+            for m, v in (value if isinstance(value, dict) else {"": value}).items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                    at = f"[{m!r}]" if m else ""
+                    raise ValueError(f"{name}{at}={v!r}; expected a positive number")
         elif name in train_option_names():
             check_train_option(name, value)
     except (TypeError, ValueError) as err:
@@ -304,10 +317,10 @@ def _param_target(
             raise ConfigError(
                 f"{where}: modality {modality!r} is not in data.modalities {modalities}"
             )
-        if base not in MODEL_ARGS | {"lr_multipliers"} or base == "disabled_covariates":
+        if base not in MODEL_ARGS | set(_MULTIPLIERS) or base == "disabled_covariates":
             raise ConfigError(
                 f"{where}: {base!r} cannot be set per modality; use a model option such as "
-                "n_latent.<modality> or lr_multipliers.<modality>"
+                "n_latent.<modality>, lr_multipliers.<modality> or kl_multipliers.<modality>"
             )
         return "model", modality
     if name in MODEL_ARGS or (modalities and name in ("latent_mode", "modality_dropout")):
@@ -626,7 +639,21 @@ def _parse_search(
     params = [_parse_param(n, s, train_args, modalities) for n, s in search.items()]
     _check_search_values(params)
     _check_search_links(params, data, model, training)
+    _check_kl_multipliers_mode(params, model)
     return params
+
+
+def _check_kl_multipliers_mode(params: list[Param], model: dict[str, Any]) -> None:
+    """``kl_multipliers`` weigh latent blocks: refuse them where a trial may run ``poe``."""
+    kl = model.get("kl_multipliers") or any(p.name.startswith("kl_multipliers.") for p in params)
+    poe = model.get("latent_mode") == "poe" or any(
+        p.name == "latent_mode" and "poe" in (p.values or ()) for p in params
+    )
+    if kl and poe:
+        raise ConfigError(
+            "model.kl_multipliers: needs latent_mode 'concat' in every trial (with 'poe' there "
+            "are no per-modality latent blocks, only one KL of the shared z)"
+        )
 
 
 def _parse_objective(raw: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -123,7 +123,7 @@ class TrialSettings:
                 if not isinstance(current, dict):
                     current = (
                         {}
-                        if current is None or base == "lr_multipliers"
+                        if current is None or base in ("lr_multipliers", "kl_multipliers")
                         else {m: current for m in modalities}
                     )
                 kwargs[base] = {**current, modality: v}
