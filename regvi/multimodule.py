@@ -249,16 +249,17 @@ class RegMultiVIModule(nn.Module):
         That is ``observed``, except in training with ``modality_dropout`` p > 0: a cell with
         2+ observed modalities then, with probability p, has one of them (uniformly chosen)
         hidden (docs/model.md#modality-dropout). Draws use torch's global generator (seeded)."""
+        p = float(self.config.modality_dropout)
+        if not (self.training and p > 0):
+            return {m: batch["modalities"][m]["observed"][:, None] for m in self.modalities}
         observed = torch.stack(
             [batch["modalities"][m]["observed"] for m in self.modalities], dim=1
         )  # (B, M)
-        p = float(self.config.modality_dropout)
-        if self.training and p > 0:
-            n_observed = observed.sum(1)
-            drop = (torch.rand(observed.shape[0], device=observed.device) < p) & (n_observed > 1)
-            scores = torch.rand(observed.shape, device=observed.device).masked_fill(~observed, -1)
-            hidden = nn.functional.one_hot(scores.argmax(1), len(self.modalities)).bool()
-            observed = observed & ~(hidden & drop[:, None])
+        n_observed = observed.sum(1)
+        drop = (torch.rand(observed.shape[0], device=observed.device) < p) & (n_observed > 1)
+        scores = torch.rand(observed.shape, device=observed.device).masked_fill(~observed, -1)
+        hidden = nn.functional.one_hot(scores.argmax(1), len(self.modalities)).bool()
+        observed = observed & ~(hidden & drop[:, None])
         return {m: observed[:, i : i + 1] for i, m in enumerate(self.modalities)}
 
     def inference(self, batch: dict[str, Any], sample: bool = True) -> dict[str, Any]:
