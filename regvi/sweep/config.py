@@ -24,7 +24,7 @@ from regvi.datasets.catalog import DATASET_PREFIX, DatasetError
 from regvi.datasets.catalog import resolve as dataset_path
 from regvi.module import ModuleConfig
 from regvi.sweep.errors import ConfigError
-from regvi.sweep.metric_names import check_metric_settings
+from regvi.sweep.metric_names import check_metric_settings, may_run_poe
 
 BUNDLED_PREFIX = "bundled:"
 #: RegVI constructor arguments that may be fixed or searched (besides ModuleConfig fields).
@@ -58,7 +58,7 @@ MULTIMODAL_MODEL_ARGS = {
     "modality_dropout",
 }
 #: Per-modality factors: a dict modality → positive number, or searched as ``<name>.<modality>``.
-_MULTIPLIERS = ("lr_multipliers", "kl_multipliers")
+MULTIPLIER_ARGS = ("lr_multipliers", "kl_multipliers")
 PARAM_TYPES = {"uniform", "loguniform", "int", "categorical"}
 SECTIONS = {
     "name",
@@ -282,7 +282,7 @@ def _check_option(section: str, name: str, value: Any, prefix: bool = True) -> N
             from regvi.multimodule import check_modality_dropout
 
             check_modality_dropout(value)
-        elif name in _MULTIPLIERS:
+        elif name in MULTIPLIER_ARGS:
             for m, v in (value if isinstance(value, dict) else {"": value}).items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                     at = f"[{m!r}]" if m else ""
@@ -317,7 +317,7 @@ def _param_target(
             raise ConfigError(
                 f"{where}: modality {modality!r} is not in data.modalities {modalities}"
             )
-        if base not in MODEL_ARGS | set(_MULTIPLIERS) or base == "disabled_covariates":
+        if base not in MODEL_ARGS | set(MULTIPLIER_ARGS) or base == "disabled_covariates":
             raise ConfigError(
                 f"{where}: {base!r} cannot be set per modality; use a model option such as "
                 "n_latent.<modality>, lr_multipliers.<modality> or kl_multipliers.<modality>"
@@ -646,10 +646,7 @@ def _parse_search(
 def _check_kl_multipliers_mode(params: list[Param], model: dict[str, Any]) -> None:
     """``kl_multipliers`` weigh latent blocks: refuse them where a trial may run ``poe``."""
     kl = model.get("kl_multipliers") or any(p.name.startswith("kl_multipliers.") for p in params)
-    poe = model.get("latent_mode") == "poe" or any(
-        p.name == "latent_mode" and "poe" in (p.values or ()) for p in params
-    )
-    if kl and poe:
+    if kl and may_run_poe(model, params):
         raise ConfigError(
             "model.kl_multipliers: needs latent_mode 'concat' in every trial (with 'poe' there "
             "are no per-modality latent blocks, only one KL of the shared z)"

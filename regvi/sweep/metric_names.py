@@ -353,7 +353,10 @@ def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
     labels = bool(data.get("labels_key"))
     validation = _positive_everywhere(cfg, "validation_fraction", 0.1)
     multimodal = ("data.modalities (multimodal trials)", cfg.multimodal)
-    blocks = ("latent_mode 'concat' in every trial (not 'poe': no latent blocks)", not _poe(cfg))
+    blocks = (
+        "latent_mode 'concat' in every trial (not 'poe': no latent blocks)",
+        not may_run_poe(cfg.model, cfg.params),
+    )
     return [
         *_epoch_families(mods or [MODALITY], validation, multimodal),
         MetricFamily("trial bookkeeping", TRIAL_BOOKKEEPING, per_epoch=False),
@@ -370,11 +373,12 @@ def metric_families(cfg: SweepConfig) -> list[MetricFamily]:
     ]
 
 
-def _poe(cfg: SweepConfig) -> bool:
-    """Whether some trial of ``cfg`` can use RegMultiVI's ``latent_mode="poe"``."""
-    if cfg.model.get("latent_mode") == "poe":
+def may_run_poe(model: dict[str, Any], params: list[Any]) -> bool:
+    """Whether some trial with the fixed ``model`` options and the searched ``params`` can use
+    RegMultiVI's ``latent_mode="poe"``."""
+    if model.get("latent_mode") == "poe":
         return True
-    return any(p.name == "latent_mode" and "poe" in (p.values or ()) for p in cfg.params)
+    return any(p.name == "latent_mode" and "poe" in (p.values or ()) for p in params)
 
 
 def reported_metrics(cfg: SweepConfig, per_epoch: bool | None = None) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.scib import KMEANS_STARTS
-from regvi.sweep.config import SweepConfig, decode_data_value, train_default
+from regvi.sweep.config import MULTIPLIER_ARGS, SweepConfig, decode_data_value, train_default
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class TrialSettings:
                 if not isinstance(current, dict):
                     current = (
                         {}
-                        if current is None or base in ("lr_multipliers", "kl_multipliers")
+                        if current is None or base in MULTIPLIER_ARGS
                         else {m: current for m in modalities}
                     )
                 kwargs[base] = {**current, modality: v}
